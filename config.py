@@ -1,0 +1,659 @@
+"""The one place that reads the environment: a frozen, typed `Settings` built once and validated.
+
+Every variable is declared once in `VARIABLES` (name, aliases, default, demo default, meaning, parser).
+`load_settings()` parses them all, collects every problem, and raises one `ConfigError` listing them;
+scripts call `settings_or_exit()` which prints the problems and exits with status 2 before any heavy
+import. `python3 config.py` prints the resolved configuration; `python3 config.py --markdown` prints
+the README's variable table.
+
+This module imports only the standard library, so validation costs milliseconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "data"
+DEMO_PRETRAIN = DATA_DIR / "pretrain.jsonl"
+DEMO_INSTRUCT = DATA_DIR / "instruct.jsonl"
+DEMO_HELDOUT = DATA_DIR / "instruct_heldout.jsonl"
+
+SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+CHAT_TOKENS = ("<|user|>", "<|bot|>", "<|end|>")
+# Embedding rows are padded to a multiple of this (tensor-core friendly shapes, as nanoGPT does).
+VOCAB_MULTIPLE = 64
+# LoRA settings of the original pipeline (r, alpha, dropout, target projections).
+LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """Every configuration problem found, one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers: each takes the raw string and returns the value or raises ValueError("what is allowed").
+
+def parse_int(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip().replace("_", ""))
+        except ValueError:
+            raise ValueError(_range_text("a whole number", minimum, maximum)) from None
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise ValueError(_range_text("a whole number", minimum, maximum))
+        return value
+    return parse
+
+
+def parse_float(minimum: float, maximum: float, exclusive_min: bool = True) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            value = math.nan
+        too_low = value <= minimum if exclusive_min else value < minimum
+        if not math.isfinite(value) or too_low or value > maximum:
+            low = f"> {minimum:g}" if exclusive_min else f">= {minimum:g}"
+            raise ValueError(f"a number {low} and <= {maximum:g}")
+        return value
+    return parse
+
+
+def _range_text(kind: str, minimum: int | None, maximum: int | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f"{kind} from {minimum} to {maximum}"
+    if minimum is not None:
+        return f"{kind} >= {minimum}"
+    return kind
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("true or false (also 1/0, yes/no, on/off)")
+
+
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        lowered = raw.strip().lower()
+        if lowered not in choices:
+            raise ValueError("one of " + ", ".join(choices))
+        return lowered
+    return parse
+
+
+def parse_text(raw: str) -> str:
+    return raw.strip()
+
+
+def parse_repo(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", value) or ".." in value:
+        raise ValueError("a repository name 'name' or 'owner/name' (letters, digits, '-', '_', '.')")
+    return value
+
+
+_DURATION_UNITS = {"s": 1 / 60, "m": 1.0, "h": 60.0, "d": 1440.0}
+
+
+def parse_minutes(raw: str) -> float:
+    """'350m', '6h', '90s', '1d' or a bare number of minutes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", raw.lower())
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError("a positive duration such as 350m, 6h, 90s or a number of minutes")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "m"]
+
+
+def parse_buffer_minutes(raw: str) -> float:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*m?\s*", raw.lower())
+    if not match:
+        raise ValueError("a number of minutes >= 0, such as 20")
+    return float(match.group(1))
+
+
+_COUNT_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+def parse_parameter_count(raw: str) -> int:
+    """'1B', '300M', '2.5e8' or a plain number of parameters."""
+    text = raw.strip().lower().replace("_", "")
+    scale = _COUNT_SUFFIX.get(text[-1:], 1.0)
+    number = text[:-1] if text[-1:] in _COUNT_SUFFIX else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 1e6 or value > 1e11:
+        raise ValueError("a parameter count from 1M to 100B, such as 300M, 1B or 2.5e9")
+    return int(value)
+
+
+def parse_process_count(raw: str) -> int:
+    if raw.strip().lower() == "auto":
+        return 0
+    return parse_int(1, 64)(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The variables.
+
+@dataclass(frozen=True)
+class Variable:
+    name: str  # environment variable
+    attr: str  # Settings field
+    default: Any  # the full preset's value (None: unset)
+    meaning: str
+    parse: Callable[[str], Any] = parse_text
+    demo: Any = None  # the demo preset's value, where it differs
+    aliases: tuple[str, ...] = ()
+    secret: bool = False
+    shown_default: str | None = None  # how the README table shows a computed default
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("PRESET", "preset", "auto", "`demo` trains on the embedded corpora with a tiny model; `full` uses the defaults below; `auto` is `demo` when neither a dataset nor `OUTPUT_REPO` is named",
+             parse_choice("auto", "demo", "full")),
+    Variable("INPUT_DATASET", "input_dataset", None, "Pretraining data: a Hub dataset id (streamed) or a local `.txt`/`.jsonl`/`.json`/`.parquet`/`.csv` file or folder, with a `text` column",
+             aliases=("INPUT_DS",), shown_default="embedded demo corpus (demo)"),
+    Variable("INSTRUCT_DATASET", "instruct_dataset", None, "Instruction data, same forms; a `text` column in the `<|user|>…<|end|><|bot|>…<|end|>` format or a `messages` column of `{role, content}`",
+             aliases=("INST_DS",), shown_default="embedded demo corpus (demo)"),
+    Variable("OUTPUT_REPO", "output_repo", None, "Name of the published model: `name` (local only) or `owner/name` (also pushed to the Hub when `HF_TOKEN` is set); instruction runs publish `<name>-it`",
+             parse_repo, shown_default="`train-llama` (local)"),
+    Variable("INPUT_REPO", "input_repo", None, "Model and tokenizer to continue from: a folder under `OUTPUT_DIR`, a local path or a Hub id",
+             parse_repo, shown_default="`OUTPUT_REPO`"),
+    Variable("INIT", "init", 0, "Run counter within the phase: shard index is 0 for INIT 0 and 1, then INIT−1; epochs are halved for INIT < 2",
+             parse_int(0, 100_000), shown_default="0 (or the state file)"),
+    Variable("INST", "inst", False, "Instruction-tuning phase instead of pretraining", parse_bool,
+             shown_default="false (or the state file)"),
+    Variable("RUN_ALL", "run_all", False, "Run every remaining curriculum stage back to back", parse_bool, demo=True),
+    Variable("USE_QUANT", "use_quant", False, "Train 4-bit NF4 base weights with LoRA adapters (merged before publishing)", parse_bool),
+    Variable("FACTOR", "factor", 12288, "Model size knob: hidden size = FACTOR/6 (6144 ≈ 300M, 12288 ≈ 1B, 24576 ≈ 4B parameters)",
+             parse_int(384, 98_304), demo=768),
+    Variable("TARGET_PARAMETERS", "target_parameters", None, "Alternative to FACTOR: the topology whose parameter count is closest (e.g. `300M`, `1B`)",
+             parse_parameter_count),
+    Variable("VOCAB_SIZE", "vocab_size", 52000, "Tokenizer vocabulary size (byte-level BPE)", parse_int(512, 1_000_000), demo=2048),
+    Variable("MAX_LENGTH", "max_length", 2048, "Tokens per training sequence", parse_int(16, 131_072), demo=256),
+    Variable("BATCH_SIZE", "batch_size", 4, "Sequences per GPU per micro-step", parse_int(1, 4096), demo=16),
+    Variable("GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps", 2, "Micro-steps per optimizer step", parse_int(1, 4096), demo=1),
+    Variable("EPOCHS", "epochs", 3.0, "Passes over each shard (halved for INIT < 2)", parse_float(0, 1000), demo=2.0),
+    Variable("MAX_STEPS", "max_steps", -1, "Stop after this many optimizer steps (-1: run the epochs)", parse_int(-1, 10**9)),
+    Variable("LEARNING_RATE", "learning_rate", 3e-4, "Peak learning rate (AdamW, cosine schedule, 10% warm-up)", parse_float(0, 1.0), demo=2e-3),
+    Variable("WEIGHT_DECAY", "weight_decay", 0.01, "AdamW weight decay", parse_float(0, 1.0, exclusive_min=False)),
+    Variable("SHARD_SIZE", "shard_size", 131072, "Rows of the dataset per run (shard)", parse_int(1, 10**10), demo=100_000),
+    Variable("PRECISION", "precision", "auto", "`auto` (bf16 where the GPU supports it, else fp16; fp32 on CPU), `bf16`, `fp16`, `fp32`",
+             parse_choice("auto", "bf16", "fp16", "fp32")),
+    Variable("ZERO_STAGE", "zero_stage", 2, "DeepSpeed ZeRO stage", parse_int(0, 3)),
+    Variable("GRADIENT_CHECKPOINTING", "gradient_checkpointing", True, "Recompute activations in the backward pass to save memory", parse_bool, demo=False),
+    Variable("SAVE_STEPS", "save_steps", 500, "Checkpoint every this many optimizer steps (the last two are kept)", parse_int(1, 10**9), demo=50),
+    Variable("LOGGING_STEPS", "logging_steps", 10, "Log one line every this many optimizer steps", parse_int(1, 10**9), demo=10),
+    Variable("SEED", "seed", 42, "Random seed (model initialisation, data order)", parse_int(0, 2**32 - 1)),
+    Variable("NUM_PROCESSES", "num_processes", 0, "Training processes: `auto` is one per GPU, or 1 on CPU", parse_process_count, shown_default="auto"),
+    Variable("OUTPUT_DIR", "output_dir", "./output", "Local copy of every published model, and the run-state file"),
+    Variable("WORK_DIR", "work_dir", "./work", "Prepared data, model and checkpoints passed between stages"),
+    Variable("STARTUP_DURATION_TIMEOUT", "startup_duration_timeout", 350.0, "Time the job may run (e.g. `350m`, `6h`); training stops, saves and publishes before it",
+             parse_minutes, shown_default="350m"),
+    Variable("TIMEOUT_BUFFER", "timeout_buffer", 20.0, "Minutes kept free at the end of the timeout for saving and publishing", parse_buffer_minutes),
+    Variable("SAVE_ADAPTER", "save_adapter", False, "With USE_QUANT, also publish the LoRA adapter alone (`<name>-adapter`)", parse_bool),
+    Variable("MAX_RETRIES", "max_retries", 5, "Attempts for each Hub call (exponential backoff)", parse_int(1, 20)),
+    Variable("HF_TOKEN", "hf_token", None, "Hugging Face token for pushing and Space variables (never logged)", secret=True),
+    Variable("HF_ENDPOINT", "hf_endpoint", "https://huggingface.co", "Hub address (a mirror, or a local test server)"),
+    Variable("SPACE_ID", "space_id", None, "Set by Hugging Face Spaces: the run state is kept in the Space's variables and the Space pauses when done", parse_repo),
+    Variable("TRAINER_STARTED_AT", "started_at", None, "Set by `trainer.sh`: Unix time the job started, for the timeout",
+             parse_float(0, 1e11), shown_default="now"),
+)
+
+VARIABLE_NAMES = frozenset(n for v in VARIABLES for n in (v.name, *v.aliases))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model topology.
+
+@dataclass(frozen=True)
+class Topology:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def parameter_count(self, vocab_size: int | None = None) -> int:
+        """Exact count of a LlamaForCausalLM with untied embeddings and padded vocabulary."""
+        vocab = padded_vocab(vocab_size or self.vocab_size)
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        attention = 2 * h * h + 2 * h * kv
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attention + mlp + 2 * h
+        return 2 * vocab * h + self.num_layers * per_layer + h
+
+    def llama_kwargs(self, vocab_size: int | None = None) -> dict[str, Any]:
+        return dict(
+            vocab_size=padded_vocab(vocab_size or self.vocab_size),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            tie_word_embeddings=False,
+        )
+
+    def describe(self) -> str:
+        return (f"{self.num_layers} layers, hidden {self.hidden_size}, {self.num_heads} heads "
+                f"({self.num_kv_heads} key/value) of {self.head_dim}, MLP {self.intermediate_size}")
+
+
+def padded_vocab(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def topology_for_hidden(hidden_size: int, vocab_size: int) -> Topology:
+    """A LLaMA shape for a width: head_dim 64 up to 1024 wide, else 128; grouped-query attention with
+    4 query heads per key/value head where the heads allow; MLP ≈ 8/3·hidden rounded up to 256;
+    depth 2·log2(hidden) − 4 (1024 → 16, 2048 → 18, 4096 → 20 layers)."""
+    head_dim = 64 if hidden_size <= 1024 else 128
+    heads = hidden_size // head_dim
+    kv_heads = heads // 4 if heads % 4 == 0 and heads >= 8 else heads
+    intermediate = -(-(8 * hidden_size) // (3 * 256)) * 256
+    layers = max(2, round(2 * math.log2(hidden_size)) - 4)
+    return Topology(hidden_size, layers, heads, kv_heads, intermediate, vocab_size)
+
+
+def topology_for_factor(factor: int, vocab_size: int) -> Topology:
+    hidden = round(factor / 6 / 64) * 64
+    if hidden < 64:
+        raise ValueError("FACTOR gives a hidden size below 64")
+    return topology_for_hidden(hidden, vocab_size)
+
+
+def topology_for_parameters(target: int, vocab_size: int) -> Topology:
+    candidates = [topology_for_hidden(h, vocab_size) for h in range(64, 16_384 + 1, 64)]
+    best = min(candidates, key=lambda t: abs(math.log(t.parameter_count() / target)))
+    if not 0.5 <= best.parameter_count() / target <= 2.0:
+        raise ValueError(
+            f"no topology within 2x of {target:,} parameters with VOCAB_SIZE {vocab_size} "
+            f"(closest: {best.parameter_count():,})")
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# The settings object.
+
+@dataclass(frozen=True)
+class Settings:
+    preset: str
+    input_dataset: str
+    instruct_dataset: str | None
+    output_repo: str
+    input_repo: str
+    init: int
+    inst: bool
+    run_all: bool
+    use_quant: bool
+    factor: int
+    target_parameters: int | None
+    vocab_size: int
+    max_length: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    epochs: float
+    max_steps: int
+    learning_rate: float
+    weight_decay: float
+    shard_size: int
+    precision: str
+    zero_stage: int
+    gradient_checkpointing: bool
+    save_steps: int
+    logging_steps: int
+    seed: int
+    num_processes: int
+    output_dir: Path
+    work_dir: Path
+    startup_duration_timeout: float
+    timeout_buffer: float
+    save_adapter: bool
+    max_retries: int
+    hf_token: str | None = field(repr=False)
+    hf_endpoint: str
+    space_id: str | None
+    started_at: float | None
+    topology: Topology
+    sources: Mapping[str, str] = field(repr=False, compare=False)
+
+    # --- the curriculum arithmetic of the original pipeline ---
+    @property
+    def shard_index(self) -> int:
+        return 0 if self.init < 2 else self.init - 1
+
+    @property
+    def run_epochs(self) -> float:
+        return self.epochs / 2 if self.init < 2 else self.epochs
+
+    @property
+    def phase(self) -> str:
+        return "instruct" if self.inst else "pretrain"
+
+    @property
+    def stage_dataset(self) -> str | None:
+        return self.instruct_dataset if self.inst else self.input_dataset
+
+    @property
+    def is_demo(self) -> bool:
+        return self.preset == "demo"
+
+    @property
+    def first_run(self) -> bool:
+        """The run that trains the tokenizer and creates the model from scratch."""
+        return not self.inst and self.init == 0
+
+    @property
+    def repo_name(self) -> str:
+        return self.output_repo.split("/")[-1]
+
+    @property
+    def published_name(self) -> str:
+        return f"{self.repo_name}-it" if self.inst else self.repo_name
+
+    @property
+    def source_repo(self) -> str:
+        """Where this run's tokenizer and model come from (INPUT_REPO-it for instruct runs with INIT > 0)."""
+        return f"{self.input_repo}-it" if self.inst and self.init > 0 else self.input_repo
+
+    @property
+    def pushes_to_hub(self) -> bool:
+        return bool(self.hf_token) and "/" in self.output_repo
+
+    @property
+    def time_limit_minutes(self) -> float:
+        return self.startup_duration_timeout - self.timeout_buffer
+
+    # --- files the stages exchange ---
+    @property
+    def prep_dir(self) -> Path:
+        return self.work_dir / "prep"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.work_dir / "checkpoints"
+
+    @property
+    def trained_dir(self) -> Path:
+        return self.work_dir / "trained"
+
+    @property
+    def state_file(self) -> Path:
+        return self.output_dir / "run_state.json"
+
+    def stage_key(self) -> dict[str, Any]:
+        """What identifies one run's preparation and checkpoints: a change means start over."""
+        return {"phase": self.phase, "init": self.init, "shard_index": self.shard_index,
+                "dataset": self.stage_dataset, "shard_size": self.shard_size,
+                "max_length": self.max_length, "source_repo": None if self.first_run else self.source_repo,
+                "use_quant": self.use_quant, "vocab_size": self.vocab_size,
+                "topology": dataclasses.asdict(self.topology), "seed": self.seed}
+
+    def public_dict(self) -> dict[str, Any]:
+        """Every setting except the secret, for logs, model cards and summaries."""
+        out = {}
+        for var in VARIABLES:
+            value = getattr(self, var.attr)
+            if var.secret:
+                value = "set" if value else "unset"
+            out[var.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def _read_state_file(output_dir: Path) -> dict[str, Any]:
+    path = output_dir / "run_state.json"
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError([f"{path}: the run-state file is unreadable ({err}); fix or delete it"]) from None
+    if not isinstance(state, dict) or not isinstance(state.get("init"), int) or not isinstance(state.get("inst"), bool):
+        raise ConfigError([f"{path}: the run-state file needs {{\"init\": int, \"inst\": bool}}; fix or delete it"])
+    return state
+
+
+def _raw_value(env: Mapping[str, str], var: Variable) -> tuple[str | None, str | None]:
+    """The raw string and the name it was read from, aliases included; empty counts as unset."""
+    for name in (var.name, *var.aliases):
+        raw = env.get(name)
+        if raw is not None and raw.strip() != "":
+            return raw, name
+    return None, None
+
+
+def _choose_preset(env: Mapping[str, str], requested: str) -> str:
+    if requested != "auto":
+        return requested
+    names_data = any(_raw_value(env, v)[0] for v in VARIABLES if v.name in ("INPUT_DATASET", "INSTRUCT_DATASET", "OUTPUT_REPO"))
+    return "full" if names_data else "demo"
+
+
+def misspelling_warnings(env: Mapping[str, str]) -> list[str]:
+    """Set variables that look like ours but are not (BATCHSIZE, LEARNING_RATES)."""
+    warnings = []
+    for key in sorted(env):
+        if key in VARIABLE_NAMES or not key.isupper():
+            continue
+        close = difflib.get_close_matches(key, VARIABLE_NAMES, n=1, cutoff=0.85)
+        if close:
+            warnings.append(f"warning: {key} is set but not used; did you mean {close[0]}?")
+    return warnings
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Parse and validate every variable; raise one ConfigError with all problems."""
+    env = dict(os.environ if env is None else env)
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    raw_preset, _ = _raw_value(env, VARIABLES[0])
+    try:
+        preset = _choose_preset(env, VARIABLES[0].parse(raw_preset) if raw_preset else "auto")
+    except ValueError as err:
+        problems.append(f"PRESET={raw_preset!r}: must be {err}")
+        preset = "full"
+    for var in VARIABLES:
+        raw, name = _raw_value(env, var)
+        if raw is None:
+            use_demo = preset == "demo" and var.demo is not None
+            values[var.attr] = var.demo if use_demo else var.default
+            sources[var.name] = "demo" if use_demo else "default"
+            continue
+        sources[var.name] = "environment" if name == var.name else f"environment ({name})"
+        try:
+            values[var.attr] = var.parse(raw)
+        except ValueError as err:
+            shown = "(hidden)" if var.secret else repr(raw)
+            problems.append(f"{name}={shown}: must be {err} (default {var.shown_default or var.default})")
+            values[var.attr] = var.default
+    values["preset"] = preset
+    _apply_run_state(env, values, sources, problems)
+    _resolve_derived(preset, values, sources, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Settings(**values, sources=sources)
+
+
+def _apply_run_state(env: Mapping[str, str], values: dict, sources: dict, problems: list[str]) -> None:
+    """INIT/INST come from the environment if set, else from OUTPUT_DIR/run_state.json."""
+    try:
+        state = _read_state_file(Path(values["output_dir"]))
+    except ConfigError as err:
+        problems.extend(err.problems)
+        return
+    for var_name, attr in (("INIT", "init"), ("INST", "inst")):
+        if sources[var_name] == "default" and attr in state:
+            values[attr] = state[attr]
+            sources[var_name] = "state file"
+    # A finished curriculum keeps its last stage in the file. Asking for that same stage again (from
+    # the file, or from a Space's variables that mirror it) means a restart after the end: refuse it.
+    if state.get("done") and (values["init"], values["inst"]) == (state["init"], state["inst"]):
+        problems.append(f"OUTPUT_DIR={values['output_dir']}: the run state says every stage is done; "
+                        "delete run_state.json there (or set INIT/INST to another stage) to train more")
+
+
+def _resolve_derived(preset: str, values: dict, sources: dict, problems: list[str]) -> None:
+    if preset == "demo":
+        for attr, path, name in (("input_dataset", DEMO_PRETRAIN, "INPUT_DATASET"),
+                                 ("instruct_dataset", DEMO_INSTRUCT, "INSTRUCT_DATASET")):
+            if values[attr] is None:
+                values[attr] = str(path)
+                sources[name] = "demo"
+    if values["input_dataset"] is None:
+        problems.append("INPUT_DATASET: not set; name a Hub dataset id or a local file or folder "
+                        "with a `text` column (or set PRESET=demo for the embedded corpus)")
+    if values["output_repo"] is None:
+        values["output_repo"] = "train-llama"
+    if values["input_repo"] is None:
+        values["input_repo"] = values["output_repo"]
+        sources["INPUT_REPO"] = f"OUTPUT_REPO ({sources['OUTPUT_REPO']})"
+    values["output_dir"] = Path(values["output_dir"]).expanduser().resolve()
+    values["work_dir"] = Path(values["work_dir"]).expanduser().resolve()
+    values["hf_endpoint"] = values["hf_endpoint"].rstrip("/")
+    _check_combinations(values, problems)
+    values["topology"] = _build_topology(values, problems)
+
+
+def _check_combinations(values: dict, problems: list[str]) -> None:
+    min_vocab = len(SPECIAL_TOKENS) + len(CHAT_TOKENS) + 256
+    if values["vocab_size"] < min_vocab:
+        problems.append(f"VOCAB_SIZE={values['vocab_size']}: must be at least {min_vocab} "
+                        "(256 byte tokens plus the special and chat tokens)")
+    if values["save_steps"] % values["logging_steps"] != 0:
+        problems.append(f"SAVE_STEPS={values['save_steps']}: must be a multiple of LOGGING_STEPS="
+                        f"{values['logging_steps']}, so that every checkpoint follows a loss check")
+    if values["timeout_buffer"] >= values["startup_duration_timeout"]:
+        problems.append(f"TIMEOUT_BUFFER={values['timeout_buffer']:g}: must be below "
+                        f"STARTUP_DURATION_TIMEOUT ({values['startup_duration_timeout']:g} minutes)")
+    if values["inst"] and not values["instruct_dataset"]:
+        problems.append("INSTRUCT_DATASET: not set, but INST=true; name the instruction data "
+                        "(a Hub id or a local file or folder)")
+    if values["use_quant"] and values["precision"] in ("fp16", "fp32"):
+        problems.append(f"PRECISION={values['precision']}: USE_QUANT=true trains in bf16 "
+                        "(NF4 with bf16 compute); set PRECISION=auto or bf16")
+    if values["hf_token"] and any(c.isspace() for c in values["hf_token"]):
+        problems.append("HF_TOKEN=(hidden): contains whitespace; paste the token alone")
+
+
+def _build_topology(values: dict, problems: list[str]) -> Topology | None:
+    try:
+        if values["target_parameters"] is not None:
+            return topology_for_parameters(values["target_parameters"], values["vocab_size"])
+        return topology_for_factor(values["factor"], values["vocab_size"])
+    except ValueError as err:
+        name = "TARGET_PARAMETERS" if values["target_parameters"] is not None else "FACTOR"
+        problems.append(f"{name}: {err}; choose FACTOR from 384 to 98304 or TARGET_PARAMETERS from 1M to 100B")
+        return None
+
+
+def settings_or_exit(env: Mapping[str, str] | None = None, quiet: bool = False) -> Settings:
+    """For scripts: the settings, or every problem on stderr and exit status 2."""
+    env = os.environ if env is None else env
+    if not quiet:
+        for warning in misspelling_warnings(env):
+            print(warning, file=sys.stderr)
+    try:
+        return load_settings(env)
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
+def describe(settings: Settings) -> str:
+    """The resolved configuration, one variable a line, with where each value came from."""
+    lines = [f"configuration (preset: {settings.preset}; stage: {settings.phase} INIT={settings.init}, "
+             f"shard {settings.shard_index}, {settings.run_epochs:g} epochs)"]
+    for name, value in settings.public_dict().items():
+        lines.append(f"  {name:<28} = {value!s:<40} [{settings.sources[name]}]")
+    topo = settings.topology
+    lines.append(f"  model: {topo.describe()}; {topo.parameter_count():,} parameters at vocabulary {topo.vocab_size}")
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    rows = ["| Variable | Default | Demo | Meaning |", "| --- | --- | --- | --- |"]
+    for var in VARIABLES:
+        names = " / ".join(f"`{n}`" for n in (var.name, *var.aliases))
+        default = var.shown_default or ("unset" if var.default is None else f"`{var.default}`")
+        demo = "" if var.demo is None else f"`{var.demo}`"
+        rows.append(f"| {names} | {default} | {demo} | {var.meaning} |")
+    return "\n".join(rows)
+
+
+def deepspeed_config(settings: Settings, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config of the original pipeline (ZeRO with overlapped communication, contiguous
+    gradients, 5e8 buckets, clipping 1.0); "auto" values are filled in by the HF Trainer from the
+    same settings, so micro-batch, accumulation and global batch always agree with the world size."""
+    zero: dict[str, Any] = {"stage": settings.zero_stage}
+    if settings.zero_stage > 0:
+        zero.update(overlap_comm=True, contiguous_gradients=True,
+                    reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
+    if settings.zero_stage == 3:
+        # Publishing needs whole 16-bit weights gathered from the shards.
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        # loss_scale 0 is DeepSpeed's dynamic loss scaling: fp16 overflows lower the scale instead of
+        # producing inf weights.
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    if args == ["--markdown"]:
+        print(markdown_table())
+        return 0
+    if len(args) == 2 and args[0] == "--get":
+        # For trainer.sh: one resolved setting, printed bare.
+        if args[1] == "hf_token":
+            print("config.py: the token is never printed", file=sys.stderr)
+            return 2
+        value = getattr(settings_or_exit(quiet=True), args[1])
+        print(str(value).lower() if isinstance(value, bool) else value)
+        return 0
+    print(describe(settings_or_exit()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared fixtures: an isolated environment for each test and the repo's paths."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Variables of ours that a developer's shell may have set; tests must not inherit them.
+_OURS = None
+
+
+def _our_variable_names():
+    global _OURS
+    if _OURS is None:
+        import config
+        _OURS = config.VARIABLE_NAMES
+    return _OURS
+
+
+@pytest.fixture
+def base_env(tmp_path):
+    """A clean process environment for a pipeline run in tmp_path: our variables removed, offline Hub,
+    one CPU thread per process so that two-process tests do not oversubscribe the two CI cores."""
+    env = {k: v for k, v in os.environ.items() if k not in _our_variable_names()}
+    env.update(
+        OUTPUT_DIR=str(tmp_path / "output"),
+        WORK_DIR=str(tmp_path / "work"),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture
+def root():
+    return ROOT

@@ -1,0 +1,276 @@
+"""A local stand-in for the part of the Hugging Face Hub API that the pipeline uses, for tests.
+
+It answers what huggingface_hub 1.33 sends for whoami, create_repo, repo_info, upload_folder (README
+validation, preupload answering "regular" for every file so nothing goes through LFS or Xet, the tree
+listing behind delete_patterns, and the NDJSON commit), Space variables and pausing a Space.
+It records every request and keeps the committed files, and it can fail requests on demand.
+Run it alone with `python tests/hub_server.py [TOKEN]` to point HF_ENDPOINT at it by hand.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import sys
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+_REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
+_REV = r"(?P<rev>[^/]+)"
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+
+@dataclass
+class Repo:
+    files: dict[str, bytes] = field(default_factory=dict)
+    commits: list[dict[str, Any]] = field(default_factory=list)  # {"oid", "summary", "description"}
+
+    @property
+    def head(self) -> str:
+        return self.commits[-1]["oid"] if self.commits else "0" * 40
+
+
+@dataclass
+class Space:
+    variables: dict[str, str] = field(default_factory=dict)
+    stage: str = "RUNNING"
+
+
+@dataclass
+class _Failure:
+    status: int
+    remaining: int | None  # None: every matching request fails
+    path_contains: str | None
+
+
+class HubStandIn:
+    """The server and its state. Use as a context manager, or call start()/stop()."""
+
+    def __init__(self, token: str = "hf_standin_token", user: str = "tester", role: str = "write"):
+        self.token, self.user, self.role = token, user, role
+        self.requests: list[Recorded] = []
+        self.repos: dict[str, Repo] = {}
+        self.spaces: dict[str, Space] = {}
+        self.token_rejected = False
+        self._failures: list[_Failure] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> HubStandIn:
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until interrupted (for running the stand-in by hand)."""
+        try:
+            self._server.serve_forever()
+        finally:
+            self._server.server_close()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> HubStandIn:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # --- what tests ask for ---
+    def add_space(self, space_id: str) -> Space:
+        return self.spaces.setdefault(space_id, Space())
+
+    def fail_next(self, count: int, status: int = 503, path_contains: str | None = None) -> None:
+        """The next `count` requests (whose path contains `path_contains`, if given) answer `status`."""
+        self._failures.append(_Failure(status, count, path_contains))
+
+    def fail_always(self, status: int = 503, path_contains: str | None = None) -> None:
+        self._failures.append(_Failure(status, None, path_contains))
+
+    def reject_token(self) -> None:
+        """Answer 401 to every request, as the Hub does for a revoked or mistyped token."""
+        self.token_rejected = True
+
+    def requests_to(self, method: str, path_pattern: str) -> list[Recorded]:
+        return [r for r in self.requests if r.method == method and re.fullmatch(path_pattern, r.path)]
+
+    # --- request handling (called from the server's threads) ---
+    def handle(self, request: Recorded) -> tuple[int, dict[str, str], Any]:
+        with self._lock:
+            self.requests.append(request)
+            failure = self._take_failure(request.path)
+            if failure is not None:
+                return failure, {"X-Error-Message": "stand-in failure"}, {"error": "stand-in failure"}
+            if self.token_rejected or request.headers.get("authorization") != f"Bearer {self.token}":
+                message = "Invalid credentials in Authorization header"
+                return 401, {"X-Error-Message": message}, {"error": message}
+            return self._route(request)
+
+    def _take_failure(self, path: str) -> int | None:
+        for failure in self._failures:
+            if failure.path_contains is not None and failure.path_contains not in path:
+                continue
+            if failure.remaining is None:
+                return failure.status
+            if failure.remaining > 0:
+                failure.remaining -= 1
+                return failure.status
+        return None
+
+    def _route(self, request: Recorded) -> tuple[int, dict[str, str], Any]:
+        for method, pattern, handler in self._routes():
+            match = re.fullmatch(pattern, request.path)
+            if match and method == request.method:
+                return handler(request, **match.groupdict())
+        return 404, {"X-Error-Message": "no such route in the stand-in"}, {"error": "not found"}
+
+    def _routes(self):
+        return (
+            ("GET", r"/api/whoami-v2", self._whoami),
+            ("POST", r"/api/repos/create", self._create_repo),
+            ("GET", rf"/api/models/{_REPO}(?:/revision/{_REV})?", self._repo_info),
+            ("POST", r"/api/validate-yaml", lambda request: (200, {}, {"errors": [], "warnings": []})),
+            ("POST", rf"/api/models/{_REPO}/preupload/{_REV}", self._preupload),
+            ("GET", rf"/api/models/{_REPO}/tree/{_REV}(?:/.*)?", self._tree),
+            ("POST", rf"/api/models/{_REPO}/commit/{_REV}", self._commit),
+            ("POST", rf"/api/spaces/{_REPO}/variables", self._space_variable),
+            ("POST", rf"/api/spaces/{_REPO}/pause", self._pause),
+        )
+
+    def _whoami(self, request: Recorded):
+        return 200, {}, {"type": "user", "name": self.user,
+                         "auth": {"accessToken": {"displayName": "stand-in", "role": self.role}}}
+
+    def _create_repo(self, request: Recorded):
+        payload = json.loads(request.body)
+        repo_id = f"{payload.get('organization') or self.user}/{payload['name']}"
+        if repo_id in self.repos:
+            return 409, {"X-Error-Message": "You already created this model repo"}, {
+                "error": "You already created this model repo", "url": f"{self.endpoint}/{repo_id}"}
+        self.repos[repo_id] = Repo()
+        return 200, {}, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id}
+
+    def _missing_repo(self, repo: str):
+        return 404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, {
+            "error": f"Repository {repo} not found"}
+
+    def _repo_info(self, request: Recorded, repo: str, rev: str | None = None):
+        if repo not in self.repos:
+            return self._missing_repo(repo)
+        stored = self.repos[repo]
+        return 200, {}, {"id": repo, "modelId": repo, "sha": stored.head, "private": False,
+                         "siblings": [{"rfilename": path} for path in sorted(stored.files)]}
+
+    def _preupload(self, request: Recorded, repo: str, rev: str):
+        if repo not in self.repos:
+            return self._missing_repo(repo)
+        files = json.loads(request.body)["files"]
+        return 200, {}, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                   for f in files]}
+
+    def _tree(self, request: Recorded, repo: str, rev: str):
+        if repo not in self.repos:
+            return self._missing_repo(repo)
+        return 200, {}, [{"type": "file", "path": path, "size": len(data),
+                          "oid": hashlib.sha1(data).hexdigest()}
+                         for path, data in sorted(self.repos[repo].files.items())]
+
+    def _commit(self, request: Recorded, repo: str, rev: str):
+        if repo not in self.repos:
+            return self._missing_repo(repo)
+        lines = [json.loads(line) for line in request.body.decode().splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            return 400, {"X-Error-Message": "the commit must start with a header line"}, {"error": "bad commit"}
+        files = dict(self.repos[repo].files)
+        for line in lines[1:]:
+            if line["key"] == "file":
+                files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+            elif line["key"] == "deletedFile":
+                files.pop(line["value"]["path"], None)
+            elif line["key"] == "deletedFolder":
+                prefix = line["value"]["path"].rstrip("/") + "/"
+                files = {p: d for p, d in files.items() if not p.startswith(prefix)}
+            else:
+                return 400, {"X-Error-Message": f"the stand-in takes no {line['key']}"}, {"error": "bad commit"}
+        oid = hashlib.sha1(request.body).hexdigest()
+        header = lines[0]["value"]
+        self.repos[repo].files = files
+        self.repos[repo].commits.append({"oid": oid, "summary": header.get("summary"),
+                                         "description": header.get("description")})
+        return 200, {}, {"success": True, "commitOid": oid, "commitUrl": f"{self.endpoint}/{repo}/commit/{oid}"}
+
+    def _space_variable(self, request: Recorded, repo: str):
+        if repo not in self.spaces:
+            return self._missing_repo(repo)
+        payload = json.loads(request.body)
+        self.spaces[repo].variables[payload["key"]] = payload["value"]
+        return 200, {}, {key: {"value": value, "updatedAt": "2025-01-01T00:00:00.000Z"}
+                         for key, value in self.spaces[repo].variables.items()}
+
+    def _pause(self, request: Recorded, repo: str):
+        if repo not in self.spaces:
+            return self._missing_repo(repo)
+        self.spaces[repo].stage = "PAUSED"
+        return 200, {}, {"stage": "PAUSED", "hardware": {"current": None, "requested": "cpu-basic"}}
+
+
+def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            url = urlsplit(self.path)
+            request = Recorded(self.command, unquote(url.path), parse_qs(url.query),
+                               {k.lower(): v for k, v in self.headers.items()}, body)
+            status, headers, payload = hub.handle(request)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            for name, value in {"Content-Type": "application/json", **headers}.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Quiet: tests read `hub.requests` instead."""
+
+    return Handler
+
+
+def main() -> int:
+    token = sys.argv[1] if len(sys.argv) > 1 else "hf_standin_token"
+    hub = HubStandIn(token=token)
+    print(f"Hub stand-in at {hub.endpoint} (token {token!r}); Ctrl-C stops it", flush=True)
+    try:
+        hub.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""Guards `util.py publish` and `util.py advance`: the published folder and its model card, atomic
+replacement, the curriculum walk (next_stage), the run state, and the Hub push with retries and token
+hygiene, against the local Hub stand-in (tests/hub_server.py)."""
+import dataclasses
+import datetime
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from huggingface_hub.errors import HfHubHTTPError
+
+import config
+import util
+from hub_server import HubStandIn
+
+TOKEN = "hf_TESTsecret0123456789abcdef"
+REPO = "tester/tiny-llama"
+SPACE = "tester/trainer-space"
+FINAL_LOSS = 2.3456
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModel:
+    folder: Path
+    parameters: int
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> TinyModel:
+    """A two-layer LlamaForCausalLM and a byte-level BPE tokenizer, saved as train.py saves them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(config.SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["once upon a time a small model learned to speak"] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=config.padded_vocab(len(tokenizer)), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False))
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return TinyModel(folder, sum(p.numel() for p in model.parameters()))
+
+
+def write_trained(settings, tiny: TinyModel, **overrides) -> dict:
+    """The work/trained/ layout of train.py for this stage: model/ and summary.json."""
+    shutil.rmtree(settings.trained_dir, ignore_errors=True)
+    shutil.copytree(tiny.folder, settings.trained_dir / "model")
+    summary = {"stage_key": settings.stage_key(), "completed": True, "stopped_by": None, "steps": 40,
+               "total_steps": 40, "tokens_seen": 12345, "final_loss": FINAL_LOSS, "first_loss": 7.5,
+               "wall_seconds": 12.5, "parameters": tiny.parameters, "trainable_parameters": tiny.parameters,
+               "precision": "fp32", "world_size": 1, "use_quant": False, "is_last_shard": True,
+               "topology": dataclasses.asdict(settings.topology)}
+    summary.update(overrides)
+    (settings.trained_dir / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def run_util(root, env, command):
+    return subprocess.run([sys.executable, "util.py", command, "--retry-delay", "0.01"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def train_stage(env, tiny, **overrides):
+    """Pretend train.py ran the stage that `env` (and the run-state file) describe."""
+    settings = config.load_settings(env)
+    write_trained(settings, tiny, **overrides)
+    return settings
+
+
+def read_state(settings) -> dict:
+    return json.loads(settings.state_file.read_text())
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if ": error: " in line]
+
+
+# ---------------------------------------------------------------------------------------------
+# The curriculum arithmetic.
+
+def walk(pretrain_shards: int, instruct_shards: int, has_instruct: bool = True) -> list[tuple]:
+    """Every stage the curriculum runs, as (phase, INIT, shard), for datasets of these sizes."""
+    init, inst, done, stages = 0, False, False, []
+    while not done:
+        shard = 0 if init < 2 else init - 1
+        shards = instruct_shards if inst else pretrain_shards
+        stages.append(("instruct" if inst else "pretrain", init, shard))
+        init, inst, done = util.next_stage(init, inst, shard == shards - 1, has_instruct)
+        assert len(stages) < 50
+    return stages
+
+
+def test_next_stage_walks_every_shard_then_instruct_then_done():
+    assert walk(3, 2) == [("pretrain", 0, 0), ("pretrain", 1, 0), ("pretrain", 2, 1), ("pretrain", 3, 2),
+                          ("instruct", 0, 0), ("instruct", 1, 0), ("instruct", 2, 1)]
+    # One shard: the two half passes over shard 0, in each phase.
+    assert walk(1, 1) == [("pretrain", 0, 0), ("pretrain", 1, 0), ("instruct", 0, 0), ("instruct", 1, 0)]
+    assert walk(2, 5, has_instruct=False) == [("pretrain", 0, 0), ("pretrain", 1, 0), ("pretrain", 2, 1)]
+    assert util.next_stage(0, False, True, True) == (1, False, False)  # INIT 0 -> 1 even on the last shard
+    assert util.next_stage(3, False, True, True) == (0, True, False)
+    assert util.next_stage(3, True, True, True) == (3, True, True)  # done keeps the last stage
+
+
+# ---------------------------------------------------------------------------------------------
+# Retries.
+
+def http_error(status: int, message: str = "error from the test") -> HfHubHTTPError:
+    response = httpx.Response(status, request=httpx.Request("POST", "http://127.0.0.1/api/repos/create"))
+    return HfHubHTTPError(f"{status} {message}", response=response)
+
+
+def flaky(errors: list[Exception]):
+    calls = []
+
+    def action():
+        calls.append(1)
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+        return "ok"
+    return action, calls
+
+
+def test_hub_call_retries_server_errors_rate_limits_and_connection_errors_with_backoff():
+    action, calls = flaky([http_error(503), http_error(429), httpx.ConnectError("refused")])
+    sleeps = []
+    assert util.hub_call(action, "creating the repo", attempts=5, base_delay=0.5, sleep=sleeps.append) == "ok"
+    assert len(calls) == 4
+    assert sleeps == [0.5, 1.0, 2.0]
+
+
+def test_hub_call_gives_up_after_the_attempts_and_hides_the_token():
+    action, calls = flaky([http_error(502, f"bad gateway for {TOKEN}")] * 10)
+    sleeps = []
+    with pytest.raises(util.StageError, match=r"creating the repo failed after 3 attempts: HTTP 502") as raised:
+        util.hub_call(action, "creating the repo", attempts=3, base_delay=0.1, secret=TOKEN, sleep=sleeps.append)
+    assert len(calls) == 3 and sleeps == [0.1, 0.2]
+    assert TOKEN not in str(raised.value) and "<HF_TOKEN>" in str(raised.value)
+
+
+@pytest.mark.parametrize("status, words", [(401, "rejected HF_TOKEN"), (403, "rejected HF_TOKEN"),
+                                           (404, "does not exist")])
+def test_hub_call_does_not_retry_what_retrying_cannot_fix(status, words):
+    action, calls = flaky([http_error(status)])
+    with pytest.raises(util.StageError, match=words):
+        util.hub_call(action, "creating the repo", attempts=5, base_delay=0.1, sleep=pytest.fail)
+    assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Publishing to OUTPUT_DIR.
+
+def test_local_publish_loads_generates_and_has_a_model_card(root, base_env, tiny_model):
+    settings = train_stage(base_env, tiny_model)
+    result = run_util(root, base_env, "publish")
+    assert result.returncode == 0, result.stderr
+    assert "not pushed to the Hub" in result.stdout
+    folder = settings.output_dir / settings.published_name
+    assert folder == settings.output_dir / "train-llama"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "README.md", "publish.json"} <= {p.name for p in folder.iterdir()}
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    inputs = tokenizer("once upon a time", return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 5
+    assert sum(p.numel() for p in model.parameters()) == tiny_model.parameters
+
+    card = (folder / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and "llama" in front["tags"]
+    for fact in (f"{tiny_model.parameters:,}", settings.topology.describe(), "12,345", "40 of 40",
+                 f"final {FINAL_LOSS:.4f}", "pretrain, INIT=0, shard 0", "trained from scratch",
+                 datetime.datetime.now(datetime.timezone.utc).date().isoformat(), '"HF_TOKEN": "unset"', '"LEARNING_RATE": 0.002'):
+        assert fact in card, fact
+    marker = json.loads((folder / "publish.json").read_text())
+    assert marker["stage_key"] == settings.stage_key() and marker["hub"] is None
+
+
+def test_failed_publish_keeps_the_previous_version(root, base_env, tiny_model, monkeypatch):
+    settings = train_stage(base_env, tiny_model)
+    assert util.publish(settings, 0) == 0
+    folder = settings.output_dir / settings.published_name
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken_card(*args):
+        raise OSError("disk full while writing the model card")
+    monkeypatch.setattr(util, "model_card", broken_card)
+    write_trained(settings, tiny_model, final_loss=1.0)
+    with pytest.raises(OSError, match="disk full"):
+        util.publish(settings, 0)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in settings.output_dir.iterdir()] == [folder.name]  # no half-written folder left
+
+    write_trained(settings, tiny_model, final_loss=math.nan)
+    result = run_util(root, base_env, "publish")
+    assert result.returncode == 1
+    assert len(error_lines(result)) == 1 and "final_loss is nan" in result.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_publish_refuses_a_model_of_another_stage_or_an_incomplete_folder(base_env, tiny_model):
+    settings = train_stage(base_env, tiny_model)
+    other = config.load_settings({**base_env, "INIT": "3"})
+    write_trained(settings, tiny_model, stage_key=other.stage_key())
+    with pytest.raises(util.StageError, match=r"belongs to another stage \(pretrain INIT=3 \(shard 2\); "
+                                              r"differs in init, shard_index"):
+        util.publish(settings, 0)
+    write_trained(settings, tiny_model)
+    (settings.trained_dir / "model" / "tokenizer.json").unlink()
+    with pytest.raises(util.StageError, match="missing tokenizer.json"):
+        util.publish(settings, 0)
+    assert not settings.output_dir.exists()
+
+
+def test_save_adapter_publishes_the_adapter_beside_the_merged_model(base_env, tiny_model):
+    env = {**base_env, "USE_QUANT": "true", "SAVE_ADAPTER": "true"}
+    settings = train_stage(env, tiny_model)
+    adapter = settings.trained_dir / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": config.LORA_R}))
+    with pytest.raises(util.StageError, match="SAVE_ADAPTER=true but the LoRA adapter is missing"):
+        util.publish(settings, 0)
+    assert not settings.output_dir.exists()  # checked before anything is written
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    assert util.publish(settings, 0) == 0
+    published = settings.output_dir / "train-llama-adapter"
+    assert (published / "adapter_model.safetensors").read_bytes() == b"weights"
+    card = (published / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["library_name"] == "peft" and "`train-llama`" in card
+    assert json.loads((published / "publish.json").read_text())["stage_key"] == settings.stage_key()
+
+
+# ---------------------------------------------------------------------------------------------
+# Advancing the run state.
+
+def test_advance_walks_the_curriculum_and_the_environment_overrides_the_state(root, base_env, tiny_model):
+    """Each stage trained (here: one shard per phase) and published moves the state on, to done."""
+    expected = [(1, False, "advanced: pretrain INIT=0 (shard 0) -> pretrain INIT=1 (shard 0)"),
+                (0, True, "advanced: pretrain INIT=1 (shard 0) -> instruct INIT=0 (shard 0)"),
+                (1, True, "advanced: instruct INIT=0 (shard 0) -> instruct INIT=1 (shard 0)"),
+                (1, True, "done: the curriculum is finished after instruct INIT=1 (shard 0)")]
+    for init, inst, line in expected:
+        settings = train_stage(base_env, tiny_model)
+        assert run_util(root, base_env, "publish").returncode == 0
+        result = run_util(root, base_env, "advance")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1].startswith(line)
+        state = read_state(settings)
+        assert (state["init"], state["inst"]) == (init, inst)
+        if not line.startswith("done"):
+            resumed = config.load_settings(base_env)
+            assert (resumed.init, resumed.inst, resumed.sources["INIT"]) == (init, inst, "state file")
+    assert state["done"] is True and len(state["history"]) == 4
+    assert (settings.output_dir / "train-llama-it" / "README.md").is_file()
+    with pytest.raises(config.ConfigError, match="every stage is done"):
+        config.load_settings(base_env)
+    explicit = config.load_settings({**base_env, "INIT": "4", "INST": "false"})
+    assert (explicit.init, explicit.inst, explicit.sources["INIT"]) == (4, False, "environment")
+
+
+def test_advance_twice_is_refused(root, base_env, tiny_model):
+    settings = train_stage(base_env, tiny_model)
+    assert run_util(root, base_env, "publish").returncode == 0
+    assert run_util(root, base_env, "advance").returncode == 0
+    again = run_util(root, base_env, "advance")
+    assert again.returncode == 1 and "belongs to another stage" in again.stderr
+    assert read_state(settings)["init"] == 1 and len(read_state(settings)["history"]) == 1
+
+
+def test_advance_on_a_space_without_token_is_refused_before_any_change(base_env, tiny_model):
+    env = {**base_env, "SPACE_ID": SPACE}
+    settings = train_stage(env, tiny_model)
+    assert util.publish(settings, 0) == 0
+    with pytest.raises(util.StageError, match="SPACE_ID is set but HF_TOKEN is not"):
+        util.advance(settings, 0)
+    assert not settings.state_file.exists()
+
+
+def test_incomplete_stage_is_published_but_does_not_advance(root, base_env, tiny_model):
+    settings = train_stage(base_env, tiny_model, completed=False, stopped_by="timer", steps=17)
+    assert run_util(root, base_env, "publish").returncode == 0
+    result = run_util(root, base_env, "advance")
+    assert result.returncode == util.EXIT_INCOMPLETE
+    assert "pretrain INIT=0 (shard 0) is incomplete (stopped by the timer)" in result.stdout
+    assert "continues from the checkpoint" in result.stdout
+    assert not settings.state_file.exists()
+
+
+def test_advance_needs_a_publish_of_this_exact_training_run(root, base_env, tiny_model):
+    settings = train_stage(base_env, tiny_model)
+    result = run_util(root, base_env, "advance")
+    assert result.returncode == 1 and "no publish record" in result.stderr
+    assert run_util(root, base_env, "publish").returncode == 0
+    write_trained(settings, tiny_model, final_loss=math.nan)  # trained again, and not published
+    assert run_util(root, base_env, "advance").returncode == 1
+    assert not settings.state_file.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hub, through the stand-in.
+
+@pytest.fixture
+def hub():
+    with HubStandIn(token=TOKEN, user="tester") as server:
+        server.add_space(SPACE)
+        yield server
+
+
+@pytest.fixture
+def hub_env(base_env, hub):
+    # huggingface_hub refuses every request while either of these is set.
+    env = {k: v for k, v in base_env.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return {**env, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN,
+            "OUTPUT_REPO": REPO, "PRESET": "demo", "MAX_RETRIES": "3"}
+
+
+def assert_token_absent(env, hub, *results):
+    for result in results:
+        assert TOKEN not in result.stdout and TOKEN not in result.stderr
+    for folder in (env["OUTPUT_DIR"], env["WORK_DIR"]):
+        for path in Path(folder).rglob("*"):
+            assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path
+    for repo in hub.repos.values():
+        assert all(TOKEN.encode() not in data for data in repo.files.values())
+
+
+def test_push_creates_repo_uploads_sets_space_variables_and_pauses_when_done(root, hub, hub_env, tiny_model):
+    env = {**hub_env, "SPACE_ID": SPACE}
+    settings = train_stage(env, tiny_model, is_last_shard=False)
+    published, advanced = run_util(root, env, "publish"), run_util(root, env, "advance")
+    assert published.returncode == 0 and advanced.returncode == 0, published.stderr + advanced.stderr
+    files = hub.repos[REPO].files
+    folder = settings.output_dir / "tiny-llama"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"} <= set(files)
+    assert "publish.json" not in files
+    assert all(files[name] == (folder / name).read_bytes() for name in files)
+    assert f"final loss {FINAL_LOSS:.4f}" in hub.repos[REPO].commits[-1]["summary"]
+    assert hub.spaces[SPACE].variables == {"INST": "false", "INIT": "1"}
+    assert hub.spaces[SPACE].stage == "RUNNING"
+    assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests_to("POST", r"/api/.*"))
+
+    last_env = {**env, "INIT": "2", "INST": "true"}  # the last instruction shard
+    train_stage(last_env, tiny_model)
+    last = [run_util(root, last_env, "publish"), run_util(root, last_env, "advance")]
+    assert [r.returncode for r in last] == [0, 0], last[0].stderr + last[1].stderr
+    assert "README.md" in hub.repos[f"{REPO}-it"].files
+    assert hub.spaces[SPACE].variables == {"INST": "true", "INIT": "2"}
+    assert hub.spaces[SPACE].stage == "PAUSED"
+    assert last[1].stdout.strip().splitlines()[-1].startswith("done:")
+    assert read_state(settings)["done"] is True
+    assert_token_absent(env, hub, published, advanced, *last)
+
+
+def test_server_errors_are_retried(root, hub, hub_env, tiny_model):
+    hub.fail_next(2, status=503, path_contains="/commit/")
+    settings = train_stage(hub_env, tiny_model)
+    result = run_util(root, hub_env, "publish")
+    assert result.returncode == 0, result.stderr
+    assert len(hub.requests_to("POST", rf"/api/models/{REPO}/commit/main")) == 3
+    assert "retry 1/2" in result.stdout and "retry 2/2" in result.stdout
+    assert len(hub.repos[REPO].commits) == 1
+    marker = json.loads((settings.output_dir / "tiny-llama" / "publish.json").read_text())
+    assert marker["hub"]["repo_id"] == REPO
+    assert_token_absent(hub_env, hub, result)
+
+
+def test_permanent_failure_keeps_the_local_copy_and_the_state(root, hub, hub_env, tiny_model):
+    hub.fail_always(status=500, path_contains="/commit/")
+    settings = train_stage(hub_env, tiny_model)
+    result = run_util(root, hub_env, "publish")
+    folder = settings.output_dir / "tiny-llama"
+    assert result.returncode == 1
+    assert len(hub.requests_to("POST", rf"/api/models/{REPO}/commit/main")) == 3
+    [line] = error_lines(result)
+    assert "failed after 3 attempts: HTTP 500" in line and str(folder) in line and "not advanced" in line
+    assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
+    advanced = run_util(root, hub_env, "advance")
+    assert advanced.returncode == 1 and "not pushed to the Hub" in advanced.stderr
+    assert not settings.state_file.exists()
+    assert_token_absent(hub_env, hub, result, advanced)
+
+
+def test_rejected_token_fails_at_once_in_one_line(root, hub, hub_env, tiny_model):
+    hub.reject_token()
+    train_stage(hub_env, tiny_model)
+    result = run_util(root, hub_env, "publish")
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert "the Hub rejected HF_TOKEN (HTTP 401)" in line
+    assert len(hub.requests_to("GET", r"/api/whoami-v2")) == 1
+    assert not hub.requests_to("POST", r"/api/repos/create") and not hub.repos
+    assert_token_absent(hub_env, hub, result)

@@ -1,0 +1,347 @@
+"""Stage 2: train the prepared model with TRL's SFTTrainer under DeepSpeed, on every GPU or on CPU.
+
+Reads WORK_DIR/prep (tokenizer, model, tokenized dataset), writes checkpoints to WORK_DIR/checkpoints
+(resumed after a crash) and the final model with its summary to WORK_DIR/trained. Launched by
+trainer.sh as `deepspeed --num_gpus=N train.py`; the launcher's `--local_rank` argument is ignored
+(the rank comes from the environment).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import config
+from util import is_main_process, local_rank, log, write_json_atomic
+
+EXIT_NOT_FINITE = 3
+EXIT_BAD_PREP = 4
+
+
+class TrainingStopped(RuntimeError):
+    """The loss or the logits became NaN/inf: nothing is published from this run."""
+
+
+def check_preparation(settings: config.Settings) -> dict:
+    """The prep manifest, after checking it belongs to this stage."""
+    manifest_path = settings.prep_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise SystemExit(f"train: {manifest_path} is missing; run `python3 prep.py` first (trainer.sh does)")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("stage_key") != settings.stage_key():
+        raise SystemExit(f"train: {settings.prep_dir} was prepared for another stage "
+                         f"({manifest.get('phase')} INIT={manifest.get('stage_key', {}).get('init')}); "
+                         "run `python3 prep.py` for this one")
+    return manifest
+
+
+def resolve_precision(settings: config.Settings) -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        # fp16 autocast is not supported on CPU; bf16 works when asked for explicitly.
+        return "bf16" if settings.precision == "bf16" or settings.use_quant else "fp32"
+    if settings.precision != "auto":
+        return settings.precision
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resume_checkpoint(settings: config.Settings) -> str | None:
+    """The newest checkpoint of this same stage, or None; checkpoints of another stage are removed."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stage_file = settings.checkpoint_dir / "stage.json"
+    same_stage = stage_file.is_file() and json.loads(stage_file.read_text()) == settings.stage_key()
+    if same_stage:
+        return get_last_checkpoint(str(settings.checkpoint_dir))
+    if is_main_process():
+        # Delete before writing stage.json, so another rank never pairs the new key with old checkpoints.
+        shutil.rmtree(settings.checkpoint_dir, ignore_errors=True)
+        write_json_atomic(stage_file, settings.stage_key())
+    return None
+
+
+def sanity_forward(model, dataset, device) -> None:
+    """The original's check before spending compute: one forward pass must give finite logits."""
+    import torch
+
+    rows = [dataset[i]["input_ids"] for i in range(min(2, len(dataset)))]
+    length = min(len(r) for r in rows)
+    batch = torch.tensor([r[:length] for r in rows], device=device)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch).logits
+    model.train()
+    if not torch.isfinite(logits).all():
+        raise TrainingStopped("sanity check failed: the model's logits are not finite before training; "
+                              "the prepared model is broken (delete WORK_DIR/prep and rerun prep.py)")
+    log(f"sanity check: forward pass on {tuple(batch.shape)} gives finite logits "
+        f"(mean |logit| {logits.float().abs().mean().item():.3f})")
+
+
+def peak_memory_gib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def make_callbacks(settings: config.Settings, stop_file: Path):
+    """The step logger, the NaN guard and the timer/SIGTERM stop, as TrainerCallbacks."""
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        """One fixed-format line per logging step on rank 0, and the loss history for the summary."""
+
+        def __init__(self):
+            self.losses: list[tuple[int, float]] = []
+            self.start_time = self.start_step = self.last_time = None
+            self.last_tokens = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_time = self.last_time = time.time()
+            self.start_step, self.last_tokens = state.global_step, state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return
+            loss, step = float(logs["loss"]), state.global_step
+            self.losses.append((step, loss))
+            now = time.time()
+            tokens_per_s = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
+            self.last_time, self.last_tokens = now, state.num_input_tokens_seen
+            per_step = (now - self.start_time) / max(step - self.start_step, 1)
+            log(f"step {step:>6}/{state.max_steps} | loss {loss:8.4f} | lr {logs.get('learning_rate', 0):.3e} | "
+                f"{tokens_per_s:>9,.0f} tok/s | mem {peak_memory_gib():6.2f} GiB | "
+                f"eta {format_duration(per_step * (state.max_steps - step))}")
+            if not math.isfinite(loss):
+                # Stop before this step's checkpoint is written: the last good checkpoint stays.
+                control.should_save = False
+                control.should_training_stop = True
+
+    class TimeAndSignalStop(TrainerCallback):
+        """Stops every rank at the same step when the time limit passes, on SIGTERM, or when
+        trainer.sh leaves the stop file (it traps the container's SIGTERM); saves a checkpoint."""
+
+        def __init__(self):
+            self.deadline = (settings.started_at or time.time()) + settings.time_limit_minutes * 60
+            self.signalled = False
+            self.stopped_by: str | None = None
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+        def _on_sigterm(self, signum, frame):
+            self.signalled = True
+
+        def _local_reason(self) -> int:
+            if self.signalled or stop_file.exists():
+                return 2
+            return 1 if time.time() >= self.deadline else 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            reason = torch.tensor([self._local_reason()], device=args.device)
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(reason, op=dist.ReduceOp.MAX)
+            if reason.item() and state.global_step < state.max_steps:
+                self.stopped_by = "signal" if reason.item() == 2 else "timer"
+                log(f"Timer stop at step {state.global_step} ({self.stopped_by}): saving a checkpoint")
+                control.should_training_stop = True
+                control.should_save = True
+
+    return StepLog(), TimeAndSignalStop()
+
+
+def training_arguments(settings: config.Settings, precision: str, use_cpu: bool):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(settings.checkpoint_dir),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        num_train_epochs=settings.run_epochs,
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,  # a float below 1 is a fraction of the run's steps: the original's 10%
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        deepspeed=config.deepspeed_config(settings, precision),
+        use_cpu=use_cpu,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        logging_steps=settings.logging_steps,
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        report_to="none",
+        disable_tqdm=True,
+        log_level="warning",
+        include_num_input_tokens_seen="non_padding",
+        max_length=settings.max_length,
+        packing=False,  # pretraining rows are packed by prep.py; instruct rows are single conversations
+        # Few distinct padded lengths: each new shape costs cuDNN attention a fresh plan.
+        pad_to_multiple_of=64,
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+    )
+
+
+def load_model(settings: config.Settings, precision: str, local_rank: int):
+    """The prepared model: full weights, or (USE_QUANT) an NF4-quantized base with LoRA adapters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir = settings.prep_dir / "model"
+    if settings.use_quant:
+        import quant_utils
+
+        # Under DeepSpeed each rank holds its own quantized copy on its own GPU (never device_map="auto").
+        device_map = {"": local_rank} if torch.cuda.is_available() else None
+        model, trainable, total = quant_utils.load_for_training(
+            model_dir, True, dtype=torch.bfloat16, device_map=device_map,
+            gradient_checkpointing=settings.gradient_checkpointing)
+    else:
+        # fp32 weights: DeepSpeed keeps fp32 master weights and casts the model for bf16/fp16 itself.
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+        total = trainable = sum(p.numel() for p in model.parameters())
+    log(f"model: {total:,} parameters, {trainable:,} trained ({100 * trainable / total:.2f}%)"
+        f"{', 4-bit NF4 base + LoRA' if settings.use_quant else ''}")
+    return model, trainable, total
+
+
+def save_trained(settings, trainer, tokenizer, summary: dict) -> None:
+    """Write WORK_DIR/trained atomically: the 16-bit model (LoRA merged), the adapter, the summary.
+
+    Every rank calls this (gathering ZeRO-3 shards is collective); rank 0 writes and renames."""
+    import quant_utils
+
+    staging = settings.work_dir / ".trained-staging"
+    trainer.save_model(str(staging / ("adapter" if settings.use_quant else "model")))
+    trainer.accelerator.wait_for_everyone()
+    if not is_main_process():
+        return
+    if settings.use_quant:
+        quant_utils.merge_lora_to_16bit(trainer.model, staging / "model", tokenizer=tokenizer)
+        if not settings.save_adapter:
+            shutil.rmtree(staging / "adapter")
+    tokenizer.save_pretrained(staging / "model")
+    write_json_atomic(staging / "summary.json", summary)
+    old = settings.work_dir / ".trained-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if settings.trained_dir.exists():
+        os.replace(settings.trained_dir, old)
+    os.replace(staging, settings.trained_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def print_summary(summary: dict) -> None:
+    log("=" * 72)
+    log(f"training {'complete' if summary['completed'] else 'stopped by ' + str(summary['stopped_by'])}: "
+        f"{summary['phase']} INIT={summary['stage_key']['init']} shard {summary['stage_key']['shard_index']}")
+    log(f"  steps          {summary['steps']}/{summary['total_steps']}")
+    log(f"  tokens seen    {summary['tokens_seen']:,}")
+    log(f"  loss           {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+    log(f"  wall time      {format_duration(summary['wall_seconds'])} ({summary['tokens_per_second']:,.0f} tok/s)")
+    log(f"  peak memory    {summary['peak_memory_gib']:.2f} GiB per process, {summary['world_size']} process(es)")
+    log("=" * 72)
+
+
+def run_training(settings: config.Settings, manifest: dict) -> int:
+    import datasets
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    rank = local_rank()
+    use_cpu = not torch.cuda.is_available()
+    if not use_cpu:
+        torch.cuda.set_device(rank)
+        # cuDNN's SDPA kernel plans per sequence length (~150 ms each); flash/efficient kernels do not.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    precision = resolve_precision(settings)
+    stop_file = settings.work_dir / "STOP"
+    resume = resume_checkpoint(settings)
+    if is_main_process():
+        stop_file.unlink(missing_ok=True)
+        shutil.rmtree(settings.work_dir / ".trained-staging", ignore_errors=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(settings.prep_dir / "tokenizer")
+    dataset = datasets.load_from_disk(str(settings.prep_dir / "dataset"))
+    model, trainable, total = load_model(settings, precision, rank)
+    if is_main_process():
+        sanity_forward(model, dataset, "cpu" if use_cpu else f"cuda:{rank}")
+
+    args = training_arguments(settings, precision, use_cpu)
+    step_log, stopper = make_callbacks(settings, stop_file)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[step_log, stopper])
+    trainer.remove_callback(PrinterCallback)  # StepLog prints the one fixed-format line instead
+    world_size = trainer.accelerator.num_processes
+    log(f"training: {len(dataset):,} sequences, {settings.run_epochs:g} epochs, global batch "
+        f"{settings.batch_size * settings.gradient_accumulation_steps * world_size} sequences "
+        f"({world_size} process(es) x {settings.batch_size} x {settings.gradient_accumulation_steps}), "
+        f"{precision}, ZeRO-{settings.zero_stage}" + (f", resuming from {resume}" if resume else ""))
+    started = time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    state = trainer.state
+    losses = step_log.losses
+    if losses and not math.isfinite(losses[-1][1]):
+        raise TrainingStopped(f"training stopped: the loss became {losses[-1][1]} at step {losses[-1][0]}; "
+                              f"the last good checkpoint in {settings.checkpoint_dir} is kept and nothing is "
+                              "published (lower LEARNING_RATE, or use PRECISION=bf16 instead of fp16)")
+    wall = time.time() - started
+    summary = {
+        "stage_key": settings.stage_key(), "phase": settings.phase,
+        "completed": stopper.stopped_by is None, "stopped_by": stopper.stopped_by,
+        "steps": state.global_step, "total_steps": state.max_steps,
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "first_loss": losses[0][1] if losses else math.nan, "final_loss": losses[-1][1] if losses else math.nan,
+        "losses": losses, "wall_seconds": wall,
+        "tokens_per_second": int(state.num_input_tokens_seen) / max(wall, 1e-9),
+        "peak_memory_gib": peak_memory_gib(), "parameters": total, "trainable_parameters": trainable,
+        "precision": precision, "world_size": world_size, "use_quant": settings.use_quant,
+        "is_last_shard": manifest["is_last_shard"], "topology": settings.stage_key()["topology"],
+    }
+    save_trained(settings, trainer, tokenizer, summary)
+    print_summary(summary)
+    return 0
+
+
+def main() -> int:
+    settings = config.settings_or_exit(quiet=not is_main_process())
+    manifest = check_preparation(settings)
+    try:
+        return run_training(settings, manifest)
+    except TrainingStopped as err:
+        print(f"train: {err}", file=sys.stderr)
+        return EXIT_NOT_FINITE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

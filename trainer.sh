@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# train-llama: run the next stage of the curriculum (or, with RUN_ALL=true, every remaining stage):
+# checks, preparation, DeepSpeed training on every GPU (or CPU), publishing, run-state update.
+# All configuration is environment variables; see README.md.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+export TRAINER_STARTED_AT=${TRAINER_STARTED_AT:-$(date +%s)}
+export TOKENIZERS_PARALLELISM=false
+PYTHON=${PYTHON:-python3}
+current_stage=setup
+
+elapsed() { local s=$(( $(date +%s) - ${TRAINER_STARTED_AT%.*} )); printf '%dh%02dm%02ds' $((s/3600)) $((s%3600/60)) $((s%60)); }
+on_exit() {
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "trainer.sh: stage '$current_stage' failed (exit $rc) after $(elapsed); nothing after it ran" >&2
+  fi
+}
+trap on_exit EXIT
+setting() { "$PYTHON" config.py --get "$1"; }
+section() { current_stage=$1; echo; echo "=== $1 ($(elapsed))"; }
+
+# Runs the launcher in the background so that a SIGTERM (a Space or container being stopped) reaches
+# this script at once; it asks train.py, through the stop file, to save a checkpoint and finish.
+run_training() {
+  local stop_file=$1; shift
+  rm -f "$stop_file"
+  "$@" &
+  local pid=$! rc=0
+  trap 'echo "trainer.sh: stop requested; training saves and stops"; touch "$stop_file"' TERM INT
+  while true; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  trap - TERM INT
+  return "$rc"
+}
+
+# --- Checks: before any GPU time is spent -----------------------------------------------------
+section "configuration"
+"$PYTHON" config.py
+section "preflight"
+"$PYTHON" preflight.py
+section "environment validation"
+"$PYTHON" validate_setup.py
+
+work_dir=$(setting work_dir)
+output_dir=$(setting output_dir)
+run_all=$(setting run_all)
+processes=$(setting num_processes)
+gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+if [ "$processes" -eq 0 ]; then processes=$(( gpus > 0 ? gpus : 1 )); fi
+port=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+launcher=(deepspeed --master_port "$port" --num_gpus "$processes")
+if [ "$gpus" -eq 0 ]; then
+  # DeepSpeed's CPU accelerator: gloo communication, one BLAS thread pool per process.
+  export DS_ACCELERATOR=cpu
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / processes > 0 ? $(nproc) / processes : 1 ))}
+fi
+echo "training on $processes process(es), $gpus GPU(s)"
+
+# --- The curriculum: one stage, or all remaining ones ------------------------------------------
+while true; do
+  section "prepare (tokenizer, dataset, model)"
+  "$PYTHON" prep.py
+  section "train"
+  run_training "$work_dir/STOP" "${launcher[@]}" train.py
+  section "publish"
+  "$PYTHON" util.py publish
+  section "advance run state"
+  # Exit 3: the stage was stopped early (timer or signal) and stays current; a rerun resumes it.
+  advance_rc=0
+  "$PYTHON" util.py advance || advance_rc=$?
+  [ "$advance_rc" -eq 3 ] && break
+  [ "$advance_rc" -eq 0 ] || exit "$advance_rc"
+  [ "$run_all" = true ] || break
+  grep -q '"done": true' "$output_dir/run_state.json" && break
+  # From here on the state file, not the first stage's INIT/INST, says what runs next.
+  unset INIT INST
+done
+
+current_stage=finished
+echo
+echo "trainer.sh: finished in $(elapsed); models in $output_dir"

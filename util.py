@@ -1,0 +1,581 @@
+"""Shared helpers of the pipeline stages, and the publishing stage (`python3 util.py publish|advance`).
+
+`publish` copies work/trained/model into OUTPUT_DIR/<published_name>/ with a model card and a publish
+marker, then pushes that folder to the Hub when HF_TOKEN is set and OUTPUT_REPO is `owner/name`.
+`advance` moves the curriculum to the next stage (OUTPUT_DIR/run_state.json, and the Space's INIT/INST
+variables), only for a training run that completed and was published.
+
+Exit status: 0 done; 1 a failure explained in one line on stderr; 2 a configuration problem;
+3 (`advance` only) the stage is incomplete, so the run state was left as it was.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import config
+
+T = TypeVar("T")
+
+EXIT_INCOMPLETE = 3
+PUBLISH_MARKER = "publish.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Weights of an older upload that a new one may not overwrite (a model that changed its sharding).
+STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+DEFAULT_RETRY_DELAY = 2.0  # seconds before the first retry of a Hub call; doubles at each retry
+MAX_RETRY_DELAY = 60.0
+HISTORY_LENGTH = 50
+
+
+def process_rank() -> int:
+    """This process's global rank under the DeepSpeed launcher (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """This process's rank on its machine: the GPU it owns."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return process_rank() == 0
+
+
+def log(message: str) -> None:
+    """Print on rank 0 only, flushed at once so that logs interleave correctly with child processes."""
+    if is_main_process():
+        print(message, flush=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    # mkstemp creates the file readable by its owner only; these files are meant to be shared.
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `final`; on success it replaces `final` in one step.
+
+    On an exception the temporary folder is removed and `final` (the last complete version) is left
+    untouched. The old version is moved aside before the rename and deleted only after it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # mkdtemp creates the folder private to its owner; the finished folder is meant to be shared.
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class StageError(Exception):
+    """A failure of publish/advance, explained in one line for the operator."""
+
+
+def redact(text: str, secret: str | None) -> str:
+    """`text` with the secret replaced, for messages that quote errors of other libraries."""
+    return text.replace(secret, "<HF_TOKEN>") if secret else text
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub calls with retries.
+
+def hub_failure(err: BaseException) -> tuple[bool, str] | None:
+    """(worth retrying, reason in one line) for an error of a Hub request; None for other errors."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    if isinstance(err, OfflineModeIsEnabled):
+        return False, "HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set, so the Hub cannot be reached; unset both"
+    if isinstance(err, HfHubHTTPError) and err.response is not None:
+        status = err.response.status_code
+        if status in (401, 403):
+            return False, (f"the Hub rejected HF_TOKEN (HTTP {status}): check that the token is valid "
+                           "and has write access to the repository or Space")
+        if status == 404:
+            return False, ("the repository or Space does not exist on the Hub (HTTP 404): check its "
+                           "name (OUTPUT_REPO, SPACE_ID) and that HF_TOKEN can see it")
+        detail = err.server_message or str(err).splitlines()[0]
+        return status >= 500 or status in (408, 429), one_line(f"HTTP {status}: {detail}")
+    if isinstance(err, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError,
+                        ConnectionError, TimeoutError)):
+        return True, one_line(f"connection failed: {type(err).__name__}: {err}")
+    if isinstance(err, httpx.HTTPError):
+        return False, one_line(f"{type(err).__name__}: {err}")
+    return None
+
+
+def hub_call(action: Callable[[], T], what: str, attempts: int, base_delay: float,
+             secret: str | None = None, sleep: Callable[[float], None] = time.sleep) -> T:
+    """Run one Hub request, retrying server errors (5xx), rate limits (429) and connection errors up
+    to `attempts` times in all, waiting base_delay, 2*base_delay, ... between them. A rejected token
+    or a missing repository fails at once: retrying cannot fix those. `secret` is kept out of messages."""
+    attempt = 1
+    while True:
+        try:
+            return action()
+        except Exception as err:
+            failure = hub_failure(err)
+            if failure is None:
+                raise
+            retryable, reason = failure[0], redact(failure[1], secret)
+            if not retryable:
+                raise StageError(f"{what} failed: {reason}") from None
+            if attempt >= attempts:
+                raise StageError(f"{what} failed after {attempts} attempts: {reason}") from None
+            delay = min(base_delay * 2 ** (attempt - 1), MAX_RETRY_DELAY)
+            log(f"hub: {what} failed ({reason}); retry {attempt}/{attempts - 1} in {delay:.2f}s")
+            sleep(delay)
+            attempt += 1
+
+
+def hub_api(settings: config.Settings):
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token)
+
+
+def hub_repo_id(settings: config.Settings, name: str) -> str:
+    """The Hub id of a published folder: OUTPUT_REPO's owner and the folder's name."""
+    return f"{settings.output_repo.split('/')[0]}/{name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The trained model, checked before anything is published.
+
+def stage_text(key: Any) -> str:
+    if isinstance(key, dict) and {"phase", "init", "shard_index"} <= key.keys():
+        return f"{key['phase']} INIT={key['init']} (shard {key['shard_index']})"
+    return "an unknown stage"
+
+
+def read_summary(settings: config.Settings) -> tuple[dict[str, Any], str]:
+    """train.py's summary of this stage and a digest of its exact text (the publish marker keeps it)."""
+    path = settings.trained_dir / "summary.json"
+    if not path.is_file():
+        raise StageError(f"{path}: missing; train.py writes it when training ends, so train this stage first")
+    try:
+        text = path.read_text()
+        summary = json.loads(text)
+    except (OSError, json.JSONDecodeError) as err:
+        raise StageError(f"{path}: unreadable ({one_line(err)}); train this stage again") from None
+    if not isinstance(summary, dict):
+        raise StageError(f"{path}: must hold a JSON object; train this stage again")
+    return summary, hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_stage(settings: config.Settings, summary: dict[str, Any]) -> None:
+    """The trained model must come from the stage that the settings describe."""
+    expected, found = settings.stage_key(), summary.get("stage_key")
+    if found == expected:
+        return
+    if isinstance(found, dict):
+        differing = sorted(k for k in expected if found.get(k) != expected[k])
+        detail = f"{stage_text(found)}; differs in {', '.join(differing)}"
+    else:
+        detail = "no stage_key"
+    raise StageError(
+        f"{settings.trained_dir / 'summary.json'}: the trained model belongs to another stage ({detail}), "
+        f"not to this run's {stage_text(expected)}; train this stage first, or set INIT/INST to the "
+        "stage that was trained")
+
+
+def check_final_loss(settings: config.Settings, summary: dict[str, Any]) -> float:
+    loss = summary.get("final_loss")
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        raise StageError(
+            f"{settings.trained_dir / 'summary.json'}: final_loss is {loss!r}; a model without a finite "
+            "training loss is not published (check the data or lower LEARNING_RATE, then train again)")
+    return float(loss)
+
+
+def missing_model_files(folder: Path, weights: tuple[str, ...] = ("model.safetensors",)) -> list[str]:
+    """Files a loadable model folder lacks: config.json, the tokenizer, and safetensors weights
+    (`weights[0]` alone, or every shard that its `.index.json` names)."""
+    missing = [name for name in ("config.json", *TOKENIZER_FILES) if not (folder / name).is_file()]
+    return missing + missing_weights(folder, weights)
+
+
+def missing_weights(folder: Path, weights: tuple[str, ...]) -> list[str]:
+    if any((folder / name).is_file() for name in weights):
+        return []
+    index = folder / f"{weights[0]}.index.json"
+    if not index.is_file():
+        return [f"{weights[0]} (or its sharded {index.name})"]
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        return [f"a readable {index.name} ({one_line(err)})"]
+    return sorted(name for name in shards if not (folder / name).is_file())
+
+
+def check_model_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise StageError(f"{folder}: missing; train.py writes the trained model there, so train this stage first")
+    missing = missing_model_files(folder)
+    if missing:
+        raise StageError(f"{folder}: incomplete trained model, missing {', '.join(missing)}; "
+                         "train this stage again")
+
+
+# ---------------------------------------------------------------------------------------------
+# The published folder.
+
+def human_count(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return "unknown"
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n:,} ({n / size:.1f}{suffix})"
+    return f"{n:,}"
+
+
+def number_text(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "unknown"
+
+
+def card_front_matter(settings: config.Settings) -> str:
+    tags = ["llama", "text-generation", "train-llama",
+            "instruction-tuned" if settings.inst else "pretrained-from-scratch"]
+    if settings.use_quant:
+        tags.append("lora")
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:"]
+    return "\n".join([*lines, *(f"- {tag}" for tag in tags), "---", ""])
+
+
+def card_facts(settings: config.Settings, summary: dict[str, Any]) -> list[tuple[str, str]]:
+    steps = f"{summary.get('steps')} of {summary.get('total_steps')}"
+    if not summary.get("completed"):
+        steps += f" (stopped early by the {summary.get('stopped_by') or 'interruption'})"
+    base = "none: trained from scratch" if settings.first_run else f"`{settings.source_repo}`"
+    return [
+        ("Parameters", human_count(summary.get("parameters"))),
+        ("Topology", f"LLaMA, {settings.topology.describe()}, vocabulary {settings.topology.vocab_size}"),
+        ("Stage", f"{settings.phase}, INIT={settings.init}, shard {settings.shard_index}, "
+                  f"{settings.run_epochs:g} epoch(s) over a shard of {settings.shard_size:,} rows"),
+        ("Dataset", f"`{settings.stage_dataset}`"),
+        ("Base model", base),
+        ("Steps", steps),
+        ("Tokens seen", human_count(summary.get("tokens_seen"))),
+        ("Loss", f"final {summary['final_loss']:.4f} (first logged: {number_text(summary.get('first_loss'))})"),
+        ("Training", f"{summary.get('precision')} on {summary.get('world_size')} process(es), "
+                     f"{'4-bit NF4 + LoRA (merged)' if summary.get('use_quant') else 'full weights'}, "
+                     f"{summary.get('wall_seconds')} s"),
+        ("Date", utc_now()),
+    ]
+
+
+def model_card(settings: config.Settings, summary: dict[str, Any], name: str) -> str:
+    where = hub_repo_id(settings, name) if settings.pushes_to_hub else str(settings.output_dir / name)
+    kind = "instruction-tuned" if settings.inst else "pretrained from scratch"
+    table = "\n".join(f"| {key} | {value} |" for key, value in card_facts(settings, summary))
+    prompt = ("<|user|>Reverse the word: apple<|end|><|bot|>" if settings.inst
+              else "Once upon a time")
+    body = f"""
+# {name}
+
+A LLaMA-architecture causal language model, {kind}, by the train-llama pipeline.
+
+## This run
+
+| Fact | Value |
+| --- | --- |
+{table}
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{where}")
+model = AutoModelForCausalLM.from_pretrained("{where}")
+inputs = tokenizer({prompt!r}, return_tensors="pt")
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))
+```
+
+## Training settings
+
+```json
+{json.dumps(settings.public_dict(), indent=2, sort_keys=True, default=str)}
+```
+"""
+    return redact(card_front_matter(settings) + body, settings.hf_token)
+
+
+def ensure_generation_config(folder: Path) -> None:
+    """Write a generation config from the model's special token ids when training left none."""
+    target = folder / "generation_config.json"
+    if target.is_file():
+        return
+    model_config = json.loads((folder / "config.json").read_text())
+    ids = {k: model_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in model_config}
+    write_json_atomic(target, {"_from_model_config": True, **ids})
+
+
+def publish_marker(settings: config.Settings, summary: dict[str, Any], digest: str) -> dict[str, Any]:
+    """What `advance` checks: which stage and which exact summary this folder holds, and the push."""
+    return {"stage_key": settings.stage_key(), "summary_sha256": digest, "published_at": utc_now(),
+            "completed": bool(summary.get("completed")), "steps": summary.get("steps"),
+            "final_loss": summary["final_loss"], "hub": None}
+
+
+def publish_folder(source: Path, target: Path, card: str, marker: dict[str, Any]) -> None:
+    """Replace `target` by a copy of `source` with the card and the marker, all or nothing."""
+    with atomic_directory(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("README.md", PUBLISH_MARKER, ".*"))
+        (tmp / "README.md").write_text(card)
+        if (tmp / "config.json").is_file():
+            ensure_generation_config(tmp)
+        write_json_atomic(tmp / PUBLISH_MARKER, marker)
+
+
+def adapter_card(settings: config.Settings, summary: dict[str, Any], name: str) -> str:
+    text = (f"---\nlibrary_name: peft\ntags:\n- lora\n- train-llama\n---\n\n# {name}\n\n"
+            f"The LoRA adapter (r={config.LORA_R}, alpha={config.LORA_ALPHA}) trained on 4-bit NF4 weights "
+            f"in {stage_text(settings.stage_key())}; the merged model is `{settings.published_name}`. "
+            f"Final loss {summary['final_loss']:.4f} after {summary.get('steps')} steps, {utc_now()}.\n")
+    return redact(text, settings.hf_token)
+
+
+def adapter_source(settings: config.Settings) -> Path | None:
+    """The LoRA adapter to publish alone (SAVE_ADAPTER with USE_QUANT), checked; None when not asked."""
+    if not (settings.save_adapter and settings.use_quant):
+        return None
+    adapter = settings.trained_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file() or missing_weights(adapter, ("adapter_model.safetensors",)):
+        raise StageError(f"{adapter}: SAVE_ADAPTER=true but the LoRA adapter is missing or incomplete; "
+                         "train this stage again or set SAVE_ADAPTER=false")
+    return adapter
+
+
+def publish_local(settings: config.Settings, summary: dict[str, Any], digest: str) -> list[Path]:
+    """Write OUTPUT_DIR/<published_name>/ (and <published_name>-adapter/ when SAVE_ADAPTER is on)."""
+    adapter = adapter_source(settings)
+    marker = publish_marker(settings, summary, digest)
+    model_folder = settings.output_dir / settings.published_name
+    publish_folder(settings.trained_dir / "model", model_folder,
+                   model_card(settings, summary, model_folder.name), marker)
+    if adapter is None:
+        return [model_folder]
+    adapter_folder = settings.output_dir / f"{settings.published_name}-adapter"
+    publish_folder(adapter, adapter_folder, adapter_card(settings, summary, adapter_folder.name), marker)
+    return [model_folder, adapter_folder]
+
+
+def commit_message(settings: config.Settings, summary: dict[str, Any]) -> str:
+    early = "" if summary.get("completed") else f" (stopped early by the {summary.get('stopped_by')})"
+    return (f"{stage_text(settings.stage_key())}: {summary.get('steps')} steps{early}, "
+            f"{summary.get('tokens_seen')} tokens, final loss {summary['final_loss']:.4f}")
+
+
+def push_folder(settings: config.Settings, folder: Path, message: str, retry_delay: float) -> str:
+    """Create the Hub repository if needed and upload the folder in one commit; its URL."""
+    api = hub_api(settings)
+    call = functools.partial(hub_call, attempts=settings.max_retries, base_delay=retry_delay,
+                             secret=settings.hf_token)
+    repo_id = hub_repo_id(settings, folder.name)
+    call(lambda: api.create_repo(repo_id, exist_ok=True), f"creating the Hub repository {repo_id}")
+    commit = call(lambda: api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message,
+                                            ignore_patterns=[PUBLISH_MARKER],
+                                            delete_patterns=STALE_WEIGHT_PATTERNS),
+                  f"uploading {folder.name} to {repo_id}")
+    marker = json.loads((folder / PUBLISH_MARKER).read_text())
+    marker["hub"] = {"repo_id": repo_id, "commit_url": commit.commit_url, "pushed_at": utc_now()}
+    write_json_atomic(folder / PUBLISH_MARKER, marker)
+    return commit.commit_url
+
+
+def check_token(settings: config.Settings, retry_delay: float) -> None:
+    """Fail before any upload when the Hub refuses the token or it can only read."""
+    api = hub_api(settings)
+    who = hub_call(lambda: api.whoami(), "checking HF_TOKEN", settings.max_retries, retry_delay,
+                   secret=settings.hf_token)
+    role = (who.get("auth") or {}).get("accessToken", {}).get("role")
+    if role == "read":
+        raise StageError("HF_TOKEN is a read-only token; publishing needs a token with write access")
+
+
+def publish(settings: config.Settings, retry_delay: float) -> int:
+    summary, digest = read_summary(settings)
+    check_stage(settings, summary)
+    loss = check_final_loss(settings, summary)
+    check_model_folder(settings.trained_dir / "model")
+    log(f"publish: {stage_text(settings.stage_key())}, {summary.get('steps')} steps, final loss {loss:.4f}")
+    folders = publish_local(settings, summary, digest)
+    for folder in folders:
+        log(f"publish: saved {folder}")
+    if not settings.pushes_to_hub:
+        log("publish: not pushed to the Hub (that needs HF_TOKEN and OUTPUT_REPO as owner/name)")
+        return 0
+    try:
+        check_token(settings, retry_delay)
+        for folder in folders:
+            url = push_folder(settings, folder, commit_message(settings, summary), retry_delay)
+            log(f"publish: pushed {folder.name} to the Hub: {url}")
+    except Exception as err:
+        reason = str(err) if isinstance(err, StageError) else f"{type(err).__name__}: {err}"
+        raise StageError(f"{one_line(reason, 500)}. The model is saved locally at {folders[0]}; the run "
+                         "state was not advanced; run `python3 util.py publish` again to retry the push") from None
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The curriculum.
+
+def next_stage(init: int, inst: bool, is_last_shard: bool, has_instruct: bool) -> tuple[int, bool, bool]:
+    """The stage after a completed one, as (init, inst, done).
+
+    INIT 0 and 1 both train shard 0 for half the epochs each, so INIT 0 is always followed by INIT 1;
+    from INIT >= 1 the next INIT trains shard INIT, which exists unless this shard was the last.
+    After the last pretraining shard comes instruction tuning from INIT 0 (when there is instruction
+    data); after the last instruction shard the curriculum is done (the stage stays as it was)."""
+    if init == 0 or not is_last_shard:
+        return init + 1, inst, False
+    if not inst and has_instruct:
+        return 0, True, False
+    return init, inst, True
+
+
+def check_published(settings: config.Settings, digest: str) -> None:
+    """Advance only past a stage whose exact summary was published (and pushed, when pushing)."""
+    path = settings.output_dir / settings.published_name / PUBLISH_MARKER
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        marker = None
+    if not isinstance(marker, dict) or marker.get("summary_sha256") != digest:
+        raise StageError(f"{path}: no publish record of this training run; the run state advances only "
+                         "after `python3 util.py publish` succeeded")
+    if settings.pushes_to_hub and not marker.get("hub"):
+        raise StageError(f"{path}: this model was saved locally but not pushed to the Hub; run "
+                         "`python3 util.py publish` again before advancing")
+
+
+def previous_history(settings: config.Settings) -> list[Any]:
+    try:
+        state = json.loads(settings.state_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    history = state.get("history") if isinstance(state, dict) else None
+    return history if isinstance(history, list) else []
+
+
+def new_run_state(settings: config.Settings, stage: tuple[int, bool, bool], summary: dict[str, Any]) -> dict:
+    init, inst, done = stage
+    entry = {"at": utc_now(), "trained": stage_text(settings.stage_key()), "steps": summary.get("steps"),
+             "final_loss": summary.get("final_loss"),
+             "next": "done" if done else f"{'instruct' if inst else 'pretrain'} INIT={init}"}
+    history = (previous_history(settings) + [entry])[-HISTORY_LENGTH:]
+    return {"init": init, "inst": inst, "done": done, "updated_at": entry["at"], "history": history}
+
+
+def update_space(settings: config.Settings, state: dict[str, Any], retry_delay: float) -> None:
+    """Store the new stage in the Space's variables (they become INIT/INST at its next start) and
+    pause the Space when the curriculum is done. INST goes first: a Space that restarts between
+    the two writes then never retrains pretraining from INIT 0 over a finished model."""
+    api = hub_api(settings)
+    call = functools.partial(hub_call, attempts=settings.max_retries, base_delay=retry_delay,
+                             secret=settings.hf_token)
+    space = settings.space_id
+    inst_text = "true" if state["inst"] else "false"
+    call(lambda: api.add_space_variable(space, "INST", inst_text), f"setting INST on the Space {space}")
+    call(lambda: api.add_space_variable(space, "INIT", str(state["init"])), f"setting INIT on the Space {space}")
+    if state["done"]:
+        call(lambda: api.pause_space(space), f"pausing the Space {space}")
+
+
+def advance(settings: config.Settings, retry_delay: float) -> int:
+    summary, digest = read_summary(settings)
+    check_stage(settings, summary)
+    current = stage_text(settings.stage_key())
+    if not summary.get("completed"):
+        log(f"advance: {current} is incomplete (stopped by the {summary.get('stopped_by') or 'interruption'}); "
+            f"the run state stays; rerunning continues from the checkpoint in {settings.checkpoint_dir}")
+        return EXIT_INCOMPLETE
+    check_published(settings, digest)
+    is_last_shard = summary.get("is_last_shard")
+    if not isinstance(is_last_shard, bool):
+        raise StageError(f"{settings.trained_dir / 'summary.json'}: is_last_shard must be true or false, "
+                         f"not {is_last_shard!r}; train this stage again")
+    if settings.space_id and not settings.hf_token:
+        raise StageError("SPACE_ID is set but HF_TOKEN is not: the Space's INIT/INST variables cannot be "
+                         "updated; add HF_TOKEN as a secret of the Space")
+    stage = next_stage(settings.init, settings.inst, is_last_shard, bool(settings.instruct_dataset))
+    state = new_run_state(settings, stage, summary)
+    write_json_atomic(settings.state_file, state)
+    if settings.space_id:
+        try:
+            update_space(settings, state, retry_delay)
+        except StageError as err:
+            raise StageError(f"{err}; {settings.state_file} already says INIT={state['init']} "
+                             f"INST={str(state['inst']).lower()}: set those Space variables by hand") from None
+    log(advance_line(settings, state, current))
+    return 0
+
+
+def advance_line(settings: config.Settings, state: dict[str, Any], current: str) -> str:
+    if state["done"]:
+        paused = f"; the Space {settings.space_id} is paused" if settings.space_id else ""
+        return f"done: the curriculum is finished after {current}{paused}"
+    phase = "instruct" if state["inst"] else "pretrain"
+    shard = 0 if state["init"] < 2 else state["init"] - 1
+    return (f"advanced: {current} -> {phase} INIT={state['init']} (shard {shard}); "
+            f"next run: INIT={state['init']} INST={str(state['inst']).lower()}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Publish the trained model, or advance the curriculum.")
+    parser.add_argument("command", choices=("publish", "advance"))
+    parser.add_argument("--retry-delay", type=float, default=DEFAULT_RETRY_DELAY, metavar="SECONDS",
+                        help="wait before the first retry of a Hub call; doubles at each retry "
+                             f"(default {DEFAULT_RETRY_DELAY:g})")
+    args = parser.parse_args()
+    if not is_main_process():
+        return 0
+    settings = config.settings_or_exit()
+    stage = publish if args.command == "publish" else advance
+    try:
+        return stage(settings, args.retry_delay)
+    except StageError as err:
+        print(f"{args.command}: error: {redact(one_line(str(err), 1000), settings.hf_token)}",
+              file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
