@@ -196,7 +196,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MAX_LENGTH", "max_length", 2048, "Tokens per training sequence", parse_int(16, 131_072), demo=256),
     Variable("BATCH_SIZE", "batch_size", 4, "Sequences per GPU per micro-step", parse_int(1, 4096), demo=16),
     Variable("GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps", 2, "Micro-steps per optimizer step", parse_int(1, 4096), demo=1),
-    Variable("EPOCHS", "epochs", 3.0, "Passes over each shard (halved for INIT < 2)", parse_float(0, 1000), demo=2.0),
+    Variable("EPOCHS", "epochs", 3.0, "Passes over each shard (halved for INIT < 2)", parse_float(0, 1000), demo=1.0),
     Variable("MAX_STEPS", "max_steps", -1, "Stop after this many optimizer steps (-1: run the epochs)", parse_int(-1, 10**9)),
     Variable("LEARNING_RATE", "learning_rate", 3e-4, "Peak learning rate (AdamW, cosine schedule, 10% warm-up)", parse_float(0, 1.0), demo=2e-3),
     Variable("WEIGHT_DECAY", "weight_decay", 0.01, "AdamW weight decay", parse_float(0, 1.0, exclusive_min=False)),
@@ -458,8 +458,9 @@ def _choose_preset(env: Mapping[str, str], requested: str) -> str:
     return "full" if names_data else "demo"
 
 
-def misspelling_warnings(env: Mapping[str, str]) -> list[str]:
+def misspelling_warnings(env: Mapping[str, str] | None = None) -> list[str]:
     """Set variables that look like ours but are not (BATCHSIZE, LEARNING_RATES)."""
+    env = os.environ if env is None else env
     warnings = []
     for key in sorted(env):
         if key in VARIABLE_NAMES or not key.isupper():
@@ -561,6 +562,9 @@ def _check_combinations(values: dict, problems: list[str]) -> None:
     if values["use_quant"] and values["precision"] in ("fp16", "fp32"):
         problems.append(f"PRECISION={values['precision']}: USE_QUANT=true trains in bf16 "
                         "(NF4 with bf16 compute); set PRECISION=auto or bf16")
+    if values["use_quant"] and values["zero_stage"] == 3:
+        problems.append("ZERO_STAGE=3: 4-bit weights cannot be partitioned by ZeRO-3; with USE_QUANT=true "
+                        "use ZERO_STAGE 0, 1 or 2 (the default)")
     if values["hf_token"] and any(c.isspace() for c in values["hf_token"]):
         problems.append("HF_TOKEN=(hidden): contains whitespace; paste the token alone")
 

@@ -68,13 +68,13 @@ def resume_checkpoint(settings: config.Settings) -> str | None:
     return None
 
 
-def sanity_forward(model, dataset, device) -> None:
+def sanity_forward(model, dataset) -> None:
     """The original's check before spending compute: one forward pass must give finite logits."""
     import torch
 
-    rows = [dataset[i]["input_ids"] for i in range(min(2, len(dataset)))]
+    rows = [dataset[i]["input_ids"][:64] for i in range(min(2, len(dataset)))]
     length = min(len(r) for r in rows)
-    batch = torch.tensor([r[:length] for r in rows], device=device)
+    batch = torch.tensor([r[:length] for r in rows], device=model.device)
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=batch).logits
@@ -240,7 +240,8 @@ def save_trained(settings, trainer, tokenizer, summary: dict) -> None:
     if not is_main_process():
         return
     if settings.use_quant:
-        quant_utils.merge_lora_to_16bit(trainer.model, staging / "model", tokenizer=tokenizer)
+        quant_utils.merge_lora_to_16bit(trainer.accelerator.unwrap_model(trainer.model), staging / "model",
+                                         tokenizer=tokenizer)
         if not settings.save_adapter:
             shutil.rmtree(staging / "adapter")
     tokenizer.save_pretrained(staging / "model")
@@ -294,8 +295,11 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     tokenizer = AutoTokenizer.from_pretrained(settings.prep_dir / "tokenizer")
     dataset = datasets.load_from_disk(str(settings.prep_dir / "dataset"))
     model, trainable, total = load_model(settings, precision, rank)
+    vocab_rows = model.get_input_embeddings().weight.shape[0]
+    if not use_cpu and not settings.use_quant:
+        model.to(f"cuda:{rank}")  # DeepSpeed would move it anyway; the sanity check then runs on the GPU
     if is_main_process():
-        sanity_forward(model, dataset, "cpu" if use_cpu else f"cuda:{rank}")
+        sanity_forward(model, dataset)
 
     args = training_arguments(settings, precision, use_cpu)
     step_log, stopper = make_callbacks(settings, stop_file)
@@ -327,6 +331,10 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         "peak_memory_gib": peak_memory_gib(), "parameters": total, "trainable_parameters": trainable,
         "precision": precision, "world_size": world_size, "use_quant": settings.use_quant,
         "is_last_shard": manifest["is_last_shard"], "topology": settings.stage_key()["topology"],
+        "vocab_rows": vocab_rows, "batch_size": settings.batch_size, "max_length": settings.max_length,
+        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "gradient_checkpointing": settings.gradient_checkpointing, "zero_stage": settings.zero_stage,
+        "card": "CPU" if use_cpu else torch.cuda.get_device_name(),
     }
     save_trained(settings, trainer, tokenizer, summary)
     print_summary(summary)

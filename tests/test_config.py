@@ -99,6 +99,11 @@ def test_quantization_needs_bf16():
         load(USE_QUANT="true", PRECISION="fp16")
 
 
+def test_quantization_refuses_zero3():
+    with pytest.raises(config.ConfigError, match="ZERO_STAGE=3"):
+        load(USE_QUANT="true", ZERO_STAGE=3)
+
+
 def test_token_is_hidden_everywhere():
     s = load(HF_TOKEN="hf_secretvalue123", OUTPUT_REPO="me/model", INPUT_DATASET="d")
     assert "hf_secretvalue123" not in repr(s)

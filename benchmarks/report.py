@@ -1,0 +1,85 @@
+"""Print the benchmark table from the runs that gpu_benchmarks.sh left in a results folder.
+
+For each run: the card, processes, parameters, median tokens/s over the logged steps after the first
+(the first includes start-up), MFU, peak memory per GPU (torch's max allocated) and preflight's
+estimate of it; then how closely the 1-GPU and 2-GPU loss curves agree.
+Usage: python3 benchmarks/report.py RESULTS_DIR
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import config  # noqa: E402
+import preflight  # noqa: E402
+
+H100_DENSE_BF16 = 989e12  # FLOP/s, the H100 SXM datasheet's dense bf16 figure
+
+
+def step_lines(log: str) -> list[tuple[int, float, float]]:
+    """(step, loss, tokens/s) of the fixed-format step lines."""
+    pattern = r"^step\s+(\d+)/\d+ \| loss\s+(\S+) \| lr \S+ \|\s+([\d,]+) tok/s"
+    return [(int(s), float(l), float(t.replace(",", ""))) for s, l, t in re.findall(pattern, log, flags=re.M)]
+
+
+def flops_per_token(summary: dict) -> float:
+    """6·N for the weights that compute (the input embedding is a lookup) plus causal attention's
+    score and value products, 6·layers·hidden·length forward and backward (PaLM's 12·L·h·T halved
+    for the causal mask)."""
+    topo = summary["topology"]
+    hidden, layers = topo["hidden_size"], topo["num_layers"]
+    vocab = summary["vocab_rows"]
+    computing = summary["parameters"] - vocab * hidden
+    return 6 * computing + 6 * layers * hidden * summary["max_length"]
+
+
+def estimate_gib(summary: dict) -> float:
+    topo = config.Topology(**summary["topology"])
+    estimate = preflight.estimate_training_memory(
+        topo, summary["vocab_rows"], summary["batch_size"], summary["max_length"], 2, summary["use_quant"],
+        summary["gradient_checkpointing"], summary["zero_stage"], summary["world_size"],
+        gradient_accumulation_steps=summary["gradient_accumulation_steps"])
+    return estimate["allocated"] / 2**30
+
+
+def run_row(name: str, folder: Path) -> tuple[str, dict, list]:
+    summary = json.loads((folder / "summary.json").read_text())
+    steps = step_lines((folder / "train.log").read_text())
+    speeds = [t for _, _, t in steps[1:]] or [t for _, _, t in steps]
+    per_gpu = statistics.median(speeds) / summary["world_size"]
+    mfu = per_gpu * flops_per_token(summary) / H100_DENSE_BF16
+    estimate = estimate_gib(summary)
+    row = (f"| {name} | {summary.get('card', '?')} | {summary['world_size']} | {summary['parameters'] / 1e6:,.0f}M | "
+           f"{summary['batch_size']}x{summary['max_length']}, GA {summary['gradient_accumulation_steps']} | "
+           f"{'NF4+LoRA' if summary['use_quant'] else summary['precision']}"
+           f"{', ckpt' if summary['gradient_checkpointing'] else ''} | {statistics.median(speeds):,.0f} | "
+           f"{100 * mfu:.1f}% | {summary['peak_memory_gib']:.2f} | {estimate:.2f} | "
+           f"{estimate / summary['peak_memory_gib']:.2f} |")
+    return row, summary, steps
+
+
+def main() -> int:
+    results = Path(sys.argv[1])
+    print("| run | card | GPUs | parameters | batch | mode | tokens/s | MFU | peak GiB/GPU | estimate GiB | est/peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    curves = {}
+    for folder in sorted(p for p in results.iterdir() if (p / "summary.json").is_file()):
+        row, summary, steps = run_row(folder.name, folder)
+        curves[folder.name] = {s: loss for s, loss, _ in steps}
+        print(row)
+    for one, two in (("scaling-1gpu", "scaling-2gpu"),):
+        if one in curves and two in curves:
+            shared = sorted(set(curves[one]) & set(curves[two]))
+            worst = max(abs(curves[one][s] - curves[two][s]) / curves[one][s] for s in shared)
+            print(f"\nloss curves {one} vs {two}: {len(shared)} shared steps, largest relative difference "
+                  f"{100 * worst:.2f}% (" + ", ".join(f"{s}: {curves[one][s]:.3f}/{curves[two][s]:.3f}" for s in shared[-4:]) + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,811 @@
+"""Stage 1 of every run: the tokenizer, the tokenized shard and the model, written to WORK_DIR/prep.
+
+The shard of this run (rows shard_index*SHARD_SIZE onwards, SHARD_SIZE of them) is streamed from a Hub
+dataset or local files, checked row by row and spooled to disk, so bad data stops the run before any
+expensive work and no corpus is held in memory. The first run trains a byte-level BPE tokenizer on the
+whole input dataset and builds the model from scratch; later runs load both from INPUT_REPO.
+Instruction runs add the chat tokens and a chat template, and record which tokens are the assistant's.
+Everything is written into a temporary folder that replaces WORK_DIR/prep only when complete; a rerun
+for the same stage (after a crash further on) reuses the finished preparation.
+
+What other stages import: `resolve_source(settings) -> Path`, `PrepError`, `CHAT_TEMPLATE`,
+`parse_text_conversation(text)`, `check_messages(messages)`, `conversation_messages(row)`,
+`add_chat_tokens(tokenizer) -> int`.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import config
+import util
+
+SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+ALLOWED_FORMS = ("a Hub dataset id or a local .txt, .jsonl, .json, .parquet or .csv file, "
+                 "or a folder of them")
+UNUSABLE_LIMIT = 0.01  # more than 1% unusable rows in a shard stops the run
+EXAMPLES_SHOWN = 3
+BATCH_ROWS = 1000
+MARKER = re.compile(r"<\|user\|>|<\|bot\|>|<\|end\|>")
+TURN = re.compile(r"\s*<\|user\|>(?P<user>.*?)<\|end\|>\s*<\|bot\|>(?P<bot>.*?)<\|end\|>", re.DOTALL)
+TRAILING_USER_TURN = re.compile(r"\s*<\|user\|>(?:(?!<\|(?:user|bot|end)\|>).)*<\|end\|>\s*", re.DOTALL)
+
+# Renders `<s>[system]<|user|>PROMPT<|end|><|bot|>ANSWER<|end|>...`; the generation block marks the
+# answer and its <|end|> as the tokens to learn. Raises on anything but system-first, user/assistant
+# alternation, so malformed conversations cannot be rendered silently.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- set offset = 1 if messages and messages[0]['role'] == 'system' else 0 -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if not loop.first -%}{{- raise_exception('a system message is allowed only first') -}}{%- endif -%}"
+    "{{- message['content'] -}}"
+    "{%- elif message['role'] not in ['user', 'assistant'] -%}"
+    "{{- raise_exception('unknown role ' ~ message['role'] ~ '; allowed: system (first), user, assistant') -}}"
+    "{%- elif (message['role'] == 'user') != ((loop.index0 - offset) % 2 == 0) -%}"
+    "{{- raise_exception('conversation roles must alternate user/assistant/user/assistant/...') -}}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{- '<|user|>' + message['content'] + '<|end|>' -}}"
+    "{%- else -%}"
+    "{{- '<|bot|>' -}}{% generation %}{{- message['content'] + '<|end|>' -}}{% endgeneration %}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|bot|>' -}}{%- endif -%}"
+)
+
+
+class PrepError(Exception):
+    """Bad input or a missing source: one line naming the variable or file, what is wrong and what is allowed."""
+
+
+class UnreadableData(Exception):
+    """A file that cannot be parsed at all (the caller adds which variable named it)."""
+
+
+class UnusableRow(Exception):
+    """One row that cannot be trained on; counted and reported, never dropped silently."""
+
+
+# ---- where rows come from ----
+
+@dataclass
+class DataSource:
+    variable: str  # INPUT_DATASET or INSTRUCT_DATASET
+    spec: str  # as configured
+    files: list[Path] | None  # local files in order, or None for a Hub dataset
+    hub_dataset: Any = field(default=None, repr=False)  # a streamed datasets.IterableDataset
+
+    @property
+    def label(self) -> str:
+        return f"{self.variable}={self.spec}"
+
+
+def dataset_variable(settings: config.Settings) -> str:
+    return "INPUT_DATASET" if settings.phase == "pretrain" else "INSTRUCT_DATASET"
+
+
+def looks_like_hub_id(spec: str) -> bool:
+    owner_and_name = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", spec)
+    return bool(owner_and_name) and Path(spec).suffix.lower() not in SUPPORTED_EXTENSIONS
+
+
+def open_data_source(spec: str, variable: str, token: str | None) -> DataSource:
+    """A local file or folder, else a Hub dataset id; missing or unsupported input is a PrepError."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
+            raise PrepError(f"{variable}={spec}: unsupported file type {path.suffix or '(none)'!r}; "
+                            f"allowed: {ALLOWED_FORMS}")
+        return DataSource(variable, spec, [path])
+    if path.is_dir():
+        return DataSource(variable, spec, folder_files(path, variable, spec))
+    if not looks_like_hub_id(spec):
+        raise PrepError(f"{variable}={spec}: no such file or folder; allowed: {ALLOWED_FORMS}")
+    return DataSource(variable, spec, None, open_hub_dataset(spec, variable, token))
+
+
+def folder_files(folder: Path, variable: str, spec: str) -> list[Path]:
+    # Hidden files and folders (.git, .cache of a Hub snapshot) are not data.
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    data = [p for p in files if p.suffix.lower() in SUPPORTED_EXTENSIONS]
+    if not data:
+        found = sorted({p.suffix or p.name for p in files}) or ["nothing"]
+        raise PrepError(f"{variable}={spec}: the folder holds no data files (found: {', '.join(found)}); "
+                        f"allowed: {ALLOWED_FORMS}")
+    ignored = len(files) - len(data)
+    if ignored:
+        util.log(f"{variable}: reading {len(data)} data files in {folder}; ignoring {ignored} other files")
+    return data
+
+
+def open_hub_dataset(spec: str, variable: str, token: str | None):
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(spec, streaming=True, token=token)
+    except Exception as err:  # datasets raises many types for a missing or unreachable dataset
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PrepError(f"{variable}={spec}: not a local file or folder, and opening it as a Hub dataset failed "
+                        f"({first_line}); allowed: {ALLOWED_FORMS}") from err
+    if "train" not in loaded:
+        raise PrepError(f"{variable}={spec}: the Hub dataset has no 'train' split (splits: {', '.join(loaded)}); "
+                        "name a dataset with a train split")
+    return loaded["train"]
+
+
+def iter_rows(source: DataSource, skip: int = 0) -> Iterator[dict]:
+    """The dataset's rows as dicts from row `skip` on, streamed."""
+    if source.files is None:
+        yield from (source.hub_dataset.skip(skip) if skip else source.hub_dataset)
+        return
+    try:
+        for path in source.files:
+            count = cheap_row_count(path) if skip else None
+            if count is not None and skip >= count:
+                skip -= count
+                continue
+            for row in READERS[file_kind(path)](path, skip):
+                yield row
+            skip = 0
+    except UnreadableData as err:
+        raise PrepError(f"{source.variable}: {err}") from None
+
+
+def file_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".json" and first_character(path) == "[":
+        return "json-array"
+    return {".json": ".jsonl"}.get(suffix, suffix)
+
+
+def first_character(path: Path) -> str:
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(4096), b""):
+            stripped = chunk.lstrip()
+            if stripped:
+                return chr(stripped[0])
+    return ""
+
+
+def read_txt(path: Path, skip: int) -> Iterator[dict]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                text = line.rstrip("\r\n")
+                if not text.strip():
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                yield {"text": text}
+    except UnicodeDecodeError as err:
+        raise UnreadableData(f"{path}: not UTF-8 text ({err}); save the file as UTF-8") from None
+
+
+def read_jsonl(path: Path, skip: int) -> Iterator[dict]:
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            if skip:
+                skip -= 1
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+                raise UnreadableData(f"{path} line {number}: not valid JSON ({err}); each line must be one "
+                                     "JSON object such as {\"text\": \"...\"}") from None
+            if not isinstance(row, dict):
+                raise UnreadableData(f"{path} line {number}: a JSON {type(row).__name__}, not an object; each line "
+                                     "must be one JSON object such as {\"text\": \"...\"}")
+            yield row
+
+
+def read_json_array(path: Path, skip: int) -> Iterator[dict]:
+    # A JSON array cannot be streamed with the standard library; JSON Lines (.jsonl) can.
+    try:
+        rows = json.loads(path.read_bytes())
+    except ValueError as err:
+        raise UnreadableData(f"{path}: not valid JSON ({err}); use a JSON array of objects or JSON Lines") from None
+    for number, row in enumerate(rows[skip:], skip + 1):
+        if not isinstance(row, dict):
+            raise UnreadableData(f"{path} item {number}: a JSON {type(row).__name__}, not an object such as "
+                                 "{\"text\": \"...\"}")
+        yield row
+
+
+def parquet_file(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError... for a damaged file
+        raise UnreadableData(f"{path}: not a readable Parquet file ({err})") from None
+
+
+def read_parquet(path: Path, skip: int) -> Iterator[dict]:
+    parquet = parquet_file(path)
+    groups = list(range(parquet.num_row_groups))
+    while groups and skip >= parquet.metadata.row_group(groups[0]).num_rows:
+        skip -= parquet.metadata.row_group(groups.pop(0)).num_rows
+    for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=groups):
+        rows = batch.to_pylist()
+        yield from rows[skip:]
+        skip = max(0, skip - len(rows))
+
+
+def read_csv(path: Path, skip: int) -> Iterator[dict]:
+    csv.field_size_limit(2**31 - 1)  # long documents in one cell are normal for training text
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            yield from itertools.islice(csv.DictReader(handle), skip, None)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UnreadableData(f"{path}: not a readable UTF-8 CSV file ({err})") from None
+
+
+READERS: dict[str, Callable[[Path, int], Iterator[dict]]] = {
+    ".txt": read_txt, ".jsonl": read_jsonl, "json-array": read_json_array, ".parquet": read_parquet, ".csv": read_csv,
+}
+
+
+def cheap_row_count(path: Path) -> int | None:
+    """Rows of a file where counting needs no parsing: Parquet metadata, or lines of text/JSON Lines."""
+    kind = file_kind(path)
+    if kind == ".parquet":
+        return parquet_file(path).metadata.num_rows
+    if kind in (".txt", ".jsonl"):
+        with open(path, "rb") as handle:
+            return sum(1 for line in handle if line.strip())
+    return None
+
+
+def count_rows(source: DataSource) -> int | None:
+    """All rows of the dataset when that is cheap to know: local files, or the Hub's split metadata."""
+    if source.files is None:
+        splits = getattr(source.hub_dataset.info, "splits", None) or {}
+        train = splits.get("train")
+        return train.num_examples if train is not None and train.num_examples else None
+    total = 0
+    try:
+        for path in source.files:
+            count = cheap_row_count(path)
+            total += count if count is not None else sum(1 for _ in READERS[file_kind(path)](path, 0))
+    except UnreadableData as err:
+        raise PrepError(f"{source.variable}: {err}") from None
+    return total
+
+
+def column_names(source: DataSource) -> list[str]:
+    if source.files is None and source.hub_dataset.column_names:
+        return list(source.hub_dataset.column_names)
+    first = next(iter_rows(source), None)
+    if first is None:
+        raise PrepError(f"{source.label}: the dataset is empty (no rows); name a dataset with rows")
+    return list(first)
+
+
+def check_columns(source: DataSource, phase: str) -> None:
+    columns = column_names(source)
+    needed = ["text"] if phase == "pretrain" else ["text", "messages"]
+    if not any(name in columns for name in needed):
+        wanted = "a `text` column" if phase == "pretrain" else "a `text` or `messages` column"
+        raise PrepError(f"{source.label}: no {' or '.join(f'`{n}`' for n in needed)} column "
+                        f"(columns found: {', '.join(map(str, columns)) or 'none'}); the data needs {wanted}")
+
+
+# ---- rows: what is usable ----
+
+def pretrain_text(row: dict) -> str:
+    text = row.get("text")
+    if text is None:
+        raise UnusableRow("no `text` value")
+    if not isinstance(text, str):
+        raise UnusableRow(f"`text` is a {type(text).__name__}, not a string")
+    if not text.strip():
+        raise UnusableRow("empty text")
+    return text
+
+
+def parse_text_conversation(text: Any) -> list[dict[str, str]]:
+    """`<|user|>PROMPT<|end|><|bot|>ANSWER<|end|>` (repeated) as messages; UnusableRow says what is wrong."""
+    if not isinstance(text, str) or not text.strip():
+        empty = isinstance(text, str) or text is None
+        raise UnusableRow("empty text" if empty else f"`text` is a {type(text).__name__}, not a string")
+    messages: list[dict[str, str]] = []
+    position, end = 0, len(text.rstrip())
+    while position < end:
+        match = TURN.match(text, position)
+        if match is None:
+            if TRAILING_USER_TURN.fullmatch(text, position):
+                raise UnusableRow("the last user turn has no assistant answer (<|bot|>ANSWER<|end|>)")
+            raise UnusableRow(f"not in the <|user|>PROMPT<|end|><|bot|>ANSWER<|end|> format from character {position} "
+                              "(a missing <|end|>, or turns out of order?)")
+        for role, content in (("user", match["user"]), ("assistant", match["bot"])):
+            if MARKER.search(content):
+                raise UnusableRow(f"a {role} turn contains a stray chat marker (a missing <|end|>?)")
+            if not content.strip():
+                raise UnusableRow(f"an empty {role} turn")
+            messages.append({"role": role, "content": content})
+        position = match.end()
+    return messages
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """A `messages` value as clean {role, content} dicts: system only first, then user/assistant
+    alternating from user, ending with an assistant answer."""
+    if isinstance(messages, str):  # CSV cells hold JSON text
+        try:
+            messages = json.loads(messages)
+        except ValueError:
+            raise UnusableRow("`messages` is text but not JSON") from None
+    if not isinstance(messages, list) or not messages:
+        raise UnusableRow("`messages` is not a non-empty list of {role, content}")
+    clean = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise UnusableRow(f"message {index} is not a {{role, content}} object with text content")
+        role, content = message.get("role"), message["content"]
+        if role not in ("system", "user", "assistant") or (role == "system" and index > 0):
+            raise UnusableRow(f"message {index} has role {role!r}; allowed: system (first only), user, assistant")
+        if MARKER.search(content):
+            raise UnusableRow(f"message {index} contains a chat marker (<|user|>, <|bot|> or <|end|>)")
+        if not content.strip():
+            raise UnusableRow(f"message {index} ({role}) is empty")
+        clean.append({"role": role, "content": content})
+    roles = [m["role"] for m in clean if m["role"] != "system"]
+    if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2):
+        raise UnusableRow("roles do not alternate user/assistant starting with user")
+    if not roles or roles[-1] != "assistant":
+        raise UnusableRow("no assistant answer after the last user turn")
+    return clean
+
+
+def conversation_messages(row: dict) -> list[dict[str, str]]:
+    """An instruction row's conversation, from its `messages` column if present, else its `text`."""
+    if row.get("messages") is not None:
+        return check_messages(row["messages"])
+    if "text" not in row and "messages" not in row:
+        raise UnusableRow("no `text` or `messages` value")
+    return parse_text_conversation(row.get("text"))
+
+
+def row_snippet(row: dict, limit: int = 80) -> str:
+    value = row.get("messages") if row.get("messages") is not None else row.get("text", row)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+# ---- the shard ----
+
+@dataclass
+class ShardReport:
+    first_row: int
+    rows: int = 0  # rows read, usable or not
+    unusable: int = 0
+    examples: list[str] = field(default_factory=list)
+    is_last_shard: bool = True
+
+    @property
+    def usable(self) -> int:
+        return self.rows - self.unusable
+
+    def note_unusable(self, position: int, row: dict, reason: str) -> None:
+        self.unusable += 1
+        if len(self.examples) < EXAMPLES_SHOWN:
+            self.examples.append(f"row {self.first_row + position}: {reason}: {row_snippet(row)}")
+
+
+def check_shard_start(settings: config.Settings, source: DataSource, total_rows: int | None) -> None:
+    first = settings.shard_index * settings.shard_size
+    if total_rows == 0:
+        raise PrepError(f"{source.label}: the dataset is empty (no rows); name a dataset with rows")
+    if total_rows is not None and first >= total_rows:
+        shards = math.ceil(total_rows / settings.shard_size)
+        raise PrepError(f"{source.label}: shard {settings.shard_index} (INIT={settings.init}) starts at row {first:,}, "
+                        f"but the dataset has {total_rows:,} rows, {shards} shards of "
+                        f"SHARD_SIZE={settings.shard_size:,}; "
+                        "lower INIT or set INST=true for the instruction phase")
+
+
+def spool_shard(settings: config.Settings, source: DataSource, spool: Path) -> ShardReport:
+    """Read this run's rows (one more to learn whether it is the last shard), write the usable ones to
+    `spool` as JSON lines (text, or a messages list), and count the unusable ones."""
+    from tqdm import tqdm
+
+    validate = pretrain_text if settings.phase == "pretrain" else conversation_messages
+    report = ShardReport(first_row=settings.shard_index * settings.shard_size)
+    rows = itertools.islice(iter_rows(source, report.first_row), settings.shard_size + 1)
+    with open(spool, "w", encoding="utf-8") as out:
+        for position, row in enumerate(tqdm(rows, desc="reading shard", unit=" rows", mininterval=2)):
+            if position == settings.shard_size:
+                report.is_last_shard = False
+                break
+            report.rows += 1
+            try:
+                out.write(json.dumps(validate(row), ensure_ascii=False) + "\n")
+            except UnusableRow as err:
+                report.note_unusable(position, row, str(err))
+    if report.rows == 0:
+        raise PrepError(f"{source.label}: shard {settings.shard_index} (INIT={settings.init}) starts at row "
+                        f"{report.first_row:,}, past the end of the dataset; lower INIT or set INST=true")
+    return report
+
+
+def check_unusable(report: ShardReport, source: DataSource) -> None:
+    """Report unusable rows; more than 1% of the shard stops the run."""
+    if not report.unusable:
+        return
+    share = report.unusable / report.rows
+    details = "; ".join(report.examples)
+    if share > UNUSABLE_LIMIT:
+        raise PrepError(f"{source.label}: {report.unusable:,} of {report.rows:,} rows ({share:.1%}) are unusable, more "
+                        f"than the {UNUSABLE_LIMIT:.0%} allowed; fix the data. First ones: {details}")
+    util.log(f"warning: skipped {report.unusable:,} unusable rows of {report.rows:,} ({share:.2%}): {details}")
+
+
+def read_spool(spool: Path, batch_rows: int = BATCH_ROWS) -> Iterator[list]:
+    with open(spool, encoding="utf-8") as handle:
+        while batch := [json.loads(line) for line in itertools.islice(handle, batch_rows)]:
+            yield batch
+
+
+# ---- the tokenizer ----
+
+def training_texts(source: DataSource, total_rows: int | None, skipped: list[int]) -> Iterator[list[str]]:
+    """Batches of usable texts of the whole dataset, with a progress bar; counts unusable rows in `skipped`."""
+    from tqdm import tqdm
+
+    batch: list[str] = []
+    for row in tqdm(iter_rows(source), total=total_rows, desc="tokenizer corpus", unit=" rows", mininterval=2):
+        try:
+            batch.append(pretrain_text(row))
+        except UnusableRow:
+            skipped[0] += 1
+        if len(batch) == BATCH_ROWS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def train_tokenizer(settings: config.Settings, source: DataSource, total_rows: int | None):
+    """A byte-level BPE of VOCAB_SIZE trained on the whole input dataset, as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=settings.vocab_size, special_tokens=list(config.SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    skipped = [0]
+    started = time.monotonic()
+    bpe.train_from_iterator(training_texts(source, total_rows, skipped), trainer)
+    bos, pad, eos, unk, mask = config.SPECIAL_TOKENS
+    # Plain `tokenizer(text)` starts with <s>, as every training document does.
+    bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, bpe.token_to_id(bos))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=pad,
+                                        unk_token=unk, mask_token=mask)
+    note = f" ({skipped[0]:,} unusable rows ignored)" if skipped[0] else ""
+    util.log(f"tokenizer: trained a byte-level BPE of {len(tokenizer):,} tokens (VOCAB_SIZE {settings.vocab_size:,}) "
+             f"in {time.monotonic() - started:.1f}s{note}")
+    return tokenizer
+
+
+def add_chat_tokens(tokenizer) -> int:
+    """Add <|user|>, <|bot|>, <|end|> as special tokens and set the chat template; returns how many
+    tokens were new (0 when the tokenizer already had them)."""
+    added = tokenizer.add_special_tokens({"extra_special_tokens": list(config.CHAT_TOKENS)},
+                                         replace_extra_special_tokens=False)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return added
+
+
+def load_tokenizer(settings: config.Settings, source_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    missing = [name for name in ("bos_token", "eos_token") if getattr(tokenizer, name) is None]
+    if missing:
+        raise PrepError(f"INPUT_REPO={settings.input_repo}: the tokenizer in {source_dir} has no "
+                        f"{' or '.join(missing)}; "
+                        "continue from a model this pipeline trained, or one with <s> and </s> tokens")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        util.log(f"tokenizer: {source_dir} has no pad token; padding with {tokenizer.eos_token}")
+    return tokenizer
+
+
+# ---- the tokenized dataset ----
+
+@dataclass
+class TokenCounts:
+    tokens: int = 0  # tokens in the saved sequences
+    sequences: int = 0
+    dropped_tokens: int = 0  # pretraining: the final partial block
+    long_rows_dropped: int = 0  # instruction: conversations over MAX_LENGTH
+    longest_dropped: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.tokens + self.dropped_tokens) / max(self.seconds, 1e-9)
+
+
+def pack_documents(tokenizer, spool: Path, block: int, total: int, counts: TokenCounts):
+    """Documents as <s> text </s>, concatenated and cut into blocks of exactly `block` tokens."""
+    import numpy as np
+    import pyarrow as pa
+    from tqdm import tqdm
+
+    blocks, carry = [], np.empty(0, dtype=np.int32)
+    with tqdm(total=total, desc="tokenizing", unit=" rows", mininterval=2) as progress:
+        for texts in read_spool(spool):
+            flat: list[int] = []
+            for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+                flat.append(tokenizer.bos_token_id)
+                flat.extend(ids)
+                flat.append(tokenizer.eos_token_id)
+            stream = np.concatenate([carry, np.asarray(flat, dtype=np.int32)])
+            full = len(stream) // block * block
+            blocks.append(stream[:full])
+            carry = stream[full:]
+            progress.update(len(texts))
+    values = np.concatenate(blocks) if blocks else np.empty(0, dtype=np.int32)
+    counts.tokens, counts.sequences, counts.dropped_tokens = len(values), len(values) // block, len(carry)
+    offsets = np.arange(0, len(values) + 1, block, dtype=np.int32)
+    return pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})
+
+
+def encode_conversations(tokenizer, spool: Path, max_length: int, total: int, counts: TokenCounts):
+    """One row per conversation: input_ids and assistant_masks (1 on each answer and its <|end|>)."""
+    import pyarrow as pa
+    from tqdm import tqdm
+
+    ids_chunks, mask_chunks = [], []
+    with tqdm(total=total, desc="tokenizing", unit=" conversations", mininterval=2) as progress:
+        for conversations in read_spool(spool):
+            encoded = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True,
+                                                    return_assistant_tokens_mask=True)
+            kept = []
+            for i, ids in enumerate(encoded["input_ids"]):
+                if len(ids) <= max_length:
+                    kept.append(i)
+                else:
+                    counts.long_rows_dropped += 1
+                    counts.longest_dropped = max(counts.longest_dropped, len(ids))
+            ids_chunks.append(pa.array([encoded["input_ids"][i] for i in kept], type=pa.list_(pa.int32())))
+            mask_chunks.append(pa.array([encoded["assistant_masks"][i] for i in kept], type=pa.list_(pa.int8())))
+            counts.tokens += sum(len(encoded["input_ids"][i]) for i in kept)
+            counts.sequences += len(kept)
+            progress.update(len(conversations))
+    return pa.table({"input_ids": pa.chunked_array(ids_chunks, pa.list_(pa.int32())),
+                     "assistant_masks": pa.chunked_array(mask_chunks, pa.list_(pa.int8()))})
+
+
+def tokenize_shard(settings: config.Settings, tokenizer, spool: Path, report: ShardReport,
+                   out_dir: Path) -> TokenCounts:
+    import datasets
+
+    counts = TokenCounts()
+    started = time.monotonic()
+    if settings.phase == "pretrain":
+        table = pack_documents(tokenizer, spool, settings.max_length, report.usable, counts)
+    else:
+        table = encode_conversations(tokenizer, spool, settings.max_length, report.usable, counts)
+    counts.seconds = time.monotonic() - started
+    if counts.long_rows_dropped:
+        util.log(f"warning: dropped {counts.long_rows_dropped:,} conversations longer than MAX_LENGTH="
+                 f"{settings.max_length} tokens (longest {counts.longest_dropped:,}); raise MAX_LENGTH to keep them")
+    if counts.sequences == 0:
+        raise PrepError(f"{dataset_variable(settings)}={settings.stage_dataset}: "
+                        f"the shard gives no training sequence ({counts.dropped_tokens:,} tokens, MAX_LENGTH="
+                        f"{settings.max_length}); use more rows (SHARD_SIZE) or a smaller MAX_LENGTH")
+    datasets.Dataset(table).save_to_disk(str(out_dir))
+    util.log(f"tokenized {report.usable:,} rows into {counts.sequences:,} sequences of {counts.tokens:,} tokens "
+             f"in {counts.seconds:.1f}s ({counts.tokens_per_second:,.0f} tokens/s)")
+    return counts
+
+
+# ---- the model ----
+
+def resolve_source(settings: config.Settings) -> Path:
+    """The local folder of the model and tokenizer this run continues from (settings.source_repo):
+    OUTPUT_DIR/<its last path component> if present, else an existing local path, else a Hub download."""
+    name = settings.source_repo
+    published = settings.output_dir / name.split("/")[-1]
+    if published.is_dir():
+        return published
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser().resolve()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name, token=settings.hf_token, endpoint=settings.hf_endpoint))
+    except Exception as err:  # not found, offline, unauthorised: all mean "no source model"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PrepError(f"INPUT_REPO={settings.input_repo}: no model {name!r} in {published}, no local folder of that "
+                        f"name, and the Hub download failed ({reason}); run the earlier stage first (INIT=0 INST=false "
+                        "trains one from scratch) or point INPUT_REPO at an existing model") from err
+
+
+def build_model(settings: config.Settings, tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(settings.seed)
+    model_config = LlamaConfig(**settings.topology.llama_kwargs(len(tokenizer)),
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id, max_position_embeddings=settings.max_length)
+    return LlamaForCausalLM._from_config(model_config, attn_implementation="sdpa")
+
+
+def load_model(settings: config.Settings, source_dir: Path):
+    import quant_utils
+
+    model = quant_utils.load_causal_lm_16bit(source_dir, token=settings.hf_token)
+    model.config.max_position_embeddings = max(model.config.max_position_embeddings or 0, settings.max_length)
+    return model
+
+
+def fit_embeddings(model, tokenizer, known_tokens: int) -> None:
+    """Resize the embeddings to len(tokenizer) padded to a multiple of 64; rows of tokens new to the
+    model (and padding rows after them) start at the mean of the known tokens' rows, so a new token's
+    first logits and inputs look like an average token instead of random noise."""
+    import torch
+
+    rows_before = model.get_input_embeddings().weight.shape[0]
+    if rows_before < known_tokens:
+        raise PrepError(f"the model has {rows_before:,} embedding rows but its tokenizer {known_tokens:,} tokens; "
+                        "INPUT_REPO holds a mismatched model and tokenizer")
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=config.VOCAB_MULTIPLE, mean_resizing=False)
+    rows_after = model.get_input_embeddings().weight.shape[0]
+    first_new = known_tokens if len(tokenizer) > known_tokens else rows_before
+    if rows_after <= first_new:
+        return
+    with torch.no_grad():
+        for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            matrix[first_new:] = matrix[:known_tokens].mean(dim=0)
+    util.log(f"model: embeddings resized from {rows_before:,} to {rows_after:,} rows; rows from {first_new:,} on "
+             f"start at the mean of the {known_tokens:,} known tokens' rows")
+
+
+def set_chat_generation(model, tokenizer) -> None:
+    """Generation of an instruction model stops at <|end|> as well as </s>."""
+    end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, end_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_parameter_count(settings: config.Settings, model, tokenizer) -> int:
+    actual = count_parameters(model)
+    predicted = settings.topology.parameter_count(len(tokenizer))
+    if actual != predicted:
+        util.log(f"note: the model has {actual:,} parameters; FACTOR/TARGET_PARAMETERS describe {predicted:,} "
+                 "(a source model of another shape is continued as it is)")
+    return actual
+
+
+# ---- the stage ----
+
+def stage_key_json(settings: config.Settings) -> Any:
+    """The stage key as it reads back from manifest.json."""
+    return json.loads(json.dumps(settings.stage_key()))
+
+
+def finished_preparation(settings: config.Settings) -> bool:
+    manifest_path = settings.prep_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as err:
+        util.log(f"{manifest_path} is unreadable ({err}); preparing again")
+        return False
+    return isinstance(manifest, dict) and manifest.get("stage_key") == stage_key_json(settings)
+
+
+def prepare_tokenizer_and_model(settings: config.Settings, source: DataSource, total_rows: int | None,
+                                source_dir: Path | None):
+    """(tokenizer, model): trained and built from scratch on the first run, else loaded from the source."""
+    if source_dir is None:
+        tokenizer = train_tokenizer(settings, source, total_rows)
+        model = build_model(settings, tokenizer)
+        return tokenizer, model
+    tokenizer = load_tokenizer(settings, source_dir)
+    known_tokens = len(tokenizer)
+    if settings.phase == "instruct":
+        added = add_chat_tokens(tokenizer)
+        util.log(f"tokenizer: {added} chat tokens added, chat template set" if added else
+                 "tokenizer: chat tokens present, chat template set")
+    model = load_model(settings, source_dir)
+    fit_embeddings(model, tokenizer, known_tokens)
+    if settings.phase == "instruct":
+        set_chat_generation(model, tokenizer)
+    return tokenizer, model
+
+
+def prepare(settings: config.Settings) -> dict[str, Any]:
+    """Write settings.prep_dir for this run and return its manifest. Raises PrepError on bad input."""
+    started = time.monotonic()
+    variable = dataset_variable(settings)
+    source = open_data_source(settings.stage_dataset, variable, settings.hf_token)
+    check_columns(source, settings.phase)
+    total_rows = count_rows(source)
+    check_shard_start(settings, source, total_rows)
+    source_dir = None if settings.first_run else resolve_source(settings)
+    with util.atomic_directory(settings.prep_dir) as work:
+        spool = work / "shard.jsonl"
+        report = spool_shard(settings, source, spool)
+        check_unusable(report, source)
+        tokenizer, model = prepare_tokenizer_and_model(settings, source, total_rows, source_dir)
+        counts = tokenize_shard(settings, tokenizer, spool, report, work / "dataset")
+        spool.unlink()
+        # Set after tokenizing: longer rows were counted above, without a warning for each.
+        tokenizer.model_max_length = settings.max_length
+        tokenizer.save_pretrained(work / "tokenizer")
+        model.save_pretrained(work / "model")
+        manifest = build_manifest(settings, report, counts, total_rows, source_dir, model, tokenizer)
+        util.write_json_atomic(work / "manifest.json", manifest)
+    print_summary(manifest, counts, time.monotonic() - started)
+    return manifest
+
+
+def build_manifest(settings: config.Settings, report: ShardReport, counts: TokenCounts, total_rows: int | None,
+                   source_dir: Path | None, model, tokenizer) -> dict[str, Any]:
+    import quant_utils
+
+    from_hub = source_dir is not None and not (settings.output_dir / settings.source_repo.split("/")[-1]).is_dir() \
+        and not Path(settings.source_repo).expanduser().is_dir()
+    return {
+        "stage_key": stage_key_json(settings), "phase": settings.phase, "rows": report.rows,
+        "skipped_rows": report.unusable, "long_rows_dropped": counts.long_rows_dropped, "tokens": counts.tokens,
+        "dropped_tail_tokens": counts.dropped_tokens, "sequences": counts.sequences,
+        "is_last_shard": report.is_last_shard,
+        "num_shards": math.ceil(total_rows / settings.shard_size) if total_rows else None,
+        "parameters": check_parameter_count(settings, model, tokenizer), "vocabulary": len(tokenizer),
+        "tokenizer_trained": source_dir is None,
+        "model_source": "scratch" if source_dir is None else (settings.source_repo if from_hub else str(source_dir)),
+        "source_format": "4bit" if source_dir is not None and quant_utils.is_4bit_checkpoint(source_dir) else "16bit",
+    }
+
+
+def print_summary(manifest: dict[str, Any], counts: TokenCounts, seconds: float) -> None:
+    shards = manifest["num_shards"] if manifest["num_shards"] is not None else "unknown"
+    util.log(f"prep done: {manifest['rows']:,} rows, {manifest['skipped_rows']:,} skipped, "
+             f"{manifest['long_rows_dropped']:,} too long; {manifest['tokens']:,} tokens "
+             f"({counts.tokens_per_second:,.0f} tokens/s) in {manifest['sequences']:,} sequences; "
+             f"{manifest['parameters']:,} parameters; last shard: {manifest['is_last_shard']} of {shards}; "
+             f"wall time {seconds:.1f}s")
+
+
+def main() -> int:
+    settings = config.settings_or_exit()
+    util.log(config.describe(settings))
+    if finished_preparation(settings):
+        util.log(f"prep: {settings.prep_dir} already holds this stage's preparation; reusing it")
+        return 0
+    try:
+        prepare(settings)
+    except PrepError as err:
+        print(f"prep error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Guards the whole product end to end on CPU: trainer.sh walks the demo curriculum to a working
+instruction-tuned model; two-process DeepSpeed ZeRO-2 training resumes exactly after kill -9; the
+4-bit + LoRA curriculum publishes plain models; the timer stops training cleanly and publishes."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def run_trainer(root, env, timeout=900):
+    result = subprocess.run(["bash", "trainer.sh"], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    return log
+
+
+def step_losses(log: str) -> dict[int, float]:
+    """step -> loss from the fixed-format step lines."""
+    return {int(m.group(1)): float(m.group(2))
+            for m in re.finditer(r"^step\s+(\d+)/\d+ \| loss\s+([-\d.naif]+)", log, flags=re.M)}
+
+
+def generate_text(model_dir: Path, prompt: str) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def test_demo_curriculum_produces_a_working_instruction_model(base_env, root, tmp_path):
+    from evaluate import heldout_accuracy
+
+    started = time.time()
+    log = run_trainer(root, base_env)
+    output = Path(base_env["OUTPUT_DIR"])
+    state = json.loads((output / "run_state.json").read_text())
+    assert state["done"] is True
+    walked = [entry["trained"] for entry in state["history"]]
+    assert len(walked) == 4 and "pretrain" in walked[0] and "instruct" in walked[-1], walked
+
+    # Loss falls: every stage ends below where the first one started.
+    losses = [entry["final_loss"] for entry in state["history"]]
+    first = min(step_losses(log).items())[1]
+    assert losses[1] < first - 1.0, (first, losses)
+
+    for name in ("train-llama", "train-llama-it"):
+        folder = output / name
+        config = json.loads((folder / "config.json").read_text())
+        assert "quantization_config" not in config
+        assert generate_text(folder, "<|user|>Repeat: cat<|end|><|bot|>").strip() != ""
+
+    pretrained = heldout_accuracy(output / "train-llama")
+    tuned = heldout_accuracy(output / "train-llama-it")
+    print(f"held-out accuracy: pretrained only {pretrained:.1%}, instruction-tuned {tuned:.1%}; "
+          f"whole curriculum in {time.time() - started:.0f}s")
+    assert tuned >= pretrained + 0.15
+
+
+def prepare_small_run(root, env):
+    result = subprocess.run([sys.executable, "prep.py"], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def launch_training(root, env, processes=2):
+    env = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    port = str(29500 + os.getpid() % 400 + processes)
+    return subprocess.Popen(["deepspeed", "--master_port", port, "--num_gpus", str(processes), "train.py"],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
+    env = {**base_env, "MAX_STEPS": "8", "SAVE_STEPS": "4", "LOGGING_STEPS": "2", "BATCH_SIZE": "4",
+           "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+    prepare_small_run(root, env)
+    uninterrupted_env = {**env, "WORK_DIR": str(tmp_path / "work2")}
+    shutil.copytree(Path(env["WORK_DIR"]) / "prep", tmp_path / "work2" / "prep")
+
+    reference = launch_training(root, uninterrupted_env)
+    reference_log = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, reference_log[-4000:]
+
+    crashing = launch_training(root, env)
+    checkpoint = Path(env["WORK_DIR"]) / "checkpoints" / "checkpoint-4"
+    deadline = time.time() + 300
+    while not (checkpoint / "trainer_state.json").exists():
+        assert time.time() < deadline and crashing.poll() is None, "no checkpoint-4 was written"
+        time.sleep(0.5)
+    time.sleep(1.0)
+    os.killpg(crashing.pid, signal.SIGKILL)
+    crashing.wait()
+
+    resumed = launch_training(root, env)
+    resumed_log = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, resumed_log[-4000:]
+    assert "resuming from" in resumed_log and "checkpoint-" in resumed_log
+    reference_losses, resumed_losses = step_losses(reference_log), step_losses(resumed_log)
+    assert min(resumed_losses) > 4, "the resumed run started over instead of continuing"
+    assert resumed_losses[8] == pytest.approx(reference_losses[8], rel=1e-4), (reference_losses, resumed_losses)
+
+
+def test_quantized_curriculum_publishes_plain_models(base_env, root):
+    env = {**base_env, "USE_QUANT": "true", "MAX_STEPS": "6", "LOGGING_STEPS": "2", "SAVE_STEPS": "6"}
+    log = run_trainer(root, env)
+    output = Path(env["OUTPUT_DIR"])
+    assert json.loads((output / "run_state.json").read_text())["done"] is True
+    assert "4-bit NF4 base + LoRA" in log
+    for name in ("train-llama", "train-llama-it"):
+        config = json.loads((output / name / "config.json").read_text())
+        assert "quantization_config" not in config
+        assert not list((output / name).glob("adapter_*"))
+    blocked = ("import sys, importlib.abc\n"
+               "class Block(importlib.abc.MetaPathFinder):\n"
+               "    def find_spec(self, name, path, target=None):\n"
+               "        if name.split('.')[0] in ('peft', 'bitsandbytes'): raise ImportError(name)\n"
+               "sys.meta_path.insert(0, Block())\n"
+               "from transformers import AutoModelForCausalLM\n"
+               f"m = AutoModelForCausalLM.from_pretrained({str(output / 'train-llama-it')!r})\n"
+               "print(type(m).__name__)\n")
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True)
+    assert result.returncode == 0 and "LlamaForCausalLM" in result.stdout, result.stderr[-2000:]
+
+
+def test_timer_stops_training_and_publishes_without_advancing(base_env, root):
+    # A timeout already over when training starts: the first step is the last.
+    env = {**base_env, "RUN_ALL": "false", "STARTUP_DURATION_TIMEOUT": "1m", "TIMEOUT_BUFFER": "0.5",
+           "TRAINER_STARTED_AT": str(time.time() - 60), "LOGGING_STEPS": "1", "SAVE_STEPS": "1"}
+    log = run_trainer(root, env)
+    assert "Timer stop at step 1" in log
+    output = Path(env["OUTPUT_DIR"])
+    assert (output / "train-llama" / "config.json").is_file()
+    assert not (output / "run_state.json").exists() or json.loads((output / "run_state.json").read_text())["init"] == 0

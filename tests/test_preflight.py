@@ -1,0 +1,421 @@
+"""Guards preflight.py: its verdicts on good and bad set-ups (dataset, input model, quantization,
+Hub token, Hub outage, memory) and the memory estimator's arithmetic and advice."""
+import collections
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import config
+import preflight
+from hub_server import HubStandIn, Repo
+
+TOKEN = "hf_PREFLIGHTsecret0123456789"
+GIB = 2**30
+
+
+def run_preflight(root, env, *, blocked_module=None):
+    """preflight.py in a subprocess; with `blocked_module`, importing that module raises ImportError."""
+    if blocked_module is None:
+        command = [sys.executable, "preflight.py"]
+    else:
+        command = [sys.executable, "-c", (
+            "import sys, runpy\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name.split('.')[0] == {blocked_module!r}:\n"
+            "            raise ImportError(f'No module named {name!r} (blocked by the test)')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "runpy.run_path('preflight.py', run_name='__main__')\n")]
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+
+
+def lines_with(output, symbol):
+    return [line for line in output.splitlines() if symbol in line]
+
+
+def settings_for(base_env, **variables):
+    return config.load_settings({**base_env, **{k: str(v) for k, v in variables.items()}})
+
+
+def topology_1b():
+    return config.topology_for_factor(12288, 52000)
+
+
+def estimate(**overrides):
+    kwargs = dict(topology=topology_1b(), vocab_size=52000, batch_size=4, max_length=2048, precision_bytes=2,
+                  use_quant=False, gradient_checkpointing=True, zero_stage=2, world_size=1)
+    return preflight.estimate_training_memory(**{**kwargs, **overrides}), {**kwargs, **overrides}
+
+
+# The whole script.
+
+def test_demo_passes_quickly(root, base_env):
+    started = time.monotonic()
+    result = run_preflight(root, base_env)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "✗" not in result.stdout
+    assert "[1/8] ✓ configuration" in result.stdout
+    assert "[3/8] ⊘ GPU memory: skipped (no CUDA GPU" in result.stdout
+    assert "would need" in result.stdout  # the estimate is printed even on CPU
+    assert "preflight: 4 passed, 0 failed, 4 skipped" in result.stdout
+    assert elapsed < 15, f"preflight took {elapsed:.1f} s"
+
+
+def test_configuration_errors_exit_2_with_every_problem(root, base_env):
+    result = run_preflight(root, {**base_env, "BATCH_SIZE": "0", "ZERO_STAGE": "7"})
+    assert result.returncode == 2
+    failed = lines_with(result.stdout, "✗")
+    assert any("BATCH_SIZE='0'" in line for line in failed)
+    assert any("ZERO_STAGE='7'" in line for line in failed)
+    assert "Traceback" not in result.stderr
+
+
+def test_quantization_without_bitsandbytes_fails_with_the_fix(root, base_env):
+    result = run_preflight(root, {**base_env, "USE_QUANT": "true"}, blocked_module="bitsandbytes")
+    assert result.returncode == 1
+    [line] = [l for l in lines_with(result.stdout, "✗") if "quantization" in l]
+    assert "bitsandbytes cannot be imported" in line
+    assert "pip install -r requirements.txt -c constraints.txt" in line and "USE_QUANT=false" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_quantization_round_trip_passes_with_bitsandbytes(base_env):
+    result = preflight.check_quantization(settings_for(base_env, USE_QUANT="true"))
+    assert result.status == preflight.PASS
+    error = float(result.detail.rsplit(" ", 1)[1])
+    assert 0.0 < error < 0.15
+
+
+# The Hub.
+
+@pytest.fixture
+def hub():
+    with HubStandIn(token=TOKEN, user="tester") as server:
+        yield server
+
+
+def online_env(base_env, endpoint, **variables):
+    env = {k: v for k, v in base_env.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                                                          "TRANSFORMERS_OFFLINE")}
+    return {**env, "HF_ENDPOINT": endpoint, "PRESET": "demo", **variables}
+
+
+def test_rejected_token_fails_and_is_never_printed(root, base_env, hub):
+    hub.reject_token()
+    env = online_env(base_env, hub.endpoint, HF_TOKEN=TOKEN, OUTPUT_REPO="tester/tiny")
+    result = run_preflight(root, env)
+    assert result.returncode == 1
+    [line] = [l for l in lines_with(result.stdout, "✗") if "Hugging Face token" in l]
+    assert f"HF_TOKEN was rejected by {hub.endpoint} (401 Unauthorized)" in line
+    assert TOKEN not in result.stdout + result.stderr
+    assert hub.requests_to("GET", "/api/whoami-v2")
+
+
+def test_accepted_token_passes_and_read_only_token_fails(base_env, hub):
+    settings = settings_for(online_env(base_env, hub.endpoint), HF_TOKEN=TOKEN, OUTPUT_REPO="tester/tiny")
+    accepted = preflight.check_hub_token(settings)
+    assert accepted.status == preflight.PASS and "as user tester (write token)" in accepted.detail
+    hub.role = "read"
+    refused = preflight.check_hub_token(settings)
+    assert refused.status == preflight.FAIL and "read-only" in refused.detail
+    assert TOKEN not in accepted.detail + refused.detail
+
+
+def test_unreachable_hub_is_one_line_without_traceback(root, base_env):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"  # nothing listens there once the probe is closed
+    env = online_env(base_env, endpoint, HF_TOKEN=TOKEN, OUTPUT_REPO="tester/tiny", INIT="2")
+    result = run_preflight(root, env)
+    assert result.returncode == 1
+    unreachable = [l for l in result.stdout.splitlines() if "Hub unreachable" in l]
+    assert len(unreachable) == 2  # the token check and the input model check, one line each
+    assert all(f"Hub unreachable at {endpoint} (connection refused)" in l for l in unreachable)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_input_model_on_the_hub_is_found(base_env, hub):
+    hub.repos["tester/tiny"] = Repo(files={"config.json": b"{}", "tokenizer.json": b"{}",
+                                           "model.safetensors": b""})
+    settings = settings_for(online_env(base_env, hub.endpoint), HF_TOKEN=TOKEN, INPUT_REPO="tester/tiny", INIT=2)
+    result = preflight.check_input_model(settings)
+    assert result.status == preflight.PASS and "model tester/tiny on" in result.detail
+
+
+# The input model.
+
+def test_missing_input_repo_after_the_first_run_names_input_repo(base_env):
+    result = preflight.check_input_model(settings_for(base_env, PRESET="demo", INIT=2))
+    assert result.status == preflight.FAIL
+    assert result.detail.startswith("INPUT_REPO=train-llama: no folder")
+
+
+def test_first_run_skips_the_input_model(base_env):
+    assert preflight.check_input_model(settings_for(base_env, PRESET="demo")).status == preflight.SKIP
+
+
+def test_local_input_model_must_be_complete(base_env, tmp_path):
+    folder = tmp_path / "output" / "train-llama-it"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    settings = settings_for(base_env, PRESET="demo", INST="true", INIT=3)
+    incomplete = preflight.check_input_model(settings)
+    assert incomplete.status == preflight.FAIL
+    assert "lacks model weights (*.safetensors), tokenizer (tokenizer.json)" in incomplete.detail
+    assert "this instruct run reads train-llama-it" in incomplete.detail
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "tokenizer.json").write_text("{}")
+    assert preflight.check_input_model(settings).status == preflight.PASS
+
+
+# The dataset.
+
+def test_missing_dataset_file_names_input_dataset(base_env, tmp_path):
+    missing = tmp_path / "nowhere" / "corpus.jsonl"
+    result = preflight.check_dataset(settings_for(base_env, PRESET="demo", INPUT_DATASET=missing))
+    assert result.status == preflight.FAIL
+    assert result.detail.startswith(f"INPUT_DATASET={missing}: no such file or folder")
+
+
+def test_missing_text_column_lists_the_columns(base_env, tmp_path):
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("\n".join(json.dumps({"content": f"row {i}", "id": i}) for i in range(3)) + "\n")
+    result = preflight.check_dataset(settings_for(base_env, PRESET="demo", INPUT_DATASET=data))
+    assert result.status == preflight.FAIL
+    assert "has no `text` column (columns: content, id)" in result.detail
+
+
+def test_embedded_instruct_corpus_passes(base_env):
+    result = preflight.check_dataset(settings_for(base_env, PRESET="demo", INST="true"))
+    assert result.status == preflight.PASS and result.detail.startswith("INSTRUCT_DATASET=")
+
+
+def test_instruct_rows_must_be_conversations(base_env, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"text": "just prose, no turns"}) + "\n")
+    result = preflight.check_dataset(settings_for(base_env, PRESET="demo", INST="true", INSTRUCT_DATASET=data))
+    assert result.status == preflight.FAIL and "INSTRUCT_DATASET=" in result.detail
+    assert "<|user|>…<|end|><|bot|>…<|end|>" in result.detail
+
+
+def test_messages_column_is_accepted_and_checked(base_env, tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"messages": [{"role": "system", "content": "be brief"},
+                                             {"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "beep"}]}) + "\n")
+    for path, status in ((good, preflight.PASS), (bad, preflight.FAIL)):
+        settings = settings_for(base_env, PRESET="demo", INST="true", INSTRUCT_DATASET=path)
+        assert preflight.check_dataset(settings).status == status
+
+
+def test_parquet_csv_and_text_folders_are_read_cheaply(tmp_path):
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "n": [1, 2, 3]}), tmp_path / "part.parquet")
+    (tmp_path / "rows.csv").write_text("text,label\nhello,1\nworld,2\n")
+    (tmp_path / "plain.txt").write_text("first line\n\nsecond line\n")
+    assert preflight.read_first_rows(tmp_path / "part.parquet", 2) == [{"text": "a", "n": 1}, {"text": "b", "n": 2}]
+    assert preflight.read_first_rows(tmp_path / "rows.csv") == [{"text": "hello", "label": "1"},
+                                                                {"text": "world", "label": "2"}]
+    assert preflight.read_first_rows(tmp_path / "plain.txt") == [{"text": "first line"}, {"text": "second line"}]
+    assert [f.name for f in preflight.dataset_files(tmp_path)] == ["part.parquet", "plain.txt", "rows.csv"]
+
+
+def test_unsupported_file_type_and_broken_json_fail(base_env, tmp_path):
+    odd = tmp_path / "corpus.xlsx"
+    odd.write_bytes(b"PK")
+    result = preflight.check_dataset(settings_for(base_env, PRESET="demo", INPUT_DATASET=odd))
+    assert result.status == preflight.FAIL and "unsupported file type '.xlsx'" in result.detail
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "ok"}\n{"text": \n')
+    result = preflight.check_dataset(settings_for(base_env, PRESET="demo", INPUT_DATASET=broken))
+    assert result.status == preflight.FAIL and "line 2 is not valid JSON" in result.detail
+
+
+# Memory.
+
+def test_not_enough_memory_fails_with_advice_including_quantization():
+    _, kwargs = estimate(topology=config.topology_for_factor(24576, 52000))  # ~4B parameters
+    result = preflight.judge_memory(kwargs, {"GPU 0 (test card)": 24 * GIB})
+    assert result.status == preflight.FAIL
+    assert "> 24.0 GiB free on GPU 0 (test card)" in result.detail
+    assert any("USE_QUANT=true" in note for note in result.notes)
+
+
+def test_enough_memory_passes_and_tight_memory_warns():
+    total, kwargs = estimate()
+    roomy = preflight.judge_memory(kwargs, {"GPU 0": 2 * total["total"]})
+    assert roomy.status == preflight.PASS and not roomy.warnings
+    tight = preflight.judge_memory(kwargs, {"GPU 0": 1.05 * total["total"]})
+    assert tight.status == preflight.PASS and "out-of-memory error is possible" in tight.warnings[0]
+
+
+def test_advice_prefers_checkpointing_then_smaller_batches():
+    full, kwargs = estimate(gradient_checkpointing=False, batch_size=8, gradient_accumulation_steps=2)
+    checkpointed, _ = estimate(gradient_checkpointing=True, batch_size=8, gradient_accumulation_steps=2)
+    advice = preflight.advice_to_fit(kwargs, (full["total"] + checkpointed["total"]) / 2)
+    assert advice[0].startswith("GRADIENT_CHECKPOINTING=true")
+    batch_advice = [a for a in advice if a.startswith("BATCH_SIZE=")]
+    assert batch_advice and "GRADIENT_ACCUMULATION_STEPS=" in batch_advice[0]
+    batch, accumulation = (int(part.split("=")[1]) for part in batch_advice[0].split()[:2])
+    assert batch * accumulation == 8 * 2  # the effective batch is kept
+
+
+def test_advice_is_empty_when_nothing_fits():
+    _, kwargs = estimate()
+    assert preflight.advice_to_fit(kwargs, 1 * GIB) == []
+
+
+def test_zero_stages_shard_what_they_promise():
+    # Two micro-steps: gradients persist through backward, so sharding them shows in the peak too.
+    stages = [estimate(zero_stage=s, world_size=4, gradient_accumulation_steps=2)[0] for s in range(4)]
+    params = stages[0]["parameters"]
+    assert stages[0]["optimizer_states"] == pytest.approx(12 * params)
+    assert stages[1]["optimizer_states"] == pytest.approx(12 * params / 4)
+    assert stages[1]["gradients"] == pytest.approx(2 * params)
+    assert stages[2]["gradients"] == pytest.approx(2 * params / 4)
+    assert stages[2]["weights"] == pytest.approx(2 * params)
+    assert stages[3]["weights"] == pytest.approx(2 * params / 4)
+    static = [s["weights"] + s["gradients"] + s["optimizer_states"] for s in stages]
+    assert static[0] > static[1] > static[2] > static[3]
+    assert stages[3]["total"] < stages[2]["total"] < stages[1]["total"]
+
+
+def test_checkpointing_cuts_activations():
+    with_ckpt, _ = estimate(gradient_checkpointing=True)
+    without, _ = estimate(gradient_checkpointing=False)
+    assert with_ckpt["activations"] == with_ckpt["activations_with_checkpointing"]
+    assert without["activations"] == without["activations_without_checkpointing"]
+    assert without["activations"] > 4 * with_ckpt["activations"]
+    # Activations grow linearly with the tokens of a micro-batch.
+    double, _ = estimate(gradient_checkpointing=False, batch_size=8)
+    assert 1.8 < double["activations"] / without["activations"] <= 2.0
+
+
+def test_four_bit_lora_is_far_below_full_training():
+    full, _ = estimate(use_quant=False)
+    quant, _ = estimate(use_quant=True)
+    full_states = full["weights"] + full["gradients"] + full["optimizer_states"]
+    quant_states = quant["weights"] + quant["lora"]
+    assert quant_states < full_states / 5
+    assert quant["trainable_parameters"] == preflight.lora_parameter_count(topology_1b())
+    assert quant["trainable_parameters"] < 0.02 * quant["parameters"]
+
+
+def test_one_billion_parameter_numbers_are_plausible():
+    result, _ = estimate()  # the full preset: ~1B, bf16, ZeRO-2 on one GPU, batch 4 x 2048, checkpointing
+    assert 1.0e9 < result["parameters"] < 1.5e9
+    per_param = (result["weights"] + result["gradients"] + result["optimizer_states"]) / result["parameters"]
+    assert per_param == pytest.approx(16)  # 2 + 2 + 12 bytes: mixed-precision AdamW
+    assert 18 * GIB < result["total"] < 40 * GIB
+    assert result["cuda_overhead"] > 0.4 * GIB and result["total"] > result["allocated"]
+
+
+# Peaks measured on an NVIDIA H200 (2026-11-28): train.py's set-up (TRL SFTTrainer under DeepSpeed with
+# config.deepspeed_config, bf16, one GPU, random tokens, 4 steps), torch.cuda.max_memory_allocated().
+# (FACTOR, VOCAB_SIZE, BATCH_SIZE, MAX_LENGTH, ZERO_STAGE, GRADIENT_CHECKPOINTING, USE_QUANT, GiB)
+MEASURED_PEAKS = [
+    (768, 2048, 16, 256, 2, False, False, 2.252),
+    (12288, 52000, 4, 2048, 2, True, False, 21.059),
+    (12288, 52000, 2, 2048, 2, False, False, 21.601),
+    (12288, 52000, 4, 2048, 0, True, False, 19.151),
+    (6144, 52000, 8, 1024, 1, False, False, 11.238),
+    (12288, 52000, 4, 2048, 2, True, True, 4.497),
+]
+
+
+@pytest.mark.parametrize("factor, vocab, batch, length, zero, ckpt, quant, measured_gib", MEASURED_PEAKS)
+def test_estimate_matches_measured_gpu_peaks(factor, vocab, batch, length, zero, ckpt, quant, measured_gib):
+    result = preflight.estimate_training_memory(config.topology_for_factor(factor, vocab), vocab, batch, length, 2,
+                                                quant, ckpt, zero, 1)
+    assert result["allocated"] / GIB == pytest.approx(measured_gib, rel=0.10)
+
+
+def test_layer_activations_match_what_autograd_saves():
+    """The per-layer formula against the storages autograd really keeps for a bf16 LLaMA on CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    topology = config.Topology(hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2,
+                               intermediate_size=384, vocab_size=512)
+    model = LlamaForCausalLM(LlamaConfig(**topology.llama_kwargs(), attn_implementation="sdpa")).to(torch.bfloat16)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    batch, length = 2, 64
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model.model(input_ids=torch.randint(0, 512, (batch, length)))
+    tokens = batch * length
+    shared = tokens * 8 + 2 * length * topology.head_dim * 2  # input ids; rotary cos and sin
+    final_norm = tokens * (4 * 128 + 4 + 2 * 128)
+    per_layer = (sum(saved.values()) - shared - final_norm) / topology.num_layers
+    assert per_layer == pytest.approx(preflight.layer_activation_bytes(topology, 2, False) * tokens, rel=0.01)
+
+
+# Sanity warnings and disk.
+
+def test_sanity_warnings_flag_odd_settings(base_env):
+    settings = settings_for(base_env, PRESET="demo", LEARNING_RATE="0.5", MAX_LENGTH="1000", EPOCHS="20",
+                            BATCH_SIZE="1")
+    warnings = " | ".join(preflight.sanity_warnings(settings, world_size=1))
+    for expected in ("LEARNING_RATE=0.5 is outside", "MAX_LENGTH=1000 is not a power of two", "EPOCHS=20 > 10",
+                     "effective batch is 1 sequences"):
+        assert expected in warnings
+    assert preflight.check_sanity(settings).status == preflight.PASS  # warnings do not fail
+
+
+def test_disk_check_counts_checkpoints_and_fails_when_full(base_env, monkeypatch):
+    settings = settings_for(base_env, OUTPUT_REPO="me/model", INPUT_DATASET="me/data")
+    needs = preflight.disk_needs(settings)
+    params = settings.topology.parameter_count()
+    assert needs[str(settings.work_dir)]["checkpoints"] == 3 * 16 * params
+    assert needs[str(settings.output_dir)]["published model"] == 2 * params
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(100 * GIB, 99 * GIB, 1 * GIB))
+    result = preflight.check_disk(settings)
+    assert result.status == preflight.FAIL and "needs ~" in result.detail and "1.0 GiB is free" in result.detail
+
+
+def fake_gpus(monkeypatch, free_gib, bf16=True):
+    """Make torch report GPUs with the given free memory (the GPU check's code path, on CPU)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(free_gib))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: f"Fake GPU {index}")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (free_gib[index] * GIB, 80 * GIB))
+
+
+def test_gpu_check_uses_every_gpus_free_memory(monkeypatch, base_env):
+    settings = settings_for(base_env, OUTPUT_REPO="me/model", INPUT_DATASET="me/data")  # ~1B, ZeRO-2
+    fake_gpus(monkeypatch, [79.0, 79.0])
+    roomy = preflight.check_gpu_memory(settings)
+    assert roomy.status == preflight.PASS and "free on GPU 0 (Fake GPU 0)" in roomy.detail
+    fake_gpus(monkeypatch, [79.0, 6.0])
+    short = preflight.check_gpu_memory(settings)
+    assert short.status == preflight.FAIL and "> 6.0 GiB free on GPU 1 (Fake GPU 1)" in short.detail
+    assert any(note.startswith("would fit: ") for note in short.notes)
+
+
+def test_gpu_check_rejects_bf16_without_support_and_too_many_processes(monkeypatch, base_env):
+    fake_gpus(monkeypatch, [15.0], bf16=False)
+    bf16 = preflight.check_gpu_memory(settings_for(base_env, PRESET="demo", PRECISION="bf16"))
+    assert bf16.status == preflight.FAIL and "has no bf16 support; use PRECISION=auto" in bf16.detail
+    processes = preflight.check_gpu_memory(settings_for(base_env, PRESET="demo", NUM_PROCESSES=2))
+    assert processes.status == preflight.FAIL and "only 1 GPU(s) are visible" in processes.detail

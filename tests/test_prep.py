@@ -1,0 +1,382 @@
+"""Guards prep.py: every input form, shards, instruction parsing and assistant masks, tokenizer and model
+building, clear errors naming the variable, atomic and reusable preparation."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import config
+import prep
+
+DOCUMENTS = [f"Mira has {n} red foxes and {n + 1} blue owls. The number after {n} is {n + 1}." for n in range(60)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def write_format(path_stem, suffix, rows):
+    """`rows` (dicts) as a file of the given type; .txt takes each row's text as one line."""
+    path = path_stem.with_suffix(suffix)
+    if suffix == ".txt":
+        path.write_text("\n\n".join(row["text"] for row in rows) + "\n")
+    elif suffix == ".jsonl":
+        write_jsonl(path, rows)
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=7)
+    elif suffix == ".csv":
+        import csv
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+def settings_for(tmp_path, **env):
+    base = {"OUTPUT_DIR": str(tmp_path / "output"), "WORK_DIR": str(tmp_path / "work"), "PRESET": "full",
+            "VOCAB_SIZE": "512", "FACTOR": "768", "MAX_LENGTH": "64", "SHARD_SIZE": "1000"}
+    return config.load_settings({**base, **{k: str(v) for k, v in env.items()}})
+
+
+def load_prep(settings):
+    import datasets
+    from transformers import AutoTokenizer
+
+    return (json.loads((settings.prep_dir / "manifest.json").read_text()),
+            AutoTokenizer.from_pretrained(settings.prep_dir / "tokenizer"),
+            datasets.load_from_disk(str(settings.prep_dir / "dataset")))
+
+
+def publish_prep(settings, name="train-llama"):
+    """What `util.py publish` does for the next stage: model and tokenizer in OUTPUT_DIR/<name>."""
+    target = settings.output_dir / name
+    target.mkdir(parents=True, exist_ok=True)
+    for folder in ("model", "tokenizer"):
+        for file in (settings.prep_dir / folder).iterdir():
+            shutil.copy(file, target / file.name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A first pretraining run on 60 documents, published as OUTPUT_DIR/train-llama."""
+    tmp_path = tmp_path_factory.mktemp("pretrained")
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in DOCUMENTS])
+    settings = settings_for(tmp_path, INPUT_DATASET=corpus, SHARD_SIZE=20)
+    prep.prepare(settings)
+    publish_prep(settings)
+    return tmp_path, corpus
+
+
+# ---- reading rows ----
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json", ".parquet", ".csv"])
+def test_every_file_type_gives_the_same_rows_with_skips_and_counts(tmp_path, suffix):
+    rows = [{"text": t, "id": i} for i, t in enumerate(DOCUMENTS[:30])]
+    path = write_format(tmp_path / "data", suffix, rows)
+    source = prep.open_data_source(str(path), "INPUT_DATASET", None)
+    assert [r["text"] for r in prep.iter_rows(source)] == DOCUMENTS[:30]
+    assert [r["text"] for r in prep.iter_rows(source, skip=17)] == DOCUMENTS[17:30]
+    assert prep.count_rows(source) == 30
+
+
+def test_a_folder_reads_its_data_files_in_order_and_skips_across_them(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_format(folder / "a", ".jsonl", [{"text": t} for t in DOCUMENTS[:10]])
+    write_format(folder / "b", ".parquet", [{"text": t} for t in DOCUMENTS[10:25]])
+    (folder / "README.md").write_text("not data")
+    source = prep.open_data_source(str(folder), "INPUT_DATASET", None)
+    assert [r["text"] for r in prep.iter_rows(source)] == DOCUMENTS[:25]
+    assert [r["text"] for r in prep.iter_rows(source, skip=12)] == DOCUMENTS[12:25]
+    assert prep.count_rows(source) == 25
+
+
+def test_a_hub_dataset_is_streamed_and_sharded(tmp_path, monkeypatch):
+    import datasets
+
+    def stream(**kwargs):
+        return datasets.IterableDatasetDict({"train": datasets.IterableDataset.from_generator(
+            lambda: ({"text": t, "url": f"u{i}"} for i, t in enumerate(DOCUMENTS)))})
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda spec, streaming, token: stream() if streaming else None)
+    source = prep.open_data_source("someone/corpus", "INPUT_DATASET", None)
+    assert source.files is None and [r["text"] for r in prep.iter_rows(source, skip=25)] == DOCUMENTS[25:]
+    manifest = prep.prepare(settings_for(tmp_path, INPUT_DATASET="someone/corpus", SHARD_SIZE=20))
+    assert (manifest["rows"], manifest["is_last_shard"], manifest["num_shards"]) == (20, False, None)
+
+
+# ---- instruction rows ----
+
+def test_text_conversations_parse_into_alternating_messages():
+    text = "<|user|>Reverse: apple<|end|><|bot|>elppa<|end|><|user|>Now in capitals.<|end|><|bot|>ELPPA<|end|>"
+    assert prep.parse_text_conversation(text) == [
+        {"role": "user", "content": "Reverse: apple"}, {"role": "assistant", "content": "elppa"},
+        {"role": "user", "content": "Now in capitals."}, {"role": "assistant", "content": "ELPPA"}]
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("", "empty text"),
+    ("Reverse: apple", "format"),
+    ("<|user|>Reverse: apple<|end|>", "no assistant answer"),
+    ("<|user|>Hi<|end|><|bot|>Hello<|end|><|user|>More<|end|>", "no assistant answer"),
+    ("<|bot|>elppa<|end|><|user|>Reverse: apple<|end|>", "format"),
+    ("<|user|>Reverse: apple<|bot|>elppa<|end|>", "missing <|end|>"),
+    ("<|user|>Reverse: apple<|end|><|bot|>elppa<|user|>x<|end|>", "stray chat marker"),
+    ("<|user|>Reverse: apple<|end|><|bot|> <|end|>", "empty assistant"),
+])
+def test_malformed_text_conversations_say_what_is_wrong(text, reason):
+    with pytest.raises(prep.UnusableRow, match=reason):
+        prep.parse_text_conversation(text)
+
+
+def test_messages_allow_a_first_system_turn_and_reject_bad_roles():
+    good = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add: 2 + 3"},
+            {"role": "assistant", "content": "5"}]
+    assert prep.check_messages(good) == good
+    assert prep.check_messages(json.dumps(good)) == good
+    bad = {
+        "alternate": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        "role 'robot'": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}],
+        "role 'system'": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+        "no assistant answer": [{"role": "user", "content": "a"}],
+        "chat marker": [{"role": "user", "content": "a<|end|>"}, {"role": "assistant", "content": "b"}],
+        "non-empty list": [],
+    }
+    for reason, messages in bad.items():
+        with pytest.raises(prep.UnusableRow, match=reason):
+            prep.check_messages(messages)
+
+
+# ---- whole preparations, in process ----
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".parquet", ".csv"])
+def test_pretraining_preparation_from_each_file_type(tmp_path, suffix):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = write_format(tmp_path / "corpus", suffix, [{"text": t} for t in DOCUMENTS])
+    settings = settings_for(tmp_path, INPUT_DATASET=path)
+    manifest = prep.prepare(settings)
+    _, tokenizer, dataset = load_prep(settings)
+    stream = []
+    for text in DOCUMENTS:
+        stream += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    blocks = len(stream) // 64
+    assert manifest["rows"] == 60 and manifest["skipped_rows"] == 0 and manifest["tokenizer_trained"] is True
+    assert manifest["sequences"] == len(dataset) == blocks and manifest["tokens"] == blocks * 64
+    assert manifest["dropped_tail_tokens"] == len(stream) - blocks * 64
+    assert [token for row in dataset["input_ids"] for token in row] == stream[:blocks * 64]
+    assert manifest["is_last_shard"] is True and manifest["num_shards"] == 1
+    model = AutoModelForCausalLM.from_pretrained(settings.prep_dir / "model", dtype=torch.float32)
+    assert manifest["parameters"] == settings.topology.parameter_count(len(tokenizer))
+    assert sum(p.numel() for p in model.parameters()) == manifest["parameters"]
+    assert model.config.vocab_size == config.padded_vocab(len(tokenizer))
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (0, 2, 1)
+
+
+def test_tokenizer_saves_and_loads_unchanged(tmp_path, pretrained):
+    from transformers import AutoTokenizer
+
+    _, corpus = pretrained
+    settings = settings_for(pretrained[0], INPUT_DATASET=corpus, SHARD_SIZE=20)
+    tokenizer = AutoTokenizer.from_pretrained(settings.prep_dir / "tokenizer")
+    assert tokenizer.convert_tokens_to_ids(list(config.SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token, tokenizer.mask_token) \
+        == config.SPECIAL_TOKENS[0:1] + config.SPECIAL_TOKENS[2:3] + config.SPECIAL_TOKENS[1:2] + config.SPECIAL_TOKENS[3:]
+    tokenizer.save_pretrained(tmp_path / "again")
+    again = AutoTokenizer.from_pretrained(tmp_path / "again")
+    for text in DOCUMENTS[:5] + ["Unseen wörds, 123 and émojis 🦊"]:
+        ids = tokenizer(text)["input_ids"]
+        assert ids[0] == tokenizer.bos_token_id and again(text)["input_ids"] == ids
+        assert tokenizer.decode(ids, skip_special_tokens=True).strip() == text
+
+
+def test_shards_skip_earlier_rows_and_know_the_last_one(tmp_path, pretrained):
+    folder, corpus = pretrained
+    seen = {}
+    for init, shard, is_last in ((2, 1, False), (3, 2, True)):
+        settings = settings_for(folder, INPUT_DATASET=corpus, SHARD_SIZE=20, INIT=init,
+                                WORK_DIR=tmp_path / f"work{init}")
+        manifest, tokenizer, dataset = load_prep(settings) if prep.prepare(settings) else None
+        text = tokenizer.decode([t for row in dataset["input_ids"] for t in row])
+        seen[shard] = text
+        assert manifest["rows"] == 20 and manifest["is_last_shard"] is is_last and manifest["num_shards"] == 3
+        assert manifest["tokenizer_trained"] is False and manifest["model_source"] == str(folder / "output" / "train-llama")
+        assert DOCUMENTS[20 * shard + 1] in text and DOCUMENTS[20 * shard - 1] not in text
+    assert seen[1] != seen[2]
+    with pytest.raises(prep.PrepError, match=r"INPUT_DATASET=.*shard 3 .*starts at row 60.* 60 rows"):
+        prep.prepare(settings_for(folder, INPUT_DATASET=corpus, SHARD_SIZE=20, INIT=4, WORK_DIR=tmp_path / "w4"))
+
+
+def answer_positions(tokenizer, ids):
+    """Positions of each answer's tokens and its <|end|>: after every <|bot|> up to the next <|end|>."""
+    bot, end = tokenizer.convert_tokens_to_ids(["<|bot|>", "<|end|>"])
+    positions, inside = [], False
+    for position, token in enumerate(ids):
+        if inside:
+            positions.append(position)
+            inside = token != end
+        elif token == bot:
+            inside = True
+    return positions
+
+
+def test_instruction_preparation_masks_exactly_the_answers(tmp_path, pretrained):
+    import torch
+    from safetensors.torch import load_file
+
+    folder, corpus = pretrained
+    rows = [{"text": f"<|user|>Add: {n % 10} + 1<|end|><|bot|>{n % 10 + 1}<|end|>"} for n in range(150)]
+    rows[5] = {"text": "<|user|>Reverse: apple<|end|><|bot|>elppa<|end|><|user|>Now in capitals.<|end|><|bot|>ELPPA<|end|>"}
+    rows[6] = {"text": "<|user|>no answer here<|end|>"}
+    rows[7] = {"text": "<|user|>" + "long " * 80 + "<|end|><|bot|>x<|end|>"}
+    data = write_jsonl(tmp_path / "instruct.jsonl", rows)
+    settings = settings_for(folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", WORK_DIR=tmp_path / "work")
+    manifest = prep.prepare(settings)
+    _, tokenizer, dataset = load_prep(settings)
+    assert (manifest["rows"], manifest["skipped_rows"], manifest["long_rows_dropped"]) == (150, 1, 1)
+    assert manifest["sequences"] == len(dataset) == 148 and manifest["phase"] == "instruct"
+    for ids, mask in zip(dataset["input_ids"], dataset["assistant_masks"]):
+        assert [i for i, m in enumerate(mask) if m] == answer_positions(tokenizer, ids)
+        assert ids[0] == tokenizer.bos_token_id and len(ids) <= 64
+    two_turns = dataset[5]
+    assert tokenizer.decode([t for t, m in zip(two_turns["input_ids"], two_turns["assistant_masks"]) if m]).replace(" ", "") \
+        == "elppa<|end|>ELPPA<|end|>"
+    known = len(tokenizer) - 3
+    weights = load_file(str(settings.prep_dir / "model" / "model.safetensors"))
+    embeddings = weights["model.embed_tokens.weight"]
+    assert embeddings.shape[0] == config.padded_vocab(len(tokenizer))
+    assert torch.allclose(embeddings[known:], embeddings[:known].mean(0).expand_as(embeddings[known:]))
+
+
+def test_a_messages_column_is_used_with_its_system_turn(tmp_path, pretrained):
+    folder, corpus = pretrained
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Add: {n} + 2"},
+                          {"role": "assistant", "content": str(n + 2)}]} for n in range(10)]
+    data = write_format(tmp_path / "chat", ".parquet", rows)
+    settings = settings_for(folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", WORK_DIR=tmp_path / "work")
+    manifest = prep.prepare(settings)
+    _, tokenizer, dataset = load_prep(settings)
+    assert manifest["sequences"] == 10
+    first = dataset[3]
+    assert tokenizer.decode(first["input_ids"]).replace(" ", "") == "<s>Bebrief.<|user|>Add:3+2<|end|><|bot|>5<|end|>"
+    assert tokenizer.decode([t for t, m in zip(first["input_ids"], first["assistant_masks"]) if m]).strip() == "5<|end|>"
+
+
+def test_more_than_one_percent_malformed_rows_stops_before_writing(tmp_path, pretrained):
+    folder, corpus = pretrained
+    rows = [{"text": "<|user|>Add: 1 + 1<|end|><|bot|>2<|end|>"}] * 97 + [{"text": "Add: 1 + 1 = 2"}] * 3
+    data = write_jsonl(tmp_path / "instruct.jsonl", rows)
+    settings = settings_for(folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", WORK_DIR=tmp_path / "work")
+    with pytest.raises(prep.PrepError, match=r"INSTRUCT_DATASET=.*3 of 100 rows \(3.0%\) are unusable.*row 97: .*row 98"):
+        prep.prepare(settings)
+    assert not settings.prep_dir.exists() and list((tmp_path / "work").iterdir()) == []
+
+
+# ---- errors, atomicity, reuse, the source model ----
+
+def test_bad_inputs_name_the_variable_and_what_is_allowed(tmp_path):
+    files = {"empty.jsonl": "", "wrong.jsonl": '{"content": "x", "id": 1}\n', "folder/data.xlsx": "x",
+             "bad.jsonl": '{"text": "fine"}\n{"text": broken\n', "damaged.parquet": "not parquet",
+             "latin1.txt": "caf\xe9\n"}
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(content.encode("latin-1"))
+    cases = {
+        "missing.jsonl": r"INPUT_DATASET=.*missing.jsonl: no such file or folder; allowed: a Hub dataset id",
+        "folder/data.xlsx": r"INPUT_DATASET=.*: unsupported file type '.xlsx'; allowed:",
+        "wrong.jsonl": r"INPUT_DATASET=.*: no `text` column \(columns found: content, id\)",
+        "empty.jsonl": r"INPUT_DATASET=.*: the dataset is empty",
+        "bad.jsonl": r"INPUT_DATASET: .*bad.jsonl line 2: not valid JSON",
+        "damaged.parquet": r"INPUT_DATASET: .*damaged.parquet: not a readable Parquet file",
+        "latin1.txt": r"INPUT_DATASET: .*latin1.txt: not UTF-8 text",
+        "folder": r"INPUT_DATASET=.*: the folder holds no data files \(found: .xlsx\)",
+    }
+    for name, message in cases.items():
+        with pytest.raises(prep.PrepError, match=message):
+            prep.prepare(settings_for(tmp_path, INPUT_DATASET=tmp_path / name))
+    assert not (tmp_path / "work" / "prep").exists()
+
+
+def test_a_failing_run_leaves_the_previous_preparation_untouched(tmp_path, monkeypatch):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": t} for t in DOCUMENTS])
+    settings = settings_for(tmp_path, INPUT_DATASET=corpus)
+    prep.prepare(settings)
+    before = {p.relative_to(settings.prep_dir): p.read_bytes() for p in settings.prep_dir.rglob("*") if p.is_file()}
+
+    def broken_model(*args):
+        raise RuntimeError("out of memory while building the model")
+
+    monkeypatch.setattr(prep, "build_model", broken_model)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        prep.prepare(settings_for(tmp_path, INPUT_DATASET=corpus, SEED=7))
+    after = {p.relative_to(settings.prep_dir): p.read_bytes() for p in settings.prep_dir.rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in settings.work_dir.iterdir()] == ["prep"]
+    assert prep.finished_preparation(settings) and not prep.finished_preparation(settings_for(tmp_path, INPUT_DATASET=corpus, SEED=7))
+
+
+def test_the_source_model_is_found_or_named_in_a_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    settings = settings_for(tmp_path, INPUT_DATASET=tmp_path, INPUT_REPO="someone/base", INIT=1)
+    published = settings.output_dir / "base"
+    published.mkdir(parents=True)
+    assert prep.resolve_source(settings) == published
+    published.rmdir()
+
+    def hub_without_it(**kwargs):
+        assert kwargs["repo_id"] == "someone/base" and kwargs["endpoint"] == settings.hf_endpoint
+        raise OSError("404 Client Error: Repository Not Found")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_without_it)
+    with pytest.raises(prep.PrepError, match=r"INPUT_REPO=someone/base: no model 'someone/base' in .*404"):
+        prep.resolve_source(settings)
+
+
+def test_errors_exit_with_status_1_and_one_line(tmp_path, base_env, root):
+    for dataset in (str(tmp_path / "missing.txt"), "nobody/no-such-dataset"):
+        result = subprocess.run([sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=120,
+                                env={**base_env, "INPUT_DATASET": dataset})
+        assert result.returncode == 1, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("prep error:")]
+        assert len(errors) == 1 and f"INPUT_DATASET={dataset}:" in errors[0]
+
+
+# ---- the demo, end to end ----
+
+@pytest.mark.slow
+def test_demo_preparation_end_to_end_then_reused_then_instruction(tmp_path, base_env, root):
+    started = time.monotonic()
+    first = subprocess.run([sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=300, env=base_env)
+    seconds = time.monotonic() - started
+    assert first.returncode == 0, first.stderr[-3000:]
+    settings = config.load_settings(base_env)
+    manifest, tokenizer, dataset = load_prep(settings)
+    assert manifest["stage_key"] == json.loads(json.dumps(settings.stage_key()))
+    assert manifest["rows"] > 3000 and manifest["skipped_rows"] == 0 and manifest["is_last_shard"] is True
+    assert all(len(row) == 256 for row in dataset["input_ids"]) and manifest["sequences"] == len(dataset) > 1000
+    assert "prep done:" in first.stdout and "tokens/s" in first.stdout and seconds < 120
+
+    again = subprocess.run([sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=120, env=base_env)
+    assert again.returncode == 0 and "reusing it" in again.stdout and "prep done" not in again.stdout
+
+    publish_prep(settings)
+    instruct_env = {**base_env, "INST": "true"}
+    third = subprocess.run([sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=300, env=instruct_env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    manifest, tokenizer, dataset = load_prep(config.load_settings(instruct_env))
+    assert (manifest["phase"], manifest["rows"], manifest["sequences"], manifest["skipped_rows"]) == ("instruct", 5000, 5000, 0)
+    assert tokenizer.chat_template == prep.CHAT_TEMPLATE and manifest["model_source"].endswith("train-llama")
+    import evaluate
+    assert evaluate.heldout_accuracy(config.load_settings(instruct_env).prep_dir, limit=8) == 0.0  # untrained
