@@ -284,15 +284,21 @@ def topology_for_hidden(hidden_size: int, vocab_size: int) -> Topology:
     return Topology(hidden_size, layers, heads, kv_heads, intermediate, vocab_size)
 
 
+def valid_hidden_sizes() -> list[int]:
+    """Widths that are whole multiples of their head dimension (64 up to 1024, then 128)."""
+    return list(range(64, 1024 + 1, 64)) + list(range(1152, 16_384 + 1, 128))
+
+
 def topology_for_factor(factor: int, vocab_size: int) -> Topology:
-    hidden = round(factor / 6 / 64) * 64
-    if hidden < 64:
+    wanted = factor / 6
+    if wanted < 32:
         raise ValueError("FACTOR gives a hidden size below 64")
+    hidden = min(valid_hidden_sizes(), key=lambda h: abs(h - wanted))
     return topology_for_hidden(hidden, vocab_size)
 
 
 def topology_for_parameters(target: int, vocab_size: int) -> Topology:
-    candidates = [topology_for_hidden(h, vocab_size) for h in range(64, 16_384 + 1, 64)]
+    candidates = [topology_for_hidden(h, vocab_size) for h in valid_hidden_sizes()]
     best = min(candidates, key=lambda t: abs(math.log(t.parameter_count() / target)))
     if not 0.5 <= best.parameter_count() / target <= 2.0:
         raise ValueError(

@@ -103,7 +103,8 @@ def evaluate_heldout(model_dir: Path, heldout_path: Path = config.DEMO_HELDOUT,
     model, tokenizer = load_model_and_tokenizer(Path(model_dir))
     rows = load_heldout(Path(heldout_path), limit)
     predicted = generate_answers(model, tokenizer, [row["prompt"] for row in rows])
-    results = [{**row, "predicted": guess, "correct": guess == row["answer"]} for row, guess in zip(rows, predicted)]
+    results = [{**row, "predicted": guess, "correct": guess == row["answer"]}
+               for row, guess in zip(rows, predicted)]
     by_task: dict[str, list[bool]] = defaultdict(list)
     for result in results:
         by_task[result["task"]].append(result["correct"])
@@ -130,7 +131,8 @@ def report(evaluation: dict[str, Any], seconds: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description="Exact-match accuracy on held-out instruction prompts.")
     parser.add_argument("model_dir", type=Path, help="model folder with its tokenizer, or a prep folder")
-    parser.add_argument("--heldout", type=Path, default=config.DEMO_HELDOUT, help="JSON lines of task, prompt, answer")
+    parser.add_argument("--heldout", type=Path, default=config.DEMO_HELDOUT,
+                        help="JSON lines of task, prompt, answer")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N prompts")
     args = parser.parse_args()
     weights_dir, _ = model_and_tokenizer_dirs(args.model_dir)

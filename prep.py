@@ -676,8 +676,8 @@ def fit_embeddings(model, tokenizer, known_tokens: int) -> None:
     with torch.no_grad():
         for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
             matrix[first_new:] = matrix[:known_tokens].mean(dim=0)
-    util.log(f"model: embeddings resized from {rows_before:,} to {rows_after:,} rows; rows from {first_new:,} on "
-             f"start at the mean of the {known_tokens:,} known tokens' rows")
+    util.log(f"model: {rows_after:,} embedding rows (had {rows_before:,}); rows from {first_new:,} on start at "
+             f"the mean of the {known_tokens:,} known tokens' rows")
 
 
 def set_chat_generation(model, tokenizer) -> None:
@@ -765,12 +765,19 @@ def prepare(settings: config.Settings) -> dict[str, Any]:
     return manifest
 
 
+def model_source_label(settings: config.Settings, source_dir: Path | None) -> str:
+    """'scratch', the local folder the model came from, or the Hub id it was downloaded as."""
+    if source_dir is None:
+        return "scratch"
+    published = settings.output_dir / settings.source_repo.split("/")[-1]
+    local = Path(settings.source_repo).expanduser()
+    return str(source_dir) if source_dir in (published, local.resolve()) else settings.source_repo
+
+
 def build_manifest(settings: config.Settings, report: ShardReport, counts: TokenCounts, total_rows: int | None,
                    source_dir: Path | None, model, tokenizer) -> dict[str, Any]:
     import quant_utils
 
-    from_hub = source_dir is not None and not (settings.output_dir / settings.source_repo.split("/")[-1]).is_dir() \
-        and not Path(settings.source_repo).expanduser().is_dir()
     return {
         "stage_key": stage_key_json(settings), "phase": settings.phase, "rows": report.rows,
         "skipped_rows": report.unusable, "long_rows_dropped": counts.long_rows_dropped, "tokens": counts.tokens,
@@ -779,7 +786,7 @@ def build_manifest(settings: config.Settings, report: ShardReport, counts: Token
         "num_shards": math.ceil(total_rows / settings.shard_size) if total_rows else None,
         "parameters": check_parameter_count(settings, model, tokenizer), "vocabulary": len(tokenizer),
         "tokenizer_trained": source_dir is None,
-        "model_source": "scratch" if source_dir is None else (settings.source_repo if from_hub else str(source_dir)),
+        "model_source": model_source_label(settings, source_dir),
         "source_format": "4bit" if source_dir is not None and quant_utils.is_4bit_checkpoint(source_dir) else "16bit",
     }
 

@@ -123,6 +123,12 @@ def test_factor_gives_promised_size(factor, params):
     assert topo.intermediate_size % 256 == 0 and abs(topo.intermediate_size / topo.hidden_size - 8 / 3) < 0.2
 
 
+@pytest.mark.parametrize("target", ["50M", "200M", "700M", "2B", "7B"])
+def test_every_chosen_shape_has_whole_heads(target):
+    topo = config.topology_for_parameters(config.parse_parameter_count(target), 52000)
+    assert topo.head_dim * topo.num_heads == topo.hidden_size and topo.head_dim in (64, 128)
+
+
 def test_depth_grows_with_width():
     depths = [config.topology_for_factor(f, 52000).num_layers for f in (768, 3072, 6144, 12288, 24576)]
     assert depths == sorted(depths) and len(set(depths)) == len(depths)
@@ -132,7 +138,9 @@ def test_depth_grows_with_width():
 def test_target_parameters_picks_the_closest(target):
     topo = config.topology_for_parameters(int(target), 52000)
     count = topo.parameter_count()
-    for hidden in (topo.hidden_size - 64, topo.hidden_size + 64):
+    sizes = config.valid_hidden_sizes()
+    index = sizes.index(topo.hidden_size)
+    for hidden in sizes[max(index - 1, 0):index + 2]:
         other = config.topology_for_hidden(hidden, 52000).parameter_count()
         assert abs(count - target) <= abs(other - target)
 
