@@ -197,6 +197,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("BATCH_SIZE", "batch_size", 4, "Sequences per GPU per micro-step", parse_int(1, 4096), demo=16),
     Variable("GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps", 2, "Micro-steps per optimizer step", parse_int(1, 4096), demo=1),
     Variable("EPOCHS", "epochs", 3.0, "Passes over each shard (halved for INIT < 2)", parse_float(0, 1000), demo=1.0),
+    Variable("INSTRUCT_EPOCHS", "instruct_epochs", None, "Passes over each instruction shard (halved for INIT < 2)",
+             parse_float(0, 1000), demo=6.0, shown_default="`EPOCHS`"),
     Variable("MAX_STEPS", "max_steps", -1, "Stop after this many optimizer steps (-1: run the epochs)", parse_int(-1, 10**9)),
     Variable("LEARNING_RATE", "learning_rate", 3e-4, "Peak learning rate (AdamW, cosine schedule, 10% warm-up)", parse_float(0, 1.0), demo=2e-3),
     Variable("WEIGHT_DECAY", "weight_decay", 0.01, "AdamW weight decay", parse_float(0, 1.0, exclusive_min=False)),
@@ -328,6 +330,7 @@ class Settings:
     batch_size: int
     gradient_accumulation_steps: int
     epochs: float
+    instruct_epochs: float | None
     max_steps: int
     learning_rate: float
     weight_decay: float
@@ -359,7 +362,8 @@ class Settings:
 
     @property
     def run_epochs(self) -> float:
-        return self.epochs / 2 if self.init < 2 else self.epochs
+        epochs = self.instruct_epochs if self.inst and self.instruct_epochs is not None else self.epochs
+        return epochs / 2 if self.init < 2 else epochs
 
     @property
     def phase(self) -> str:

@@ -658,9 +658,9 @@ def load_model(settings: config.Settings, source_dir: Path):
     return model
 
 
-def fit_embeddings(model, tokenizer, known_tokens: int) -> None:
+def fit_embeddings(model, tokenizer, known_tokens: int, seed: int) -> None:
     """Resize the embeddings to len(tokenizer) padded to a multiple of 64; rows of tokens new to the
-    model (and padding rows after them) start at the mean of the known tokens' rows, so a new token's
+    model (and padding rows after them) start near the mean of the known tokens' rows (a small seeded spread keeps them apart), so a new token's
     first logits and inputs look like an average token instead of random noise."""
     import torch
 
@@ -673,10 +673,16 @@ def fit_embeddings(model, tokenizer, known_tokens: int) -> None:
     first_new = known_tokens if len(tokenizer) > known_tokens else rows_before
     if rows_after <= first_new:
         return
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-            matrix[first_new:] = matrix[:known_tokens].mean(dim=0)
-    util.log(f"model: {rows_after:,} embedding rows (had {rows_before:,}); rows from {first_new:,} on start at "
+            known = matrix[:known_tokens].float()
+            # A little spread around the mean keeps the new rows apart: identical rows would give
+            # <|user|>, <|bot|> and <|end|> the same logit for good when the embeddings stay frozen
+            # (USE_QUANT trains LoRA adapters only).
+            noise = torch.randn(matrix.shape[0] - first_new, matrix.shape[1], generator=generator)
+            matrix[first_new:] = (known.mean(dim=0) + 0.1 * known.std(dim=0) * noise).to(matrix.dtype)
+    util.log(f"model: {rows_after:,} embedding rows (had {rows_before:,}); rows from {first_new:,} on start near "
              f"the mean of the {known_tokens:,} known tokens' rows")
 
 
@@ -733,7 +739,7 @@ def prepare_tokenizer_and_model(settings: config.Settings, source: DataSource, t
         util.log(f"tokenizer: {added} chat tokens added, chat template set" if added else
                  "tokenizer: chat tokens present, chat template set")
     model = load_model(settings, source_dir)
-    fit_embeddings(model, tokenizer, known_tokens)
+    fit_embeddings(model, tokenizer, known_tokens, settings.seed)
     if settings.phase == "instruct":
         set_chat_generation(model, tokenizer)
     return tokenizer, model

@@ -198,8 +198,9 @@ def training_arguments(settings: config.Settings, precision: str, use_cpu: bool)
         include_num_input_tokens_seen="non_padding",
         max_length=settings.max_length,
         packing=False,  # pretraining rows are packed by prep.py; instruct rows are single conversations
-        # Few distinct padded lengths: each new shape costs cuDNN attention a fresh plan.
-        pad_to_multiple_of=64,
+        # On a GPU few distinct padded lengths (each new shape may cost an attention kernel a fresh
+        # plan); on a CPU every padding token costs its full share of compute.
+        pad_to_multiple_of=8 if use_cpu else 64,
         dataset_num_proc=None,
         dataloader_num_workers=0,
     )

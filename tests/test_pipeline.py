@@ -113,7 +113,7 @@ def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
 
 
 def test_quantized_curriculum_publishes_plain_models(base_env, root):
-    env = {**base_env, "USE_QUANT": "true", "MAX_STEPS": "6", "LOGGING_STEPS": "2", "SAVE_STEPS": "6"}
+    env = {**base_env, "USE_QUANT": "true", "MAX_STEPS": "2", "LOGGING_STEPS": "1", "SAVE_STEPS": "2"}
     log = run_trainer(root, env)
     output = Path(env["OUTPUT_DIR"])
     assert json.loads((output / "run_state.json").read_text())["done"] is True
