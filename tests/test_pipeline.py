@@ -143,3 +143,27 @@ def test_timer_stops_training_and_publishes_without_advancing(base_env, root):
     output = Path(env["OUTPUT_DIR"])
     assert (output / "train-llama" / "config.json").is_file()
     assert not (output / "run_state.json").exists() or json.loads((output / "run_state.json").read_text())["init"] == 0
+
+
+def test_sigterm_saves_publishes_and_keeps_the_stage(base_env, root, tmp_path):
+    """A Space or container being stopped: trainer.sh gets SIGTERM while training runs."""
+    env = {**base_env, "RUN_ALL": "false", "LOGGING_STEPS": "1", "SAVE_STEPS": "1000",
+           "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+    log_path = tmp_path / "trainer.log"
+    with open(log_path, "w") as log_file:
+        trainer = subprocess.Popen(["bash", "trainer.sh"], cwd=root, env=env, stdout=log_file,
+                                   stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not re.search(r"^step\s+2/", log_path.read_text(), flags=re.M):
+            assert time.time() < deadline and trainer.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        trainer.send_signal(signal.SIGTERM)
+        assert trainer.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+    log = log_path.read_text()
+    assert re.search(r"Timer stop at step \d+ \(signal\)", log)
+    output = Path(env["OUTPUT_DIR"])
+    assert (output / "train-llama" / "config.json").is_file()
+    assert "stopped early" in (output / "train-llama" / "README.md").read_text()
+    assert not (output / "run_state.json").exists()
+    checkpoints = list((Path(env["WORK_DIR"]) / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints, "the stop saved no checkpoint to resume from"

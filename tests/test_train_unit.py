@@ -1,0 +1,73 @@
+"""Guards train.py's pieces that a whole run cannot easily provoke: a NaN loss stops training without
+writing that step's checkpoint, checkpoints of another stage are never resumed, the DeepSpeed
+configuration keeps the original's settings, and precision follows the device."""
+import json
+import math
+import signal
+
+import pytest
+
+import config
+import train
+
+
+class Control:
+    should_save = True
+    should_training_stop = False
+
+
+class State:
+    global_step, max_steps, num_input_tokens_seen = 20, 100, 40960
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return config.load_settings({"OUTPUT_DIR": str(tmp_path / "out"), "WORK_DIR": str(tmp_path / "work")})
+
+
+def test_nan_loss_stops_training_and_skips_the_checkpoint(settings, tmp_path, capsys):
+    pytest_handler = signal.getsignal(signal.SIGTERM)
+    step_log, _ = train.make_callbacks(settings, tmp_path / "STOP")  # installs train.py's SIGTERM handler
+    signal.signal(signal.SIGTERM, pytest_handler)
+    step_log.on_train_begin(None, State(), Control())
+    control = Control()
+    step_log.on_log(None, State(), control, logs={"loss": 2.5, "learning_rate": 1e-3})
+    assert control.should_save and not control.should_training_stop
+    step_log.on_log(None, State(), control, logs={"loss": math.nan, "learning_rate": 1e-3})
+    assert not control.should_save and control.should_training_stop
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("step     20/100 | loss   2.5000 | lr 1.000e-03 |") and "tok/s" in line and "eta" in line
+
+
+def test_checkpoints_of_another_stage_are_removed_not_resumed(settings):
+    old = settings.checkpoint_dir / "checkpoint-8"
+    old.mkdir(parents=True)
+    (settings.checkpoint_dir / "stage.json").write_text(json.dumps({**settings.stage_key(), "init": 7}))
+    assert train.resume_checkpoint(settings) is None
+    assert not old.exists()
+    assert json.loads((settings.checkpoint_dir / "stage.json").read_text()) == settings.stage_key()
+
+
+def test_checkpoints_of_the_same_stage_are_resumed(settings):
+    train.resume_checkpoint(settings)
+    (settings.checkpoint_dir / "checkpoint-4").mkdir()
+    (settings.checkpoint_dir / "checkpoint-12").mkdir()
+    assert train.resume_checkpoint(settings).endswith("checkpoint-12")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config_keeps_the_original_settings(stage):
+    s = config.load_settings({"ZERO_STAGE": str(stage)})
+    ds = config.deepspeed_config(s, "bf16")
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    if stage:
+        assert zero["overlap_comm"] and zero["contiguous_gradients"]
+        assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 5e8
+    assert ds["gradient_clipping"] == "auto"  # filled from max_grad_norm=1.0 by the Trainer
+    assert config.deepspeed_config(s, "fp16")["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+
+
+def test_cpu_precision(settings):
+    assert train.resolve_precision(settings) == "fp32"
+    assert train.resolve_precision(config.load_settings({"PRECISION": "bf16"})) == "bf16"
