@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,10 +52,13 @@ def test_demo_curriculum_produces_a_working_instruction_model(base_env, root, tm
     walked = [entry["trained"] for entry in state["history"]]
     assert len(walked) == 4 and "pretrain" in walked[0] and "instruct" in walked[-1], walked
 
-    # Loss falls: every stage ends below where the first one started.
+    # Loss falls: pretraining ends well below its first logged loss, and the second instruction
+    # stage ends below the first one's start.
     losses = [entry["final_loss"] for entry in state["history"]]
-    first = min(step_losses(log).items())[1]
-    assert losses[1] < first - 1.0, (first, losses)
+    stage_logs = log.split("=== train")[1:]
+    first_losses = [next(iter(step_losses(stage).values())) for stage in stage_logs]
+    assert losses[1] < first_losses[0] - 1.0, (first_losses, losses)
+    assert losses[3] < first_losses[2], (first_losses, losses)
 
     for name in ("train-llama", "train-llama-it"):
         folder = output / name
@@ -76,7 +80,9 @@ def prepare_small_run(root, env):
 
 def launch_training(root, env, processes=2):
     env = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    port = str(29500 + os.getpid() % 400 + processes)
+    with socket.socket() as probe:  # a free port for each launch: a killed run's port may linger
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     return subprocess.Popen(["deepspeed", "--master_port", port, "--num_gpus", str(processes), "train.py"],
                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -122,11 +128,9 @@ def test_quantized_curriculum_publishes_plain_models(base_env, root):
         config = json.loads((output / name / "config.json").read_text())
         assert "quantization_config" not in config
         assert not list((output / name).glob("adapter_*"))
-    blocked = ("import sys, importlib.abc\n"
-               "class Block(importlib.abc.MetaPathFinder):\n"
-               "    def find_spec(self, name, path, target=None):\n"
-               "        if name.split('.')[0] in ('peft', 'bitsandbytes'): raise ImportError(name)\n"
-               "sys.meta_path.insert(0, Block())\n"
+    # peft and bitsandbytes made unimportable (a None entry in sys.modules), as on a plain machine.
+    blocked = ("import sys\n"
+               "sys.modules.update(peft=None, bitsandbytes=None)\n"
                "from transformers import AutoModelForCausalLM\n"
                f"m = AutoModelForCausalLM.from_pretrained({str(output / 'train-llama-it')!r})\n"
                "print(type(m).__name__)\n")
