@@ -16,11 +16,8 @@ bitsandbytes only with USE_QUANT, datasets only for a dataset on the Hub.
 """
 from __future__ import annotations
 
-import csv
 import itertools
-import json
 import math
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -32,7 +29,6 @@ import config
 GIB = 2**30
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 SYMBOLS = {PASS: "✓", FAIL: "✗", SKIP: "⊘"}
-DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 ROWS_TO_READ = 5
 
 
@@ -665,125 +661,51 @@ def _local_dataset(value: str | None) -> Path | None:
     return path if path.exists() else None
 
 
-def _looks_like_path(value: str) -> bool:
-    return (value.startswith((".", "/", "~")) or value.lower().endswith(DATA_SUFFIXES)
-            or value.count("/") > 1 or "\\" in value)
-
-
-def dataset_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
-
-
-def read_first_rows(path: Path, count: int = ROWS_TO_READ) -> list[dict]:
-    """The first rows of a local file as dicts, reading only what they need."""
-    suffix = path.suffix.lower()
-    if suffix == ".txt":
-        with path.open(encoding="utf-8") as handle:
-            lines = [line.rstrip("\n") for line in itertools.islice(handle, count * 20)]
-        return [{"text": line} for line in lines if line.strip()][:count]
-    if suffix == ".csv":
-        csv.field_size_limit(2**31 - 1)
-        with path.open(encoding="utf-8", newline="") as handle:
-            return list(itertools.islice(csv.DictReader(handle), count))
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        batch = next(pq.ParquetFile(path).iter_batches(batch_size=count), None)
-        return batch.to_pylist() if batch is not None else []
-    return _read_json_rows(path, count)
-
-
-def _read_json_rows(path: Path, count: int) -> list[dict]:
-    """JSON lines, or (for .json) one JSON array of objects."""
-    with path.open(encoding="utf-8") as handle:
-        head = handle.read(1 << 16)
-    if path.suffix.lower() == ".json" and head.lstrip().startswith("["):
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        return rows[:count] if isinstance(rows, list) else []
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"line {number} is not valid JSON ({err.msg})") from None
-            if len(rows) >= count:
-                break
-    return rows
-
-
 def judge_rows(rows: list[Any], instruct: bool, var: str, where: str) -> CheckResult:
-    """The rows need a `text` column (instruct: in the chat format) or, for instruct, `messages`."""
+    """The first rows need a `text` column (instruct: a conversation) or, for instruct, `messages`;
+    each row is checked by prep.py's own row checks, so what passes here is what preparation takes."""
+    import prep
+
     if not rows:
         return failed(f"{var}: {where} has no rows")
-    if not all(isinstance(r, dict) for r in rows):
-        return failed(f"{var}: rows of {where} are not objects with named columns")
-    columns = sorted({key for row in rows for key in row})
-    if instruct and "messages" in columns and "text" not in columns:
-        bad = [r for r in rows if not _valid_messages(r.get("messages"))]
-        if bad:
-            return failed(f"{var}: `messages` in {where} must be a list of {{role, content}} with roles "
-                          "user/assistant (system only first)")
-        return passed(f"{var}: {where}, `messages` column; first {len(rows)} rows valid")
-    if "text" not in columns:
+    columns = sorted({str(key) for row in rows for key in row})
+    if not any(name in columns for name in (("text", "messages") if instruct else ("text",))):
         wanted = "`text` or `messages`" if instruct else "`text`"
         return failed(f"{var}: {where} has no {wanted} column (columns: {', '.join(columns) or 'none'})")
-    texts = [r.get("text") for r in rows]
-    if not all(isinstance(t, str) for t in texts):
-        return failed(f"{var}: the `text` column of {where} holds non-text values")
-    warnings = []
-    if instruct and not all("<|user|>" in t and "<|bot|>" in t for t in texts):
-        return failed(f"{var}: `text` rows of {where} must be conversations "
-                      "`<|user|>…<|end|><|bot|>…<|end|>` (or give a `messages` column)")
-    if any(not t.strip() for t in texts):
-        warnings.append(f"{var}: some of the first rows of {where} are empty")
-    return passed(f"{var}: {where}, `text` column; first {len(rows)} rows readable", warnings=warnings)
-
-
-def _valid_messages(messages: Any) -> bool:
-    if not isinstance(messages, list) or not messages:
-        return False
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            return False
-        if message.get("role") not in ("user", "assistant") and not (message.get("role") == "system" and index == 0):
-            return False
-    return True
+    row_check = prep.conversation_messages if instruct else prep.pretrain_text
+    problems = []
+    for number, row in enumerate(rows, 1):
+        try:
+            row_check(row)
+        except prep.UnusableRow as err:
+            problems.append(f"row {number}: {err}")
+    if problems:
+        return failed(f"{var}: the first rows of {where} are not usable ({'; '.join(problems[:3])})")
+    return passed(f"{var}: {where}; first {len(rows)} rows usable")
 
 
 def check_dataset(settings: config.Settings) -> CheckResult:
+    import prep
+
     value = settings.stage_dataset
     var = f"{'INSTRUCT_DATASET' if settings.inst else 'INPUT_DATASET'}={value}"
-    path = _local_dataset(value)
-    if path is not None:
-        return _check_local_dataset(path, settings.inst, var)
-    if _looks_like_path(value):
-        return failed(f"{var}: no such file or folder (a local .txt/.jsonl/.json/.parquet/.csv file or "
-                      "folder, or a Hub dataset id owner/name)")
+    if _local_dataset(value) is not None or not prep.looks_like_hub_id(value):
+        return _check_local_dataset(settings, var)
     return _check_hub_dataset(settings, value, var)
 
 
-def _check_local_dataset(path: Path, instruct: bool, var: str) -> CheckResult:
-    if path.is_file() and path.suffix.lower() not in DATA_SUFFIXES:
-        return failed(f"{var}: unsupported file type '{path.suffix}'; use {', '.join(DATA_SUFFIXES)}")
-    files = dataset_files(path)
-    if not files:
-        return failed(f"{var}: the folder has no {', '.join(DATA_SUFFIXES)} files")
-    first = files[0]
-    if first.stat().st_size == 0:
-        return failed(f"{var}: {first} is empty")
+def _check_local_dataset(settings: config.Settings, var: str) -> CheckResult:
+    """The first rows through prep.py's own readers: the same files, formats and errors."""
+    import prep
+
+    variable = "INSTRUCT_DATASET" if settings.inst else "INPUT_DATASET"
     try:
-        rows = read_first_rows(first)
-    except (ValueError, UnicodeDecodeError, OSError) as err:
-        return failed(f"{var}: cannot read {first.name}: {err}")
-    where = first.name if path.is_file() else f"{len(files)} file(s) in {path.name}/ ({first.name} read)"
-    result = judge_rows(rows, instruct, var, where)
-    if len({f.suffix.lower() for f in files}) > 1:
-        result.warnings.append(f"{var}: the folder mixes file types ({', '.join(sorted({f.suffix for f in files}))})")
-    return result
+        source = prep.open_data_source(settings.stage_dataset, variable, settings.hf_token)
+        rows = list(itertools.islice(prep.iter_rows(source), ROWS_TO_READ))
+    except prep.PrepError as err:
+        return failed(str(err))
+    where = f"{len(source.files)} file(s)"
+    return judge_rows(rows, settings.inst, var, where)
 
 
 def _check_hub_dataset(settings: config.Settings, repo_id: str, var: str) -> CheckResult:
@@ -801,12 +723,13 @@ def _check_hub_dataset(settings: config.Settings, repo_id: str, var: str) -> Che
         if reason:
             return failed(f"{var}: {hub_unreachable(settings, reason)}")
         raise
-    import datasets
+    import prep
 
-    splits = datasets.load_dataset(repo_id, streaming=True, token=settings.hf_token)
-    if "train" not in splits:
-        return failed(f"{var}: the Hub dataset has no 'train' split (splits: {', '.join(splits) or 'none'})")
-    rows = list(splits["train"].take(ROWS_TO_READ))
+    try:
+        train_split = prep.open_hub_dataset(repo_id, var.split("=")[0], settings.hf_token)
+    except prep.PrepError as err:
+        return failed(str(err))
+    rows = list(train_split.take(ROWS_TO_READ))
     return judge_rows(rows, settings.inst, var, f"Hub dataset {repo_id} (streamed)")
 
 
