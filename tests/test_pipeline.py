@@ -104,8 +104,7 @@ def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
     deadline = time.time() + 300
     while not (checkpoint / "trainer_state.json").exists():
         assert time.time() < deadline and crashing.poll() is None, "no checkpoint-4 was written"
-        time.sleep(0.5)
-    time.sleep(1.0)
+        time.sleep(0.2)
     os.killpg(crashing.pid, signal.SIGKILL)
     crashing.wait()
 
@@ -114,7 +113,7 @@ def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
     assert resumed.returncode == 0, resumed_log[-4000:]
     assert "resuming from" in resumed_log and "checkpoint-" in resumed_log
     reference_losses, resumed_losses = step_losses(reference_log), step_losses(resumed_log)
-    assert min(resumed_losses) > 4, "the resumed run started over instead of continuing"
+    assert min(resumed_losses.keys()) == 6, "the resumed run did not continue after checkpoint-4"
     assert resumed_losses[8] == pytest.approx(reference_losses[8], rel=1e-4), (reference_losses, resumed_losses)
 
 
