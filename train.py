@@ -203,6 +203,9 @@ def training_arguments(settings: config.Settings, precision: str, use_cpu: bool)
         pad_to_multiple_of=8 if use_cpu else 64,
         dataset_num_proc=None,
         dataloader_num_workers=0,
+        # A partial last batch is split differently on 1 and on N processes; dropping it keeps every
+        # step's batch the same at any world size (the same global batch gives the same loss curve).
+        dataloader_drop_last=True,
     )
 
 

@@ -79,7 +79,7 @@ def prepare_small_run(root, env):
 
 
 def launch_training(root, env, processes=2):
-    env = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // processes)}
     with socket.socket() as probe:  # a free port for each launch: a killed run's port may linger
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
@@ -115,6 +115,26 @@ def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
     reference_losses, resumed_losses = step_losses(reference_log), step_losses(resumed_log)
     assert min(resumed_losses.keys()) == 6, "the resumed run did not continue after checkpoint-4"
     assert resumed_losses[8] == pytest.approx(reference_losses[8], rel=1e-4), (reference_losses, resumed_losses)
+
+
+def test_one_and_two_processes_give_the_same_loss_curve_at_the_same_global_batch(base_env, root, tmp_path):
+    # A small shard (82 sequences), so that the run crosses epoch boundaries, where a partial batch
+    # would split differently on one and on two processes. (10 micro-batches an epoch: an even
+    # number, since the Trainer ends an epoch with a shorter accumulation when GA does not divide it.)
+    env = {**base_env, "SHARD_SIZE": "200", "EPOCHS": "6", "BATCH_SIZE": "8", "LOGGING_STEPS": "1",
+           "SAVE_STEPS": "1000", "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+    prepare_small_run(root, env)
+    two_env = {**env, "WORK_DIR": str(tmp_path / "work2")}
+    shutil.copytree(Path(env["WORK_DIR"]) / "prep", tmp_path / "work2" / "prep")
+    one = launch_training(root, {**env, "GRADIENT_ACCUMULATION_STEPS": "2"}, processes=1)
+    one_log = one.communicate(timeout=600)[0]
+    two = launch_training(root, {**two_env, "GRADIENT_ACCUMULATION_STEPS": "1"}, processes=2)
+    two_log = two.communicate(timeout=600)[0]
+    assert one.returncode == 0 and two.returncode == 0, (one_log[-2000:], two_log[-2000:])
+    one_losses, two_losses = step_losses(one_log), step_losses(two_log)
+    assert len(one_losses) >= 5 and one_losses.keys() == two_losses.keys()
+    for step, loss in one_losses.items():
+        assert two_losses[step] == pytest.approx(loss, rel=1e-4), (one_losses, two_losses)
 
 
 def test_quantized_curriculum_publishes_plain_models(base_env, root):
