@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import shutil
 import signal
@@ -19,7 +18,7 @@ import warnings
 from pathlib import Path
 
 import config
-from util import is_main_process, local_rank, log, write_json_atomic
+from util import is_main_process, local_rank, log, replace_directory, write_json_atomic
 
 EXIT_NOT_FINITE = 3
 EXIT_BAD_PREP = 4
@@ -250,12 +249,7 @@ def save_trained(settings, trainer, tokenizer, summary: dict) -> None:
             shutil.rmtree(staging / "adapter")
     tokenizer.save_pretrained(staging / "model")
     write_json_atomic(staging / "summary.json", summary)
-    old = settings.work_dir / ".trained-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if settings.trained_dir.exists():
-        os.replace(settings.trained_dir, old)
-    os.replace(staging, settings.trained_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(staging, settings.trained_dir)
 
 
 def print_summary(summary: dict) -> None:

@@ -86,10 +86,16 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_directory(tmp, final)
+
+
+def replace_directory(complete: Path, final: Path) -> None:
+    """Put the finished folder `complete` at `final`: the old version is moved aside before the
+    rename and deleted only after it, so a crash never leaves `final` half written."""
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         os.replace(final, old)
-    os.replace(tmp, final)
+    os.replace(complete, final)
     shutil.rmtree(old, ignore_errors=True)
 
 

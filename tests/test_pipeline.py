@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow
 
 
 def run_trainer(root, env, timeout=900):
+    # trainer.sh runs `python3` and `deepspeed` from PATH: those of this interpreter's environment.
+    env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
     result = subprocess.run(["bash", "trainer.sh"], cwd=root, env=env, capture_output=True, text=True,
                             timeout=timeout)
     log = result.stdout + result.stderr
