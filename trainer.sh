@@ -52,7 +52,9 @@ processes=$(setting num_processes)
 gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 if [ "$processes" -eq 0 ]; then processes=$(( gpus > 0 ? gpus : 1 )); fi
 port=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-launcher=(deepspeed --master_port "$port" --num_gpus "$processes")
+devices=$("$PYTHON" util.py launcher-devices --processes "$processes" --gpus "$gpus")
+read -r -a devices <<< "$devices"
+launcher=(deepspeed --master_port "$port" "${devices[@]}")
 if [ "$gpus" -eq 0 ]; then
   # DeepSpeed's CPU accelerator: gloo communication, one BLAS thread pool per process.
   export DS_ACCELERATOR=cpu

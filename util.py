@@ -564,13 +564,36 @@ def advance_line(settings: config.Settings, state: dict[str, Any], current: str)
             f"next run: INIT={state['init']} INST={str(state['inst']).lower()}")
 
 
+def launcher_devices(processes: int, gpus: int, visible: str | None) -> list[str]:
+    """The device arguments of the `deepspeed` launcher. Given --num_gpus it drops
+    CUDA_VISIBLE_DEVICES and starts processes on GPUs 0..N-1, so a user who set CUDA_VISIBLE_DEVICES=2,3
+    would train on 0 and 1; with a visible-devices list the GPUs are named with --include instead."""
+    if gpus == 0 or not visible:
+        return ["--num_gpus", str(processes)]
+    indices = [part.strip() for part in visible.split(",") if part.strip()]
+    if not all(part.isdigit() for part in indices):
+        raise StageError(f"CUDA_VISIBLE_DEVICES={visible!r}: the DeepSpeed launcher needs GPU indices; "
+                         "name the GPUs by number, e.g. CUDA_VISIBLE_DEVICES=0,1")
+    return ["--include", "localhost:" + ",".join(indices[:processes])]
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Publish the trained model, or advance the curriculum.")
-    parser.add_argument("command", choices=("publish", "advance"))
+    parser = argparse.ArgumentParser(description="Publish the trained model, advance the curriculum, or print "
+                                                 "the launcher's device arguments.")
+    parser.add_argument("command", choices=("publish", "advance", "launcher-devices"))
+    parser.add_argument("--processes", type=int, default=1, help="launcher-devices: training processes")
+    parser.add_argument("--gpus", type=int, default=0, help="launcher-devices: GPUs torch sees")
     parser.add_argument("--retry-delay", type=float, default=DEFAULT_RETRY_DELAY, metavar="SECONDS",
                         help="wait before the first retry of a Hub call; doubles at each retry "
                              f"(default {DEFAULT_RETRY_DELAY:g})")
     args = parser.parse_args()
+    if args.command == "launcher-devices":
+        try:
+            print(" ".join(launcher_devices(args.processes, args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))))
+        except StageError as err:
+            print(f"launcher: error: {err}", file=sys.stderr)
+            return 2
+        return 0
     if not is_main_process():
         return 0
     settings = config.settings_or_exit()

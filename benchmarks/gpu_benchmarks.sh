@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# GPU benchmarks recorded in BENCHMARKS.md. Run from the repo root on a machine with 2 GPUs:
-#   bash benchmarks/gpu_benchmarks.sh scaling RESULTS_DIR   # ~200M on 1 and 2 GPUs, same global batch
-#   bash benchmarks/gpu_benchmarks.sh quant RESULTS_DIR     # ~1B: full bf16 vs NF4 + LoRA
-#   bash benchmarks/gpu_benchmarks.sh demo RESULTS_DIR      # the demo curriculum through trainer.sh
-# QUANT_SHAPES="BATCH LENGTH,..." picks the quant suite's shapes (default all four).
-#   python3 benchmarks/report.py RESULTS_DIR                # the table
-# Each run keeps its training log and summary.json in RESULTS_DIR/<run name>/.
+# GPU benchmarks recorded in BENCHMARKS.md. From the repo root, on a machine with 2 GPUs:
+#   bash benchmarks/gpu_benchmarks.sh SUITE RESULTS_DIR && python3 benchmarks/report.py RESULTS_DIR
+# Suites:
+#   scaling  ~200M pretraining through trainer.sh on 1 GPU and on 2, at the same global batch
+#   quant    ~1B (FACTOR 12288) on 1 GPU: full bf16 and NF4 + LoRA through prep.py and train.py, and
+#            stock TRL + peft + bitsandbytes (benchmarks/stock_trl.py), at each of
+#            QUANT_SHAPES="BATCH LENGTH,..." (default all four)
+#   qlora2   ~1B NF4 + LoRA under ZeRO-2 on 2 GPUs (compare with quant's 1-GPU 4x2048 run)
+#   demo     the demo curriculum through trainer.sh on 1 GPU and on 2
+#   all      every suite: the 1-GPU runs on GPU 0 and GPU 1 side by side, then the 2-GPU runs
+# Each run keeps its log and summary.json in RESULTS_DIR/<run name>/; RESULTS_DIR/done marks the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 suite=$1
@@ -14,57 +18,104 @@ scratch=${SCRATCH:-/tmp/train-llama-bench}
 mkdir -p "$results" "$scratch"
 export TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 
-# One training stage (prep + train) with its own work folder; keeps the log and summary.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# One stage through prep.py and train.py on the listed GPUs ("0" or "0,1"); the rest is settings.
 train_stage() {
   local name=$1 gpus=$2; shift 2
   local work=$scratch/$name
-  rm -rf "$work"
-  mkdir -p "$results/$name"
+  rm -rf "$work" && mkdir -p "$results/$name"
   (
-    export "$@" WORK_DIR="$work/work" OUTPUT_DIR="$work/output"
+    export "$@" WORK_DIR="$work/work" OUTPUT_DIR="$work/output" CUDA_VISIBLE_DEVICES="$gpus"
     python3 prep.py > "$results/$name/prep.log" 2>&1
-    deepspeed --master_port $((29500 + RANDOM % 1000)) --num_gpus "$gpus" train.py > "$results/$name/train.log" 2>&1
+    deepspeed --master_port "$(free_port)" --include "localhost:$gpus" train.py > "$results/$name/train.log" 2>&1
     cp "$work/work/trained/summary.json" "$results/$name/summary.json"
   ) || echo "benchmark $name failed: see $results/$name/"
-  grep -E "^step|tok/s\)" "$results/$name/train.log" | tail -3 || true
+  rm -rf "$work"
+  grep -E "^step" "$results/$name/train.log" | tail -1 || true
 }
 
-demo_run() {
-  local name=$1 gpus=$2
-  mkdir -p "$results/$name"
-  local start=$SECONDS
-  CUDA_VISIBLE_DEVICES=$gpus WORK_DIR="$scratch/$name/work" OUTPUT_DIR="$scratch/$name/output" \
-    bash trainer.sh > "$results/$name/trainer.log" 2>&1 || echo "benchmark $name failed"
-  echo "$name: whole demo curriculum in $((SECONDS - start)) s" | tee -a "$results/$name/trainer.log"
-  python3 evaluate.py "$scratch/$name/output/train-llama-it" 2>&1 | tail -3 | tee -a "$results/$name/trainer.log"
+# One trainer.sh run (every stage it runs) on the listed GPUs; the rest is settings.
+trainer_run() {
+  local name=$1 gpus=$2; shift 2
+  local work=$scratch/$name start=$SECONDS
+  rm -rf "$work" && mkdir -p "$results/$name"
+  (
+    export "$@" WORK_DIR="$work/work" OUTPUT_DIR="$work/output" CUDA_VISIBLE_DEVICES="$gpus"
+    bash trainer.sh > "$results/$name/train.log" 2>&1
+    cp "$work/work/trained/summary.json" "$results/$name/summary.json"
+  ) || echo "benchmark $name failed: see $results/$name/"
+  echo "$name: trainer.sh took $((SECONDS - start)) s" | tee "$results/$name/wall.txt"
 }
 
-# ~200M parameters (vocabulary 2048 trained on the embedded corpus), packed 2048-token rows, bf16,
-# no activation checkpointing; the same global batch (16 sequences) on one and on two GPUs.
+# ~200M parameters (the corpus vocabulary), packed 2048-token rows, bf16, no activation
+# checkpointing, the same global batch (16 sequences); 300 steps are a few minutes on one GPU.
 scaling_settings=(PRESET=full INPUT_DATASET=data/pretrain.jsonl OUTPUT_REPO=bench TARGET_PARAMETERS=200M
-  VOCAB_SIZE=2048 MAX_LENGTH=2048 EPOCHS=40 MAX_STEPS=60 LOGGING_STEPS=5 SAVE_STEPS=1000
+  VOCAB_SIZE=2048 MAX_LENGTH=2048 EPOCHS=40 MAX_STEPS=300 LOGGING_STEPS=10 SAVE_STEPS=1000
   GRADIENT_CHECKPOINTING=false LEARNING_RATE=6e-4 BATCH_SIZE=8)
+# ~1B (FACTOR 12288) with activation checkpointing: full bf16 against NF4 + LoRA at equal batch.
+quant_settings=(PRESET=full INPUT_DATASET=data/pretrain.jsonl OUTPUT_REPO=bench FACTOR=12288
+  VOCAB_SIZE=52000 GRADIENT_ACCUMULATION_STEPS=1 EPOCHS=40 MAX_STEPS=12 LOGGING_STEPS=2 SAVE_STEPS=1000
+  GRADIENT_CHECKPOINTING=true)
+
+scaling_1gpu() { trainer_run scaling-1gpu "$1" "${scaling_settings[@]}" GRADIENT_ACCUMULATION_STEPS=2; }
+scaling_2gpu() { trainer_run scaling-2gpu 0,1 "${scaling_settings[@]}" GRADIENT_ACCUMULATION_STEPS=1; }
+demo_run() {
+  trainer_run "$1" "$2"
+  { python3 evaluate.py "$scratch/$1/output/train-llama-it" 2>&1 || true; } | tail -2 | tee -a "$results/$1/wall.txt"
+  rm -rf "${scratch:?}/$1"
+}
+
+# The quant comparison at "BATCH LENGTH" shapes on one GPU. The 1B model's embedding has the rows of
+# the corpus vocabulary; the stock baseline gets the same number (read from the full run's summary).
+quant_shapes() {
+  local gpu=$1 shape batch length
+  IFS=, read -r -a shapes <<< "$2"
+  for shape in "${shapes[@]}"; do
+    read -r batch length <<< "$shape"
+    for quant in false true; do
+      train_stage "1b-b${batch}-l${length}-quant-${quant}" "$gpu" "${quant_settings[@]}" \
+        MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT="$quant"
+    done
+    local rows
+    rows=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["vocab_rows"])' \
+      "$results/1b-b${batch}-l${length}-quant-false/summary.json" 2>/dev/null || echo 1216)
+    mkdir -p "$results/stock-1b-b${batch}-l${length}-nf4"
+    CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/stock_trl.py --hidden 2048 --vocab-rows "$rows" \
+      --batch "$batch" --length "$length" --quant --checkpointing \
+      --json "$results/stock-1b-b${batch}-l${length}-nf4/stock.json" \
+      > "$results/stock-1b-b${batch}-l${length}-nf4/train.log" 2>&1 || echo "stock $shape failed"
+    tail -1 "$results/stock-1b-b${batch}-l${length}-nf4/train.log"
+  done
+}
+
+# Stock TRL full bf16 training of the scaling suite's shape, on one GPU.
+stock_scaling() {
+  mkdir -p "$results/stock-scaling"
+  CUDA_VISIBLE_DEVICES=$1 python3 benchmarks/stock_trl.py --hidden 1024 --vocab-rows 1216 --batch 8 \
+    --length 2048 --accumulation 2 --steps 20 --warmup 4 --json "$results/stock-scaling/stock.json" \
+    > "$results/stock-scaling/train.log" 2>&1 || echo "stock scaling failed"
+  tail -1 "$results/stock-scaling/train.log"
+}
+
+qlora_2gpu() {
+  train_stage 1b-b4-l2048-quant-true-2gpu 0,1 "${quant_settings[@]}" MAX_LENGTH=2048 BATCH_SIZE=4 USE_QUANT=true
+}
 
 case "$suite" in
-  demo)
-    demo_run demo-1gpu 0
+  scaling) scaling_1gpu 0; scaling_2gpu ;;
+  quant) quant_shapes 0 "${QUANT_SHAPES:-1 1024,4 1024,1 2048,4 2048}" ;;
+  qlora2) qlora_2gpu ;;
+  demo) demo_run demo-1gpu 0; demo_run demo-2gpu 0,1 ;;
+  all)
+    # Side by side: the two GPUs share nothing but the host (32 cores), so neither waits on the other.
+    { scaling_1gpu 0; quant_shapes 0 "4 2048,1 2048"; stock_scaling 0; } > "$results/gpu0.log" 2>&1 &
+    { demo_run demo-1gpu 1; quant_shapes 1 "1 1024,4 1024"; } > "$results/gpu1.log" 2>&1 &
+    wait
+    scaling_2gpu
+    qlora_2gpu
+    demo_run demo-2gpu 0,1
     ;;
-  scaling)
-    CUDA_VISIBLE_DEVICES=0 train_stage scaling-1gpu 1 "${scaling_settings[@]}" GRADIENT_ACCUMULATION_STEPS=2
-    train_stage scaling-2gpu 2 "${scaling_settings[@]}" GRADIENT_ACCUMULATION_STEPS=1
-    ;;
-  quant)
-    # ~1B (FACTOR 12288), activation checkpointing on, full bf16 against NF4 + LoRA at equal batch.
-    IFS=, read -r -a shapes <<< "${QUANT_SHAPES:-1 1024,4 2048,4 1024,1 2048}"
-    for shape in "${shapes[@]}"; do
-      read -r batch length <<< "$shape"
-      for quant in false true; do
-        CUDA_VISIBLE_DEVICES=0 train_stage "1b-b${batch}-l${length}-quant-${quant}" 1 PRESET=full \
-          INPUT_DATASET=data/pretrain.jsonl OUTPUT_REPO=bench FACTOR=12288 VOCAB_SIZE=52000 \
-          MAX_LENGTH="$length" BATCH_SIZE="$batch" GRADIENT_ACCUMULATION_STEPS=1 EPOCHS=40 MAX_STEPS=10 \
-          LOGGING_STEPS=2 SAVE_STEPS=1000 GRADIENT_CHECKPOINTING=true USE_QUANT="$quant"
-      done
-    done
-    ;;
-  *) echo "usage: $0 scaling|quant|demo RESULTS_DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 scaling|quant|qlora2|demo|all RESULTS_DIR" >&2; exit 2 ;;
 esac
+touch "$results/done"

@@ -50,17 +50,53 @@ def estimate_gib(summary: dict) -> float:
 def run_row(name: str, folder: Path) -> tuple[str, dict, list]:
     summary = json.loads((folder / "summary.json").read_text())
     steps = step_lines((folder / "train.log").read_text())
-    speeds = [t for _, _, t in steps[1:]] or [t for _, _, t in steps]
-    per_gpu = statistics.median(speeds) / summary["world_size"]
+    per_gpu = median_speed(folder) / summary["world_size"]
     mfu = per_gpu * flops_per_token(summary) / H100_DENSE_BF16
     estimate = estimate_gib(summary)
     row = (f"| {name} | {summary.get('card', '?')} | {summary['world_size']} | {summary['parameters'] / 1e6:,.0f}M | "
            f"{summary['batch_size']}x{summary['max_length']}, GA {summary['gradient_accumulation_steps']} | "
            f"{'NF4+LoRA' if summary['use_quant'] else summary['precision']}"
-           f"{', ckpt' if summary['gradient_checkpointing'] else ''} | {statistics.median(speeds):,.0f} | "
+           f"{', ckpt' if summary['gradient_checkpointing'] else ''} | {median_speed(folder):,.0f} | "
            f"{100 * mfu:.1f}% | {summary['peak_memory_gib']:.2f} | {estimate:.2f} | "
            f"{estimate / summary['peak_memory_gib']:.2f} |")
     return row, summary, steps
+
+
+def median_speed(folder: Path) -> float:
+    steps = step_lines((folder / "train.log").read_text())
+    return statistics.median([t for _, _, t in steps[1:]] or [t for _, _, t in steps])
+
+
+def print_comparisons(results: Path, curves: dict) -> None:
+    """Ratios measured in the same call: GPUs, NF4 against full bf16, this pipeline against stock TRL."""
+    def speed(name):
+        folder = results / name
+        if (folder / "stock.json").is_file():
+            return json.loads((folder / "stock.json").read_text())["tokens_per_second"]
+        return median_speed(folder) if (folder / "summary.json").is_file() else None
+
+    def peak(name):
+        path = results / name / "summary.json"
+        return json.loads(path.read_text())["peak_memory_gib"] if path.is_file() else None
+
+    pairs = [("scaling-2gpu", "scaling-1gpu", "tokens/s, 2 GPUs over 1"),
+             ("1b-b4-l2048-quant-true-2gpu", "1b-b4-l2048-quant-true", "tokens/s, NF4 on 2 GPUs over 1"),
+             ("scaling-1gpu", "stock-scaling", "tokens/s, this pipeline over stock TRL (bf16)")]
+    for folder in sorted(results.glob("1b-b*-quant-false")):
+        shape = folder.name.removesuffix("-quant-false")
+        pairs.append((f"{shape}-quant-true", folder.name, f"{shape}: tokens/s, NF4 over full"))
+        pairs.append((f"{shape}-quant-true", f"stock-{shape}-nf4", f"{shape}: tokens/s, this pipeline's NF4 over stock"))
+        if peak(f"{shape}-quant-true") and peak(folder.name):
+            print(f"{shape}: peak memory, NF4 over full: {peak(f'{shape}-quant-true') / peak(folder.name):.3f}")
+    for top, bottom, what in pairs:
+        if speed(top) and speed(bottom):
+            print(f"{what}: {speed(top) / speed(bottom):.3f} ({speed(top):,.0f} / {speed(bottom):,.0f})")
+    one, two = "scaling-1gpu", "scaling-2gpu"
+    if one in curves and two in curves:
+        shared = sorted(set(curves[one]) & set(curves[two]))
+        worst = max(abs(curves[one][s] - curves[two][s]) / curves[one][s] for s in shared)
+        print(f"loss curves {one} vs {two}: {len(shared)} shared steps, largest relative difference "
+              f"{100 * worst:.2f}% (" + ", ".join(f"{s}: {curves[one][s]:.3f}/{curves[two][s]:.3f}" for s in shared[-4:]) + ")")
 
 
 def main() -> int:
@@ -68,16 +104,21 @@ def main() -> int:
     print("| run | card | GPUs | parameters | batch | mode | tokens/s | MFU | peak GiB/GPU | estimate GiB | est/peak |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     curves = {}
-    for folder in sorted(p for p in results.iterdir() if (p / "summary.json").is_file()):
+    # A demo folder holds several stages' step lines; its wall time and accuracy are printed below.
+    for folder in sorted(p for p in results.iterdir() if (p / "summary.json").is_file() and not p.name.startswith("demo")):
         row, summary, steps = run_row(folder.name, folder)
         curves[folder.name] = {s: loss for s, loss, _ in steps}
         print(row)
-    for one, two in (("scaling-1gpu", "scaling-2gpu"),):
-        if one in curves and two in curves:
-            shared = sorted(set(curves[one]) & set(curves[two]))
-            worst = max(abs(curves[one][s] - curves[two][s]) / curves[one][s] for s in shared)
-            print(f"\nloss curves {one} vs {two}: {len(shared)} shared steps, largest relative difference "
-                  f"{100 * worst:.2f}% (" + ", ".join(f"{s}: {curves[one][s]:.3f}/{curves[two][s]:.3f}" for s in shared[-4:]) + ")")
+    for path in sorted(results.glob("stock-*/stock.json")):
+        stock = json.loads(path.read_text())
+        print(f"| {path.parent.name} | {stock['card']} | 1 | same shape | {stock['batch']}x{stock['length']}, "
+              f"GA {stock['accumulation']} | {stock['mode']}{', ckpt' if stock['checkpointing'] else ''} | "
+              f"{stock['tokens_per_second']:,.0f} | | {stock['peak_memory_gib']:.2f} | | |")
+    print()
+    for path in sorted(results.glob("*/wall.txt")):
+        print(path.read_text().strip())
+    print()
+    print_comparisons(results, curves)
     return 0
 
 

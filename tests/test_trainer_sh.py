@@ -28,3 +28,19 @@ def test_missing_dataset_stops_at_preflight(base_env, root, tmp_path):
     assert "INPUT_DATASET" in result.stdout + result.stderr
     assert "stage 'preflight' failed" in result.stderr
     assert not (Path(base_env["WORK_DIR"]) / "prep").exists()
+
+
+def test_launcher_keeps_the_gpus_that_cuda_visible_devices_names(root):
+    """DeepSpeed's launcher drops CUDA_VISIBLE_DEVICES when given --num_gpus (and would use GPUs 0..N-1),
+    so trainer.sh names the visible GPUs with --include."""
+    import util
+
+    assert util.launcher_devices(2, 0, None) == ["--num_gpus", "2"]
+    assert util.launcher_devices(2, 4, None) == ["--num_gpus", "2"]
+    assert util.launcher_devices(1, 1, "3") == ["--include", "localhost:3"]
+    assert util.launcher_devices(2, 3, "2, 5,7") == ["--include", "localhost:2,5"]
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "GPU-8f2c"}
+    result = subprocess.run([sys.executable, "util.py", "launcher-devices", "--processes", "1", "--gpus", "1"],
+                            cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "CUDA_VISIBLE_DEVICES='GPU-8f2c'" in result.stderr and "by number" in result.stderr
