@@ -8,6 +8,8 @@
 #            QUANT_SHAPES="BATCH LENGTH,..." (default all four)
 #   qlora2   ~1B NF4 + LoRA under ZeRO-2 on 2 GPUs (compare with quant's 1-GPU 4x2048 run)
 #   demo     the demo curriculum through trainer.sh on 1 GPU and on 2
+#   zero     one GPU, ZeRO stages 0 and 2 against stock TRL: the ~200M bf16 shape, the ~1B at 1x1024
+#            (bound by per-step work) and NF4 at 4x2048 (why this pipeline trails stock on one GPU)
 #   all      every suite: the 1-GPU runs on GPU 0 and GPU 1 side by side, then the 2-GPU runs
 # Each run keeps its log and summary.json in RESULTS_DIR/<run name>/; RESULTS_DIR/done marks the end.
 set -euo pipefail
@@ -74,6 +76,7 @@ quant_shapes() {
   for shape in "${shapes[@]}"; do
     read -r batch length <<< "$shape"
     for quant in false true; do
+      [ -n "${QUANT_STOCK_ONLY:-}" ] && continue
       train_stage "1b-b${batch}-l${length}-quant-${quant}" "$gpu" "${quant_settings[@]}" \
         MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT="$quant"
     done
@@ -102,11 +105,23 @@ qlora_2gpu() {
   train_stage 1b-b4-l2048-quant-true-2gpu 0,1 "${quant_settings[@]}" MAX_LENGTH=2048 BATCH_SIZE=4 USE_QUANT=true
 }
 
+zero_stages() {
+  local stage
+  for stage in 0 2; do
+    train_stage "zero${stage}-scaling" 0 "${scaling_settings[@]}" GRADIENT_ACCUMULATION_STEPS=2 MAX_STEPS=40 ZERO_STAGE=$stage
+    train_stage "zero${stage}-1b-b1-l1024" 0 "${quant_settings[@]}" MAX_LENGTH=1024 BATCH_SIZE=1 USE_QUANT=false ZERO_STAGE=$stage
+    train_stage "zero${stage}-1b-b4-l2048-nf4" 0 "${quant_settings[@]}" MAX_LENGTH=2048 BATCH_SIZE=4 USE_QUANT=true ZERO_STAGE=$stage
+  done
+  stock_scaling 0
+  QUANT_STOCK_ONLY=1 quant_shapes 0 "4 2048"
+}
+
 case "$suite" in
   scaling) scaling_1gpu 0; scaling_2gpu ;;
   quant) quant_shapes 0 "${QUANT_SHAPES:-1 1024,4 1024,1 2048,4 2048}" ;;
   qlora2) qlora_2gpu ;;
   demo) demo_run demo-1gpu 0; demo_run demo-2gpu 0,1 ;;
+  zero) zero_stages ;;
   all)
     # Side by side: the two GPUs share nothing but the host (32 cores), so neither waits on the other.
     { scaling_1gpu 0; quant_shapes 0 "4 2048,1 2048"; stock_scaling 0; } > "$results/gpu0.log" 2>&1 &
@@ -116,6 +131,6 @@ case "$suite" in
     qlora_2gpu
     demo_run demo-2gpu 0,1
     ;;
-  *) echo "usage: $0 scaling|quant|qlora2|demo|all RESULTS_DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 scaling|quant|qlora2|demo|zero|all RESULTS_DIR" >&2; exit 2 ;;
 esac
 touch "$results/done"
