@@ -149,10 +149,11 @@ def iter_rows(source: DataSource, skip: int = 0) -> Iterator[dict]:
         return
     try:
         for path in source.files:
-            count = cheap_row_count(path) if skip else None
-            if count is not None and skip >= count:
-                skip -= count
-                continue
+            if skip:
+                count = file_row_count(path)
+                if skip >= count:
+                    skip -= count
+                    continue
             for row in READERS[file_kind(path)](path, skip):
                 yield row
             skip = 0
@@ -257,15 +258,16 @@ READERS: dict[str, Callable[[Path, int], Iterator[dict]]] = {
 }
 
 
-def cheap_row_count(path: Path) -> int | None:
-    """Rows of a file where counting needs no parsing: Parquet metadata, or lines of text/JSON Lines."""
+def file_row_count(path: Path) -> int:
+    """Rows of one file: Parquet metadata, or non-blank lines of text/JSON Lines; CSV and JSON arrays
+    have no cheaper way than reading them."""
     kind = file_kind(path)
     if kind == ".parquet":
         return parquet_file(path).metadata.num_rows
     if kind in (".txt", ".jsonl"):
         with open(path, "rb") as handle:
             return sum(1 for line in handle if line.strip())
-    return None
+    return sum(1 for _ in READERS[kind](path, 0))
 
 
 def count_rows(source: DataSource) -> int | None:
@@ -274,14 +276,10 @@ def count_rows(source: DataSource) -> int | None:
         splits = getattr(source.hub_dataset.info, "splits", None) or {}
         train = splits.get("train")
         return train.num_examples if train is not None and train.num_examples else None
-    total = 0
     try:
-        for path in source.files:
-            count = cheap_row_count(path)
-            total += count if count is not None else sum(1 for _ in READERS[file_kind(path)](path, 0))
+        return sum(file_row_count(path) for path in source.files)
     except UnreadableData as err:
         raise PrepError(f"{source.variable}: {err}") from None
-    return total
 
 
 def column_names(source: DataSource) -> list[str]:

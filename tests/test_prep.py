@@ -101,6 +101,18 @@ def test_a_folder_reads_its_data_files_in_order_and_skips_across_them(tmp_path):
     assert prep.count_rows(source) == 25
 
 
+def test_a_skip_past_whole_csv_and_json_array_files_lands_on_the_right_row(tmp_path):
+    """Files without a cheap row count are still counted, not read from their own row `skip`."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_format(folder / "a", ".csv", [{"text": t} for t in DOCUMENTS[:3]])
+    write_format(folder / "b", ".json", [{"text": t} for t in DOCUMENTS[3:6]])
+    write_format(folder / "c", ".csv", [{"text": t} for t in DOCUMENTS[6:9]])
+    source = prep.open_data_source(str(folder), "INPUT_DATASET", None)
+    assert [r["text"] for r in prep.iter_rows(source, skip=4)] == DOCUMENTS[4:9]
+    assert [r["text"] for r in prep.iter_rows(source, skip=7)] == DOCUMENTS[7:9]
+
+
 def test_a_hub_dataset_is_streamed_and_sharded(tmp_path, monkeypatch):
     import datasets
 
