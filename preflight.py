@@ -488,11 +488,9 @@ def check_gpu_memory(settings: config.Settings) -> CheckResult:
     if world > count:
         return failed(f"NUM_PROCESSES={settings.num_processes} but only {count} GPU(s) are visible; "
                       "set NUM_PROCESSES=auto or at most the GPU count")
-    problems = [f"PRECISION=bf16 but GPU {i} ({torch.cuda.get_device_name(i)}) has no bf16 support; "
-                "use PRECISION=auto (fp16 there)" for i in range(world)
-                if settings.precision == "bf16" and not torch.cuda.is_bf16_supported()]
-    if problems:
-        return failed(problems[0])
+    if settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        return failed(f"PRECISION=bf16 but GPU 0 ({torch.cuda.get_device_name(0)}) has no bf16 support; "
+                      "use PRECISION=auto (fp16 there)")
     free_by_gpu = {f"GPU {i} ({torch.cuda.get_device_name(i)})": torch.cuda.mem_get_info(i)[0]
                    for i in range(world)}
     precision = training_precision_bytes(settings)
@@ -598,12 +596,6 @@ def check_quantization(settings: config.Settings) -> CheckResult:
 
 # The input model.
 
-def local_model_candidates(settings: config.Settings) -> list[Path]:
-    """Where prep.py looks first: OUTPUT_DIR/<name>, then the value as a local path."""
-    name = settings.source_repo.split("/")[-1]
-    return [settings.output_dir / name, Path(settings.source_repo).expanduser()]
-
-
 def _check_local_model(folder: Path) -> list[str]:
     missing = []
     if not (folder / "config.json").is_file():
@@ -620,7 +612,9 @@ def check_input_model(settings: config.Settings) -> CheckResult:
         return skipped("the first pretraining run (INIT=0) builds the model and tokenizer from scratch")
     var = f"INPUT_REPO={settings.input_repo}" + (
         f" (this instruct run reads {settings.source_repo})" if settings.source_repo != settings.input_repo else "")
-    for folder in local_model_candidates(settings):
+    import prep
+
+    for folder in prep.local_model_candidates(settings):
         if folder.is_dir():
             missing = _check_local_model(folder)
             if missing:
@@ -632,7 +626,9 @@ def check_input_model(settings: config.Settings) -> CheckResult:
 def _check_hub_model(settings: config.Settings, var: str) -> CheckResult:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    where = f"no folder {local_model_candidates(settings)[0]}"
+    import prep
+
+    where = f"no folder {prep.local_model_candidates(settings)[0]}"
     try:
         info = hub_api(settings).model_info(settings.source_repo, token=settings.hf_token)
     except GatedRepoError:
@@ -688,17 +684,17 @@ def check_dataset(settings: config.Settings) -> CheckResult:
     import prep
 
     value = settings.stage_dataset
-    var = f"{'INSTRUCT_DATASET' if settings.inst else 'INPUT_DATASET'}={value}"
+    variable = prep.dataset_variable(settings)
     if _local_dataset(value) is not None or not prep.looks_like_hub_id(value):
-        return _check_local_dataset(settings, var)
-    return _check_hub_dataset(settings, value, var)
+        return _check_local_dataset(settings, variable)
+    return _check_hub_dataset(settings, value, variable)
 
 
-def _check_local_dataset(settings: config.Settings, var: str) -> CheckResult:
+def _check_local_dataset(settings: config.Settings, variable: str) -> CheckResult:
     """The first rows through prep.py's own readers: the same files, formats and errors."""
     import prep
 
-    variable = "INSTRUCT_DATASET" if settings.inst else "INPUT_DATASET"
+    var = f"{variable}={settings.stage_dataset}"
     try:
         source = prep.open_data_source(settings.stage_dataset, variable, settings.hf_token)
         rows = list(itertools.islice(prep.iter_rows(source), ROWS_TO_READ))
@@ -708,10 +704,11 @@ def _check_local_dataset(settings: config.Settings, var: str) -> CheckResult:
     return judge_rows(rows, settings.inst, var, where)
 
 
-def _check_hub_dataset(settings: config.Settings, repo_id: str, var: str) -> CheckResult:
+def _check_hub_dataset(settings: config.Settings, repo_id: str, variable: str) -> CheckResult:
     """Existence through the Hub API (clear errors), then the first rows through datasets streaming."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    var = f"{variable}={repo_id}"
     try:
         hub_api(settings).dataset_info(repo_id, token=settings.hf_token)
     except GatedRepoError:
@@ -726,7 +723,7 @@ def _check_hub_dataset(settings: config.Settings, repo_id: str, var: str) -> Che
     import prep
 
     try:
-        train_split = prep.open_hub_dataset(repo_id, var.split("=")[0], settings.hf_token)
+        train_split = prep.open_hub_dataset(repo_id, variable, settings.hf_token)
     except prep.PrepError as err:
         return failed(str(err))
     rows = list(train_split.take(ROWS_TO_READ))

@@ -8,7 +8,7 @@ Instruction runs add the chat tokens and a chat template, and record which token
 Everything is written into a temporary folder that replaces WORK_DIR/prep only when complete; a rerun
 for the same stage (after a crash further on) reuses the finished preparation.
 
-What other stages import: `resolve_source(settings) -> Path`, `PrepError`, `CHAT_TEMPLATE`,
+What other stages import: `resolve_source(settings) -> Path`, `local_model_candidates`, `PrepError`, `CHAT_TEMPLATE`,
 `parse_text_conversation(text)`, `check_messages(messages)`, `conversation_messages(row)`,
 `add_chat_tokens(tokenizer) -> int`.
 """
@@ -617,22 +617,28 @@ def tokenize_shard(settings: config.Settings, tokenizer, spool: Path, report: Sh
 
 # ---- the model ----
 
+def local_model_candidates(settings: config.Settings) -> list[Path]:
+    """Where the model this run continues from is looked for before the Hub: OUTPUT_DIR/<the last
+    part of its name> (where `util.py publish` put it), then the name as a local path."""
+    return [settings.output_dir / settings.source_repo.split("/")[-1],
+            Path(settings.source_repo).expanduser().resolve()]
+
+
 def resolve_source(settings: config.Settings) -> Path:
     """The local folder of the model and tokenizer this run continues from (settings.source_repo):
-    OUTPUT_DIR/<its last path component> if present, else an existing local path, else a Hub download."""
+    the first local candidate that exists, else a Hub download."""
     name = settings.source_repo
-    published = settings.output_dir / name.split("/")[-1]
-    if published.is_dir():
-        return published
-    if Path(name).expanduser().is_dir():
-        return Path(name).expanduser().resolve()
+    candidates = local_model_candidates(settings)
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id=name, token=settings.hf_token, endpoint=settings.hf_endpoint))
     except Exception as err:  # not found, offline, unauthorised: all mean "no source model"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PrepError(f"INPUT_REPO={settings.input_repo}: no model {name!r} in {published}, no local folder of that "
+        raise PrepError(f"INPUT_REPO={settings.input_repo}: no model {name!r} in {candidates[0]}, no local folder of that "
                         f"name, and the Hub download failed ({reason}); run the earlier stage first (INIT=0 INST=false "
                         "trains one from scratch) or point INPUT_REPO at an existing model") from err
 
@@ -706,11 +712,6 @@ def check_parameter_count(settings: config.Settings, model, tokenizer) -> int:
 
 # ---- the stage ----
 
-def stage_key_json(settings: config.Settings) -> Any:
-    """The stage key as it reads back from manifest.json."""
-    return json.loads(json.dumps(settings.stage_key()))
-
-
 def finished_preparation(settings: config.Settings) -> bool:
     manifest_path = settings.prep_dir / "manifest.json"
     if not manifest_path.is_file():
@@ -720,7 +721,7 @@ def finished_preparation(settings: config.Settings) -> bool:
     except (OSError, ValueError) as err:
         util.log(f"{manifest_path} is unreadable ({err}); preparing again")
         return False
-    return isinstance(manifest, dict) and manifest.get("stage_key") == stage_key_json(settings)
+    return isinstance(manifest, dict) and manifest.get("stage_key") == settings.stage_key()
 
 
 def prepare_tokenizer_and_model(settings: config.Settings, source: DataSource, total_rows: int | None,
@@ -773,9 +774,7 @@ def model_source_label(settings: config.Settings, source_dir: Path | None) -> st
     """'scratch', the local folder the model came from, or the Hub id it was downloaded as."""
     if source_dir is None:
         return "scratch"
-    published = settings.output_dir / settings.source_repo.split("/")[-1]
-    local = Path(settings.source_repo).expanduser()
-    return str(source_dir) if source_dir in (published, local.resolve()) else settings.source_repo
+    return str(source_dir) if source_dir in local_model_candidates(settings) else settings.source_repo
 
 
 def build_manifest(settings: config.Settings, report: ShardReport, counts: TokenCounts, total_rows: int | None,
@@ -783,7 +782,7 @@ def build_manifest(settings: config.Settings, report: ShardReport, counts: Token
     import quant_utils
 
     return {
-        "stage_key": stage_key_json(settings), "phase": settings.phase, "rows": report.rows,
+        "stage_key": settings.stage_key(), "phase": settings.phase, "rows": report.rows,
         "skipped_rows": report.unusable, "long_rows_dropped": counts.long_rows_dropped, "tokens": counts.tokens,
         "dropped_tail_tokens": counts.dropped_tokens, "sequences": counts.sequences,
         "is_last_shard": report.is_last_shard,

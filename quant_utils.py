@@ -311,9 +311,7 @@ def _device_map_for_quant(device_map):
                          '{"": local_rank} (or None to use this process\'s GPU)')
     if device_map is not None or not torch.cuda.is_available():
         return device_map
-    from accelerate import PartialState
-
-    return {"": PartialState().local_process_index}
+    return {"": util.local_rank()}
 
 
 def _attach_lora(model, gradient_checkpointing: bool):

@@ -167,6 +167,8 @@ def make_callbacks(settings: config.Settings, stop_file: Path):
 def training_arguments(settings: config.Settings, precision: str, use_cpu: bool):
     from trl import SFTConfig
 
+    import quant_utils
+
     return SFTConfig(
         output_dir=str(settings.checkpoint_dir),
         per_device_train_batch_size=settings.batch_size,
@@ -183,7 +185,7 @@ def training_arguments(settings: config.Settings, precision: str, use_cpu: bool)
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         gradient_checkpointing=settings.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing_kwargs=quant_utils.CHECKPOINTING_KWARGS,
         deepspeed=config.deepspeed_config(settings, precision),
         use_cpu=use_cpu,
         seed=settings.seed,
@@ -226,8 +228,7 @@ def load_model(settings: config.Settings, precision: str, local_rank: int):
         # fp32 weights: DeepSpeed keeps fp32 master weights and casts the model for bf16/fp16 itself.
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         total = trainable = sum(p.numel() for p in model.parameters())
-    log(f"model: {total:,} parameters, {trainable:,} trained ({100 * trainable / total:.2f}%)"
-        f"{', 4-bit NF4 base + LoRA' if settings.use_quant else ''}")
+        log(f"model: {total:,} parameters, all trained")
     return model, trainable, total
 
 
@@ -243,8 +244,7 @@ def save_trained(settings, trainer, tokenizer, summary: dict) -> None:
     if not is_main_process():
         return
     if settings.use_quant:
-        quant_utils.merge_lora_to_16bit(trainer.accelerator.unwrap_model(trainer.model), staging / "model",
-                                         tokenizer=tokenizer)
+        quant_utils.merge_lora_to_16bit(trainer.accelerator.unwrap_model(trainer.model), staging / "model")
         if not settings.save_adapter:
             shutil.rmtree(staging / "adapter")
     tokenizer.save_pretrained(staging / "model")

@@ -215,10 +215,7 @@ def check_configuration(settings: config.Settings | None, problems: list[str]) -
 
     if settings is None:
         return failed(problems[0], notes=[f"✗ {p}" for p in problems[1:]])
-    ds_config = config.deepspeed_config(settings, "bf16")
-    if ds_config["zero_optimization"]["stage"] != settings.zero_stage:
-        return failed(f"config.deepspeed_config gives ZeRO stage {ds_config['zero_optimization']['stage']}, "
-                      f"ZERO_STAGE is {settings.zero_stage}")
+    config.deepspeed_config(settings, "bf16")
     topology = settings.topology
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**topology.llama_kwargs(), attn_implementation="sdpa"))

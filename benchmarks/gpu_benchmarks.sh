@@ -30,7 +30,8 @@ train_stage() {
   (
     export "$@" WORK_DIR="$work/work" OUTPUT_DIR="$work/output" CUDA_VISIBLE_DEVICES="$gpus"
     python3 prep.py > "$results/$name/prep.log" 2>&1
-    deepspeed --master_port "$(free_port)" --include "localhost:$gpus" train.py > "$results/$name/train.log" 2>&1
+    # Without --num_gpus the launcher turns CUDA_VISIBLE_DEVICES into its list of GPUs.
+    deepspeed --master_port "$(free_port)" train.py > "$results/$name/train.log" 2>&1
     cp "$work/work/trained/summary.json" "$results/$name/summary.json"
   ) || echo "benchmark $name failed: see $results/$name/"
   rm -rf "$work"

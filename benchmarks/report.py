@@ -52,20 +52,21 @@ def estimate_gib(summary: dict) -> float:
 def run_row(name: str, folder: Path) -> tuple[str, dict, list]:
     summary = json.loads((folder / "summary.json").read_text())
     steps = step_lines((folder / "train.log").read_text())
-    per_gpu = median_speed(folder) / summary["world_size"]
+    speed = median_speed(steps)
+    per_gpu = speed / summary["world_size"]
     mfu = per_gpu * flops_per_token(summary) / H100_DENSE_BF16
     estimate = estimate_gib(summary)
     row = (f"| {name} | {summary.get('card', '?')} | {summary['world_size']} | {summary['parameters'] / 1e6:,.0f}M | "
            f"{summary['batch_size']}x{summary['max_length']}, GA {summary['gradient_accumulation_steps']} | "
            f"{'NF4+LoRA' if summary['use_quant'] else summary['precision']}"
-           f"{', ckpt' if summary['gradient_checkpointing'] else ''} | {median_speed(folder):,.0f} | "
+           f"{', ckpt' if summary['gradient_checkpointing'] else ''} | {speed:,.0f} | "
            f"{100 * mfu:.1f}% | {summary['peak_memory_gib']:.2f} | {estimate:.2f} | "
            f"{estimate / summary['peak_memory_gib']:.2f} |")
     return row, summary, steps
 
 
-def median_speed(folder: Path) -> float:
-    steps = step_lines((folder / "train.log").read_text())
+def median_speed(steps: list[tuple[int, float, float]]) -> float:
+    """The first logged interval includes start-up: leave it out when there are others."""
     return statistics.median([t for _, _, t in steps[1:]] or [t for _, _, t in steps])
 
 
@@ -75,7 +76,7 @@ def print_comparisons(results: Path, curves: dict) -> None:
         folder = results / name
         if (folder / "stock.json").is_file():
             return json.loads((folder / "stock.json").read_text())["tokens_per_second"]
-        return median_speed(folder) if (folder / "summary.json").is_file() else None
+        return median_speed(step_lines((folder / "train.log").read_text())) if (folder / "summary.json").is_file() else None
 
     def peak(name):
         path = results / name / "summary.json"

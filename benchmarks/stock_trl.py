@@ -22,9 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config  # noqa: E402
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, required=True, help="hidden size; config.py picks the rest")
@@ -59,8 +56,9 @@ def build_model(args: argparse.Namespace, folder: Path):
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.bfloat16,
                                                  device_map={"": "cpu" if args.cpu else 0}, attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
-                      target_modules=LORA_TARGETS)
+    # The pipeline's LoRA recipe (the same constants), so that the comparison stays like for like.
+    lora = LoraConfig(r=config.LORA_R, lora_alpha=config.LORA_ALPHA, lora_dropout=config.LORA_DROPOUT, bias="none",
+                      task_type="CAUSAL_LM", target_modules=list(config.LORA_TARGETS))
     return get_peft_model(model, lora)
 
 
