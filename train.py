@@ -228,7 +228,8 @@ def load_model(settings: config.Settings, precision: str, local_rank: int):
         # fp32 weights: DeepSpeed keeps fp32 master weights and casts the model for bf16/fp16 itself.
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         total = trainable = sum(p.numel() for p in model.parameters())
-        log(f"model: {total:,} parameters, all trained")
+    log(f"model: {total:,} parameters, {trainable:,} trained ({100 * trainable / total:.2f}%)"
+        f"{', 4-bit NF4 base + LoRA' if settings.use_quant else ''}")
     return model, trainable, total
 
 
