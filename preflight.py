@@ -60,13 +60,12 @@ def gib(n_bytes: float) -> str:
 # The memory estimator (pure: no torch, no settings object; bytes per GPU).
 #
 # It follows what train.py actually runs: TRL's SFTTrainer (whose fused LM head never builds the
-# (batch, length, vocab) logits) under DeepSpeed with config.deepspeed_config (overlap_comm,
-# contiguous_gradients, 5e8-element buckets), HF LLaMA with SDPA attention, and with USE_QUANT an
+# (batch, length, vocab) logits) under DeepSpeed with config.deepspeed_config (contiguous gradients,
+# buckets from config.deepspeed_buckets), HF LLaMA with SDPA attention, and with USE_QUANT an
 # NF4 double-quantized base with r=16 LoRA on the 7 projections (quant_utils). The activation
 # terms were checked on CPU by summing the storages that autograd saves (saved_tensors_hooks) for
 # a small LlamaForCausalLM in bf16: they match to the byte.
 
-DEEPSPEED_BUCKET_ELEMENTS = int(5e8)  # reduce_bucket_size in config.deepspeed_config
 ZERO3_REUSE_DISTANCE = int(1e9)  # DeepSpeed's stage3_max_reuse_distance default (elements)
 FUSED_HEAD_TOKEN_TILE, FUSED_HEAD_VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob tile shape
 CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # context, kernels and cuBLAS/cuDNN handles outside the allocator
@@ -168,24 +167,27 @@ def training_states(params: int, p: int, zero_stage: int, world_size: int) -> di
             "step": 4 * params if zero_stage == 0 else (p + 4) * params / n}
 
 
-def deepspeed_buffers(params: int, p: int, zero_stage: int, use_quant: bool) -> dict[str, float]:
-    """DeepSpeed's own allocations. `backward`: the reduce buckets, allocated when backward starts
-    and freed at its end, whatever the model size: two of 5e8 elements for ZeRO-1/2 (overlap_comm
-    double-buffers), one for ZeRO-3. `resident`: ZeRO-3 keeps gathered the 16-bit parameters that
-    are reused within stage3_max_reuse_distance (1e9 elements of forward+backward traversal), i.e.
-    up to 5e8 of them."""
+def deepspeed_buffers(params: int, trainable: int, p: int, zero_stage: int, use_quant: bool, world_size: int,
+                      buckets: tuple[int, bool] | None = None) -> dict[str, float]:
+    """DeepSpeed's own allocations. `backward`: the gradient buckets, allocated whole when backward
+    starts and freed at its end: for ZeRO-1/2 one bucket, two with overlap_comm (double buffering);
+    one for ZeRO-3. `buckets` is (elements, overlap_comm), config.deepspeed_buckets' choice unless
+    given. `resident`: ZeRO-3 keeps gathered the 16-bit parameters that are reused within
+    stage3_max_reuse_distance (1e9 elements of forward+backward traversal), i.e. up to 5e8 of them."""
+    elements, overlap = buckets or config.deepspeed_buckets(trainable, world_size)
     if zero_stage in (1, 2):
-        return {"backward": 2 * DEEPSPEED_BUCKET_ELEMENTS * p, "resident": 0.0}
+        return {"backward": (2 if overlap else 1) * elements * p, "resident": 0.0}
     if zero_stage == 3:
         gathered = 0 if use_quant else min(params, ZERO3_REUSE_DISTANCE // 2) * p
-        return {"backward": DEEPSPEED_BUCKET_ELEMENTS * p, "resident": gathered}
+        return {"backward": elements * p, "resident": gathered}
     return {"backward": 0.0, "resident": 0.0}
 
 
 def estimate_training_memory(topology: config.Topology, vocab_size: int, batch_size: int, max_length: int,
                              precision_bytes: int, use_quant: bool, gradient_checkpointing: bool,
                              zero_stage: int, world_size: int, *, gradient_accumulation_steps: int = 1,
-                             include_cuda_overhead: bool = True) -> dict[str, float]:
+                             include_cuda_overhead: bool = True,
+                             buckets: tuple[int, bool] | None = None) -> dict[str, float]:
     """Peak GPU memory per process (bytes) for one training run, by term.
 
     The peak is the larger of two moments. At the start of backward: weights, optimizer states,
@@ -197,16 +199,17 @@ def estimate_training_memory(topology: config.Topology, vocab_size: int, batch_s
     `allocated` is what torch.cuda.max_memory_allocated() measures (train.py logs it as `mem`);
     `allocator_slack` is the caching allocator's reserve beyond it (measured 2-12%: 8%);
     `total` adds the CUDA context and NCCL buffers outside PyTorch, and is what must fit in each
-    GPU's free memory. On an H200 (bf16, one GPU, SFTTrainer + DeepSpeed as train.py runs them)
-    `allocated` was 1.00-1.08x the measured peak for the demo, ~300M and ~1B models, ZeRO-0/1/2,
-    with and without checkpointing, and 4-bit + LoRA."""
+    GPU's free memory. `buckets`: see deepspeed_buffers. On an H200 (bf16, one GPU, SFTTrainer +
+    DeepSpeed as train.py runs them) `allocated` was 0.92-1.08x the measured peak for the demo, ~300M
+    and ~1B models, ZeRO-0/1/2, with and without checkpointing, and 4-bit + LoRA (the 0.92: NF4 at
+    1x1024, a 0.85 GiB peak, where the slack and context terms of `total` more than cover it)."""
     p = precision_bytes
     vocab = config.padded_vocab(vocab_size)
     params = topology.parameter_count(vocab)
     acts = activation_bytes(topology, vocab, batch_size * max_length, p, use_quant, gradient_checkpointing)
     trainable = lora_parameter_count(topology) if use_quant else params
     states = training_states(trainable, p, zero_stage, world_size)
-    buffers = deepspeed_buffers(params, p, zero_stage, use_quant)
+    buffers = deepspeed_buffers(params, trainable, p, zero_stage, use_quant, world_size, buckets)
     if use_quant:
         quantized = _linear_parameter_count(topology)
         # NF4 projections; embeddings, head and norms stay frozen in 16 bit (DeepSpeed casts them).
@@ -269,7 +272,7 @@ def _smaller_batches(kw: dict) -> list[dict]:
 
 def _zero_stages(kw: dict) -> list[dict]:
     """Other ZeRO stages: higher ones shard more over several GPUs; on one GPU stage 0 avoids the
-    2 x 5e8-element communication buckets of stages 1 and 2."""
+    gradient bucket of stages 1 and 2."""
     stages = range(kw["zero_stage"] + 1, 4) if kw["world_size"] > 1 else ([0] if kw["zero_stage"] else [])
     return [{**kw, "zero_stage": s} for s in stages]
 

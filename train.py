@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 import config
-from util import is_main_process, local_rank, log, replace_directory, write_json_atomic
+from util import is_main_process, local_rank, log, replace_directory, world_size, write_json_atomic
 
 EXIT_NOT_FINITE = 3
 EXIT_BAD_PREP = 4
@@ -164,7 +164,7 @@ def make_callbacks(settings: config.Settings, stop_file: Path):
     return StepLog(), TimeAndSignalStop()
 
 
-def training_arguments(settings: config.Settings, precision: str, use_cpu: bool):
+def training_arguments(settings: config.Settings, precision: str, use_cpu: bool, trainable_parameters: int):
     from trl import SFTConfig
 
     import quant_utils
@@ -186,7 +186,7 @@ def training_arguments(settings: config.Settings, precision: str, use_cpu: bool)
         fp16=precision == "fp16",
         gradient_checkpointing=settings.gradient_checkpointing,
         gradient_checkpointing_kwargs=quant_utils.CHECKPOINTING_KWARGS,
-        deepspeed=config.deepspeed_config(settings, precision),
+        deepspeed=config.deepspeed_config(settings, precision, trainable_parameters, world_size()),
         use_cpu=use_cpu,
         seed=settings.seed,
         data_seed=settings.seed,
@@ -208,6 +208,13 @@ def training_arguments(settings: config.Settings, precision: str, use_cpu: bool)
         # step's batch the same at any world size (the same global batch gives the same loss curve).
         dataloader_drop_last=True,
     )
+
+
+def bucket_note(settings: config.Settings, trainable: int) -> str:
+    if settings.zero_stage == 0:
+        return ""
+    elements, overlap = config.deepspeed_buckets(trainable, world_size())
+    return f" ({elements:,}-element gradient buckets{', overlapped' if overlap else ''})"
 
 
 def load_model(settings: config.Settings, precision: str, local_rank: int):
@@ -300,16 +307,17 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     if is_main_process():
         sanity_forward(model, dataset)
 
-    args = training_arguments(settings, precision, use_cpu)
+    args = training_arguments(settings, precision, use_cpu, trainable)
     step_log, stopper = make_callbacks(settings, stop_file)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[step_log, stopper])
     trainer.remove_callback(PrinterCallback)  # StepLog prints the one fixed-format line instead
-    world_size = trainer.accelerator.num_processes
+    processes = trainer.accelerator.num_processes
     log(f"training: {len(dataset):,} sequences, {settings.run_epochs:g} epochs, global batch "
-        f"{settings.batch_size * settings.gradient_accumulation_steps * world_size} sequences "
-        f"({world_size} process(es) x {settings.batch_size} x {settings.gradient_accumulation_steps}), "
-        f"{precision}, ZeRO-{settings.zero_stage}" + (f", resuming from {resume}" if resume else ""))
+        f"{settings.batch_size * settings.gradient_accumulation_steps * processes} sequences "
+        f"({processes} process(es) x {settings.batch_size} x {settings.gradient_accumulation_steps}), "
+        f"{precision}, ZeRO-{settings.zero_stage}{bucket_note(settings, trainable)}"
+        + (f", resuming from {resume}" if resume else ""))
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
@@ -328,7 +336,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         "losses": losses, "wall_seconds": wall,
         "tokens_per_second": int(state.num_input_tokens_seen) / max(wall, 1e-9),
         "peak_memory_gib": peak_memory_gib(), "parameters": total, "trainable_parameters": trainable,
-        "precision": precision, "world_size": world_size, "use_quant": settings.use_quant,
+        "precision": precision, "world_size": processes, "use_quant": settings.use_quant,
         "is_last_shard": manifest["is_last_shard"], "topology": settings.stage_key()["topology"],
         "vocab_rows": vocab_rows, "batch_size": settings.batch_size, "max_length": settings.max_length,
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,

@@ -49,6 +49,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def world_size() -> int:
+    """Processes in this run under the DeepSpeed launcher (1 when run alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     return process_rank() == 0
 

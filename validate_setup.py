@@ -215,7 +215,7 @@ def check_configuration(settings: config.Settings | None, problems: list[str]) -
 
     if settings is None:
         return failed(problems[0], notes=[f"✗ {p}" for p in problems[1:]])
-    config.deepspeed_config(settings, "bf16")
+    config.deepspeed_config(settings, "bf16", settings.topology.parameter_count(), max(1, settings.num_processes))
     topology = settings.topology
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**topology.llama_kwargs(), attn_implementation="sdpa"))

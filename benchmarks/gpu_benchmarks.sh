@@ -6,7 +6,11 @@
 #   quant    ~1B (FACTOR 12288) on 1 GPU: full bf16 and NF4 + LoRA through prep.py and train.py, and
 #            stock TRL + peft + bitsandbytes (benchmarks/stock_trl.py), at each of
 #            QUANT_SHAPES="BATCH LENGTH,..." (default all four)
+#   nf4      ~1B NF4 + LoRA against stock TRL at the four quant shapes, then full bf16 at 4x2048: the
+#            quant suite's comparisons in about 9 minutes of one GPU
 #   qlora2   ~1B NF4 + LoRA under ZeRO-2 on 2 GPUs (compare with quant's 1-GPU 4x2048 run)
+#   profile  kernels launched and GPU busy time per step, NF4 + LoRA against stock (step_profile.py)
+#   buckets  NF4 + LoRA with the trimmed gradient buckets against the original's two of 5e8 elements
 #   demo     the demo curriculum through trainer.sh on 1 GPU and on 2
 #   zero     one GPU, ZeRO stages 0 and 2 against stock TRL: the ~200M bf16 shape, the ~1B at 1x1024
 #            (bound by per-step work) and NF4 at 4x2048 (why this pipeline trails stock on one GPU)
@@ -20,18 +24,26 @@ scratch=${SCRATCH:-/tmp/train-llama-bench}
 mkdir -p "$results" "$scratch"
 export TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 
+train_wrapper=()  # a script that train.py runs under (the profile suite's benchmarks/step_profile.py)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # One stage through prep.py and train.py on the listed GPUs ("0" or "0,1"); the rest is settings.
+# With PREP_KEY set, prep.py runs once per key and later runs of that key train from the same
+# prepared folder (train.py only reads WORK_DIR/prep; a ~1B model takes ~25 s to prepare).
 train_stage() {
   local name=$1 gpus=$2; shift 2
-  local work=$scratch/$name
+  local work=$scratch/$name shared=$scratch/prepared-${PREP_KEY:-}
   rm -rf "$work" && mkdir -p "$results/$name"
   (
     export "$@" WORK_DIR="$work/work" OUTPUT_DIR="$work/output" CUDA_VISIBLE_DEVICES="$gpus"
-    python3 prep.py > "$results/$name/prep.log" 2>&1
+    if [ -z "${PREP_KEY:-}" ]; then
+      python3 prep.py > "$results/$name/prep.log" 2>&1
+    else
+      [ -d "$shared/prep" ] || WORK_DIR="$shared" python3 prep.py > "$results/$name/prep.log" 2>&1
+      mkdir -p "$work/work" && ln -s "$shared/prep" "$work/work/prep"
+    fi
     # Without --num_gpus the launcher turns CUDA_VISIBLE_DEVICES into its list of GPUs.
-    deepspeed --master_port "$(free_port)" train.py > "$results/$name/train.log" 2>&1
+    deepspeed --master_port "$(free_port)" "${train_wrapper[@]}" train.py > "$results/$name/train.log" 2>&1
     cp "$work/work/trained/summary.json" "$results/$name/summary.json"
   ) || echo "benchmark $name failed: see $results/$name/"
   rm -rf "$work"
@@ -58,7 +70,7 @@ scaling_settings=(PRESET=full INPUT_DATASET=data/pretrain.jsonl OUTPUT_REPO=benc
   GRADIENT_CHECKPOINTING=false LEARNING_RATE=6e-4 BATCH_SIZE=8)
 # ~1B (FACTOR 12288) with activation checkpointing: full bf16 against NF4 + LoRA at equal batch.
 quant_settings=(PRESET=full INPUT_DATASET=data/pretrain.jsonl OUTPUT_REPO=bench FACTOR=12288
-  VOCAB_SIZE=52000 GRADIENT_ACCUMULATION_STEPS=1 EPOCHS=40 MAX_STEPS=12 LOGGING_STEPS=2 SAVE_STEPS=1000
+  VOCAB_SIZE=52000 GRADIENT_ACCUMULATION_STEPS=1 EPOCHS=40 MAX_STEPS=${QUANT_STEPS:-12} LOGGING_STEPS=2 SAVE_STEPS=1000
   GRADIENT_CHECKPOINTING=true)
 
 scaling_1gpu() { trainer_run scaling-1gpu "$1" "${scaling_settings[@]}" GRADIENT_ACCUMULATION_STEPS=2; }
@@ -69,21 +81,22 @@ demo_run() {
   rm -rf "${scratch:?}/$1"
 }
 
-# The quant comparison at "BATCH LENGTH" shapes on one GPU. The 1B model's embedding has the rows of
-# the corpus vocabulary; the stock baseline gets the same number (read from the full run's summary).
+# The quant comparison at "BATCH LENGTH" shapes on one GPU: USE_QUANT for each of QUANT_MODES
+# (default "false true"), then stock TRL unless QUANT_STOCK=0. The 1B model's embedding has the rows
+# of the corpus vocabulary; the stock baseline gets the same number (read from the full run's summary).
 quant_shapes() {
-  local gpu=$1 shape batch length
+  local gpu=$1 shape batch length quant
   IFS=, read -r -a shapes <<< "$2"
   for shape in "${shapes[@]}"; do
     read -r batch length <<< "$shape"
-    for quant in false true; do
-      [ -n "${QUANT_STOCK_ONLY:-}" ] && continue
-      train_stage "1b-b${batch}-l${length}-quant-${quant}" "$gpu" "${quant_settings[@]}" \
-        MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT="$quant"
+    for quant in ${QUANT_MODES-false true}; do
+      PREP_KEY="1b-l${length}-quant-${quant}" train_stage "1b-b${batch}-l${length}-quant-${quant}" "$gpu" \
+        "${quant_settings[@]}" MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT="$quant"
     done
+    [ "${QUANT_STOCK:-1}" = 0 ] && continue
     local rows
     rows=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["vocab_rows"])' \
-      "$results/1b-b${batch}-l${length}-quant-false/summary.json" 2>/dev/null || echo 1216)
+      "$(ls "$results/1b-b${batch}-l${length}"-quant-*/summary.json 2>/dev/null | head -1)" 2>/dev/null || echo 1344)
     mkdir -p "$results/stock-1b-b${batch}-l${length}-nf4"
     CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/stock_trl.py --hidden 2048 --vocab-rows "$rows" \
       --batch "$batch" --length "$length" --quant --checkpointing \
@@ -114,13 +127,60 @@ zero_stages() {
     train_stage "zero${stage}-1b-b4-l2048-nf4" 0 "${quant_settings[@]}" MAX_LENGTH=2048 BATCH_SIZE=4 USE_QUANT=true ZERO_STAGE=$stage
   done
   stock_scaling 0
-  QUANT_STOCK_ONLY=1 quant_shapes 0 "4 2048"
+  QUANT_MODES="" quant_shapes 0 "4 2048"
+}
+
+# torch.profiler over steps 8-12 of ~1B NF4 + LoRA (1x1024 and 4x2048): this pipeline under ZeRO-2,
+# ZeRO-2 without DeepSpeed's bf16 overflow check, ZeRO-0, and stock TRL; OUT.txt in each run's folder.
+profile_runs() {
+  local shape batch length name
+  for shape in "1 1024" "4 2048"; do
+    read -r batch length <<< "$shape"
+    name=profile-stock-b${batch}-l${length}
+    mkdir -p "$results/$name"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/step_profile.py --out "$results/$name/profile" benchmarks/stock_trl.py \
+      --hidden 2048 --vocab-rows 1344 --batch "$batch" --length "$length" --quant --checkpointing --steps 16 \
+      --warmup 4 > "$results/$name/train.log" 2>&1 || echo "$name failed"
+    for variant in zero2 zero2-no-overflow-check zero0; do
+      [ "$shape" = "4 2048" ] && [ "$variant" != zero2 ] && continue
+      name=profile-${variant}-b${batch}-l${length}
+      train_wrapper=(benchmarks/step_profile.py --out "$results/$name/profile")
+      [ "$variant" = zero2-no-overflow-check ] && train_wrapper+=(--no-bf16-overflow-check)
+      PREP_KEY="1b-l${length}-quant-true" train_stage "$name" 0 "${quant_settings[@]}" MAX_STEPS=16 \
+        MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT=true ZERO_STAGE="$([ "$variant" = zero0 ] && echo 0 || echo 2)"
+    done
+    train_wrapper=()
+  done
+}
+
+# ~1B NF4 + LoRA on one GPU, the trimmed gradient buckets (config.deepspeed_buckets) against the
+# original's two of 5e8 elements, alternating, twice each, at 1x1024 and 4x2048.
+bucket_runs() {
+  local shape batch length round variant
+  for shape in "1 1024" "4 2048"; do
+    read -r batch length <<< "$shape"
+    for round in 1 2; do
+      for variant in trimmed original; do
+        train_wrapper=(benchmarks/step_profile.py)
+        [ "$variant" = original ] && train_wrapper+=(--original-buckets)
+        PREP_KEY="1b-l${length}-quant-true" train_stage "buckets-${variant}-b${batch}-l${length}-${round}" 0 \
+          "${quant_settings[@]}" MAX_STEPS=20 MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT=true
+      done
+    done
+  done
+  train_wrapper=()
 }
 
 case "$suite" in
   scaling) scaling_1gpu 0; scaling_2gpu ;;
   quant) quant_shapes 0 "${QUANT_SHAPES:-1 1024,4 1024,1 2048,4 2048}" ;;
+  nf4)
+    QUANT_MODES=true quant_shapes 0 "4 2048,1 1024,4 1024,1 2048"
+    QUANT_MODES=false QUANT_STOCK=0 quant_shapes 0 "4 2048"
+    ;;
   qlora2) qlora_2gpu ;;
+  profile) profile_runs ;;
+  buckets) bucket_runs ;;
   demo) demo_run demo-1gpu 0; demo_run demo-2gpu 0,1 ;;
   zero) zero_stages ;;
   all)
@@ -132,6 +192,6 @@ case "$suite" in
     qlora_2gpu
     demo_run demo-2gpu 0,1
     ;;
-  *) echo "usage: $0 scaling|quant|qlora2|demo|zero|all RESULTS_DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 scaling|quant|nf4|qlora2|profile|buckets|demo|zero|all RESULTS_DIR" >&2; exit 2 ;;
 esac
 touch "$results/done"

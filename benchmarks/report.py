@@ -79,8 +79,10 @@ def print_comparisons(results: Path, curves: dict) -> None:
         return median_speed(step_lines((folder / "train.log").read_text())) if (folder / "summary.json").is_file() else None
 
     def peak(name):
-        path = results / name / "summary.json"
-        return json.loads(path.read_text())["peak_memory_gib"] if path.is_file() else None
+        for path in (results / name / "summary.json", results / name / "stock.json"):
+            if path.is_file():
+                return json.loads(path.read_text())["peak_memory_gib"]
+        return None
 
     pairs = [("scaling-2gpu", "scaling-1gpu", "tokens/s, 2 GPUs over 1"),
              ("1b-b4-l2048-quant-true-2gpu", "1b-b4-l2048-quant-true", "tokens/s, NF4 on 2 GPUs over 1"),
@@ -89,12 +91,15 @@ def print_comparisons(results: Path, curves: dict) -> None:
         pairs.append((f"zero{stage}-scaling", "stock-scaling", f"~200M bf16, ZeRO-{stage}: tokens/s over stock TRL"))
         pairs.append((f"zero{stage}-1b-b4-l2048-nf4", "stock-1b-b4-l2048-nf4", f"1B NF4 4x2048, ZeRO-{stage}: tokens/s over stock"))
         pairs.append((f"zero{stage}-1b-b1-l1024", "zero2-1b-b1-l1024", f"1B bf16 1x1024, ZeRO-{stage} over ZeRO-2"))
-    for folder in sorted(results.glob("1b-b*-quant-false")):
-        shape = folder.name.removesuffix("-quant-false")
-        pairs.append((f"{shape}-quant-true", folder.name, f"{shape}: tokens/s, NF4 over full"))
-        pairs.append((f"{shape}-quant-true", f"stock-{shape}-nf4", f"{shape}: tokens/s, this pipeline's NF4 over stock"))
-        if peak(f"{shape}-quant-true") and peak(folder.name):
-            print(f"{shape}: peak memory, NF4 over full: {peak(f'{shape}-quant-true') / peak(folder.name):.3f}")
+    for folder in sorted(results.glob("1b-b*-quant-true")):
+        shape = folder.name.removesuffix("-quant-true")
+        pairs.append((folder.name, f"{shape}-quant-false", f"{shape}: tokens/s, NF4 over full"))
+        pairs.append((folder.name, f"stock-{shape}-nf4", f"{shape}: tokens/s, this pipeline's NF4 over stock"))
+        if peak(folder.name) and peak(f"{shape}-quant-false"):
+            print(f"{shape}: peak memory, NF4 over full: {peak(folder.name) / peak(f'{shape}-quant-false'):.3f}")
+        if peak(folder.name) and peak(f"stock-{shape}-nf4"):
+            print(f"{shape}: peak memory, this pipeline's NF4 over stock: "
+                  f"{peak(folder.name) / peak(f'stock-{shape}-nf4'):.3f}")
     for top, bottom, what in pairs:
         if speed(top) and speed(bottom):
             print(f"{what}: {speed(top) / speed(bottom):.3f} ({speed(top):,.0f} / {speed(bottom):,.0f})")
@@ -129,6 +134,8 @@ def main() -> int:
     print()
     for path in sorted(results.glob("*/wall.txt")):
         print(path.read_text().strip())
+    for path in sorted(results.glob("*/profile.txt")):
+        print(path.read_text().splitlines()[0])
     print()
     print_comparisons(results, curves)
     return 0

@@ -5,7 +5,9 @@ compute) and trained with peft LoRA r=16 on every projection, the usual QLoRA re
 
 The rows are already packed (random token ids, every row exactly --length long), so no padding and
 no per-shape attention set-up. Prints one line: median tokens/s over the steps after --warmup, and
-torch's peak allocated memory; --json also writes them to a file.
+torch's peak allocated memory; --json also writes them to a file. A step's time is the whole cycle
+from one optimizer step's end to the next (batch loading, forward, backward, optimizer, logging),
+which is what the pipeline's step lines measure too.
 Usage: python3 benchmarks/stock_trl.py --hidden 2048 --vocab-rows 1216 --batch 4 --length 2048 --quant
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
+    parser.add_argument("--logging-steps", type=int, default=2, help="as LOGGING_STEPS in gpu_benchmarks.sh")
     parser.add_argument("--quant", action="store_true", help="NF4 base + LoRA instead of full bf16")
     parser.add_argument("--checkpointing", action="store_true", help="activation (gradient) checkpointing")
     parser.add_argument("--cpu", action="store_true", help="run on CPU (a smoke test of the script)")
@@ -84,7 +87,8 @@ def word_tokenizer(vocab_rows: int):
 
 
 def step_timer():
-    """A TrainerCallback that records each optimizer step's wall time (GPU synchronised)."""
+    """A TrainerCallback that records each optimizer step's whole cycle (GPU synchronised): the time
+    from the previous step's end to this one's."""
     import torch
     from transformers import TrainerCallback
 
@@ -93,15 +97,15 @@ def step_timer():
             self.durations: list[float] = []
             self.last = None
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
+        def on_train_begin(self, args, state, control, **kwargs):
             self.last = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.durations.append(time.perf_counter() - self.last)
+            now = time.perf_counter()
+            self.durations.append(now - self.last)
+            self.last = now
 
     return StepTimer()
 
@@ -117,7 +121,7 @@ def main() -> int:
                              gradient_accumulation_steps=args.accumulation, max_steps=args.steps,
                              learning_rate=2e-4, lr_scheduler_type="constant", bf16=not args.cpu,
                              use_cpu=args.cpu, gradient_checkpointing=args.checkpointing,
-                             max_length=args.length, packing=False, logging_steps=1, save_strategy="no",
+                             max_length=args.length, packing=False, logging_steps=args.logging_steps, save_strategy="no",
                              report_to="none", dataloader_drop_last=True, disable_tqdm=True)
         timer = step_timer()
         trainer = SFTTrainer(model=model, args=training, train_dataset=packed_rows(args),

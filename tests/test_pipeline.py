@@ -1,6 +1,7 @@
 """Guards the whole product end to end on CPU: trainer.sh walks the demo curriculum to a working
 instruction-tuned model; two-process DeepSpeed ZeRO-2 training resumes exactly after kill -9; the
-4-bit + LoRA curriculum publishes plain models; the timer stops training cleanly and publishes."""
+trimmed gradient buckets train exactly like the original's; the 4-bit + LoRA curriculum publishes
+plain models; the timer stops training cleanly and publishes."""
 import json
 import os
 import re
@@ -80,12 +81,12 @@ def prepare_small_run(root, env):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def launch_training(root, env, processes=2):
+def launch_training(root, env, processes=2, script=("train.py",)):
     env = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // processes)}
     with socket.socket() as probe:  # a free port for each launch: a killed run's port may linger
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
-    return subprocess.Popen(["deepspeed", "--master_port", port, "--num_gpus", str(processes), "train.py"],
+    return subprocess.Popen(["deepspeed", "--master_port", port, "--num_gpus", str(processes), *script],
                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -137,6 +138,26 @@ def test_one_and_two_processes_give_the_same_loss_curve_at_the_same_global_batch
     assert len(one_losses) >= 5 and one_losses.keys() == two_losses.keys()
     for step, loss in one_losses.items():
         assert two_losses[step] == pytest.approx(loss, rel=1e-4), (one_losses, two_losses)
+
+
+def test_trimmed_buckets_train_exactly_like_the_originals(base_env, root, tmp_path):
+    # config.deepspeed_buckets drops memory, not arithmetic: one process, ZeRO-2 with gradient
+    # accumulation, against the original's two overlapped 5e8-element buckets (benchmarks/step_profile.py).
+    env = {**base_env, "MAX_STEPS": "5", "LOGGING_STEPS": "1", "SAVE_STEPS": "1000", "BATCH_SIZE": "2",
+           "GRADIENT_ACCUMULATION_STEPS": "2", "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+    prepare_small_run(root, env)
+    original_env = {**env, "WORK_DIR": str(tmp_path / "work2")}
+    shutil.copytree(Path(env["WORK_DIR"]) / "prep", tmp_path / "work2" / "prep")
+    trimmed = launch_training(root, env, processes=1)
+    trimmed_log = trimmed.communicate(timeout=600)[0]
+    original = launch_training(root, original_env, processes=1,
+                               script=("benchmarks/step_profile.py", "--original-buckets", "train.py"))
+    original_log = original.communicate(timeout=600)[0]
+    assert trimmed.returncode == 0 and original.returncode == 0, (trimmed_log[-2000:], original_log[-2000:])
+    assert "500,000,000-element gradient buckets, overlapped" in original_log
+    assert re.search(r"ZeRO-2 \([\d,]+-element gradient buckets\)", trimmed_log)
+    trimmed_losses, original_losses = step_losses(trimmed_log), step_losses(original_log)
+    assert len(trimmed_losses) == 5 and trimmed_losses == original_losses
 
 
 def test_quantized_curriculum_publishes_plain_models(base_env, root):

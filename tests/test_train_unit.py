@@ -1,6 +1,7 @@
 """Guards train.py's pieces that a whole run cannot easily provoke: a NaN loss stops training without
 writing that step's checkpoint, checkpoints of another stage are never resumed, the DeepSpeed
-configuration keeps the original's settings, and precision follows the device."""
+configuration keeps the original's settings (with its gradient buckets trimmed to what they can hold),
+and precision follows the device."""
 import json
 import math
 import signal
@@ -58,14 +59,25 @@ def test_checkpoints_of_the_same_stage_are_resumed(settings):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_config_keeps_the_original_settings(stage):
     s = config.load_settings({"ZERO_STAGE": str(stage)})
-    ds = config.deepspeed_config(s, "bf16")
+    ds = config.deepspeed_config(s, "bf16", 10**9, 2)
     zero = ds["zero_optimization"]
     assert zero["stage"] == stage and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     if stage:
         assert zero["overlap_comm"] and zero["contiguous_gradients"]
         assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 5e8
     assert ds["gradient_clipping"] == "auto"  # filled from max_grad_norm=1.0 by the Trainer
-    assert config.deepspeed_config(s, "fp16")["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+    assert config.deepspeed_config(s, "fp16", 10**9, 2)["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+
+
+@pytest.mark.parametrize("trainable, processes, bucket, overlap", [
+    (10**9, 1, 5 * 10**8, False),  # one process: nothing to overlap, so no second bucket
+    (11_000_000, 2, 11_000_000, True),  # LoRA: a bucket holds every trained gradient, no more
+    (11_000_000, 1, 11_000_000, False),
+])
+def test_deepspeed_buckets_are_trimmed_to_what_they_can_hold(trainable, processes, bucket, overlap):
+    zero = config.deepspeed_config(config.load_settings({"ZERO_STAGE": "2"}), "bf16", trainable,
+                                   processes)["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"], zero["overlap_comm"]) == (bucket, bucket, overlap)
 
 
 def test_cpu_precision(settings):
