@@ -76,9 +76,13 @@ def test_demo_curriculum_produces_a_working_instruction_model(base_env, root, tm
     assert tuned >= pretrained + 0.15
 
 
-def prepare_small_run(root, env):
+def prepare_twice(root, env, tmp_path) -> dict:
+    """Prepares a run in env's WORK_DIR and copies the preparation to a second work folder, for a
+    second run of the same stage; returns that run's environment."""
     result = subprocess.run([sys.executable, "prep.py"], cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copytree(Path(env["WORK_DIR"]) / "prep", tmp_path / "work2" / "prep")
+    return {**env, "WORK_DIR": str(tmp_path / "work2")}
 
 
 def launch_training(root, env, processes=2, script=("train.py",)):
@@ -94,9 +98,7 @@ def launch_training(root, env, processes=2, script=("train.py",)):
 def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
     env = {**base_env, "MAX_STEPS": "8", "SAVE_STEPS": "4", "LOGGING_STEPS": "2", "BATCH_SIZE": "4",
            "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
-    prepare_small_run(root, env)
-    uninterrupted_env = {**env, "WORK_DIR": str(tmp_path / "work2")}
-    shutil.copytree(Path(env["WORK_DIR"]) / "prep", tmp_path / "work2" / "prep")
+    uninterrupted_env = prepare_twice(root, env, tmp_path)
 
     reference = launch_training(root, uninterrupted_env)
     reference_log = reference.communicate(timeout=600)[0]
@@ -126,9 +128,7 @@ def test_one_and_two_processes_give_the_same_loss_curve_at_the_same_global_batch
     # number, since the Trainer ends an epoch with a shorter accumulation when GA does not divide it.)
     env = {**base_env, "SHARD_SIZE": "200", "EPOCHS": "6", "BATCH_SIZE": "8", "LOGGING_STEPS": "1",
            "SAVE_STEPS": "1000", "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
-    prepare_small_run(root, env)
-    two_env = {**env, "WORK_DIR": str(tmp_path / "work2")}
-    shutil.copytree(Path(env["WORK_DIR"]) / "prep", tmp_path / "work2" / "prep")
+    two_env = prepare_twice(root, env, tmp_path)
     one = launch_training(root, {**env, "GRADIENT_ACCUMULATION_STEPS": "2"}, processes=1)
     one_log = one.communicate(timeout=600)[0]
     two = launch_training(root, {**two_env, "GRADIENT_ACCUMULATION_STEPS": "1"}, processes=2)
@@ -145,9 +145,7 @@ def test_trimmed_buckets_train_exactly_like_the_originals(base_env, root, tmp_pa
     # accumulation, against the original's two overlapped 5e8-element buckets (benchmarks/step_profile.py).
     env = {**base_env, "MAX_STEPS": "5", "LOGGING_STEPS": "1", "SAVE_STEPS": "1000", "BATCH_SIZE": "2",
            "GRADIENT_ACCUMULATION_STEPS": "2", "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
-    prepare_small_run(root, env)
-    original_env = {**env, "WORK_DIR": str(tmp_path / "work2")}
-    shutil.copytree(Path(env["WORK_DIR"]) / "prep", tmp_path / "work2" / "prep")
+    original_env = prepare_twice(root, env, tmp_path)
     trimmed = launch_training(root, env, processes=1)
     trimmed_log = trimmed.communicate(timeout=600)[0]
     original = launch_training(root, original_env, processes=1,
