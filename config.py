@@ -633,8 +633,10 @@ def deepspeed_buckets(trainable_parameters: int, world_size: int) -> tuple[int, 
     overlapped communication, trimmed where they only cost memory. A bucket never needs more elements
     than there are trained parameters (DeepSpeed allocates the whole bucket at every backward: for
     LoRA's ~11M trained parameters two 5e8 buckets were 1.9 GiB of nothing), and with one process
-    there is no communication to overlap, so the second (double-buffering) bucket goes too."""
-    return min(ORIGINAL_BUCKET_ELEMENTS, max(1, trainable_parameters)), world_size > 1
+    there is no communication to overlap, so the second (double-buffering) bucket goes too. The size
+    stays even: ZeRO-1/2 require a multiple of 2 elements (4-byte alignment of 16-bit values)."""
+    elements = max(2, trainable_parameters + trainable_parameters % 2)
+    return min(ORIGINAL_BUCKET_ELEMENTS, elements), world_size > 1
 
 
 def deepspeed_config(settings: Settings, precision: str, trainable_parameters: int,

@@ -341,6 +341,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         "vocab_rows": vocab_rows, "batch_size": settings.batch_size, "max_length": settings.max_length,
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         "gradient_checkpointing": settings.gradient_checkpointing, "zero_stage": settings.zero_stage,
+        "deepspeed_buckets": config.deepspeed_buckets(trainable, processes) if settings.zero_stage else None,
         "card": "CPU" if use_cpu else torch.cuda.get_device_name(),
     }
     save_trained(settings, trainer, tokenizer, summary)

@@ -28,8 +28,8 @@ train_wrapper=()  # a script that train.py runs under (the profile suite's bench
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # One stage through prep.py and train.py on the listed GPUs ("0" or "0,1"); the rest is settings.
-# With PREP_KEY set, prep.py runs once per key and later runs of that key train from the same
-# prepared folder (train.py only reads WORK_DIR/prep; a ~1B model takes ~25 s to prepare).
+# With PREP_KEY set, runs of one key train from one prepared folder (train.py only reads
+# WORK_DIR/prep; a ~1B model takes ~25 s to prepare, and prep.py reuses a finished preparation).
 train_stage() {
   local name=$1 gpus=$2; shift 2
   local work=$scratch/$name shared=$scratch/prepared-${PREP_KEY:-}
@@ -39,7 +39,7 @@ train_stage() {
     if [ -z "${PREP_KEY:-}" ]; then
       python3 prep.py > "$results/$name/prep.log" 2>&1
     else
-      [ -d "$shared/prep" ] || WORK_DIR="$shared" python3 prep.py > "$results/$name/prep.log" 2>&1
+      WORK_DIR="$shared" python3 prep.py > "$results/$name/prep.log" 2>&1
       mkdir -p "$work/work" && ln -s "$shared/prep" "$work/work/prep"
     fi
     # Without --num_gpus the launcher turns CUDA_VISIBLE_DEVICES into its list of GPUs.
@@ -133,7 +133,7 @@ zero_stages() {
 # torch.profiler over steps 8-12 of ~1B NF4 + LoRA (1x1024 and 4x2048): this pipeline under ZeRO-2,
 # ZeRO-2 without DeepSpeed's bf16 overflow check, ZeRO-0, and stock TRL; OUT.txt in each run's folder.
 profile_runs() {
-  local shape batch length name
+  local shape batch length name variant
   for shape in "1 1024" "4 2048"; do
     read -r batch length <<< "$shape"
     name=profile-stock-b${batch}-l${length}
@@ -164,7 +164,7 @@ bucket_runs() {
         train_wrapper=(benchmarks/step_profile.py)
         [ "$variant" = original ] && train_wrapper+=(--original-buckets)
         PREP_KEY="1b-l${length}-quant-true" train_stage "buckets-${variant}-b${batch}-l${length}-${round}" 0 \
-          "${quant_settings[@]}" MAX_STEPS=20 MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT=true
+          "${quant_settings[@]}" MAX_STEPS=20 MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT=true ZERO_STAGE=2
       done
     done
   done

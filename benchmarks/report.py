@@ -45,7 +45,8 @@ def estimate_gib(summary: dict) -> float:
     estimate = preflight.estimate_training_memory(
         topo, summary["vocab_rows"], summary["batch_size"], summary["max_length"], 2, summary["use_quant"],
         summary["gradient_checkpointing"], summary["zero_stage"], summary["world_size"],
-        gradient_accumulation_steps=summary["gradient_accumulation_steps"])
+        gradient_accumulation_steps=summary["gradient_accumulation_steps"],
+        buckets=tuple(summary["deepspeed_buckets"]) if summary.get("deepspeed_buckets") else None)
     return estimate["allocated"] / 2**30
 
 

@@ -73,6 +73,7 @@ def test_deepspeed_config_keeps_the_original_settings(stage):
     (10**9, 1, 5 * 10**8, False),  # one process: nothing to overlap, so no second bucket
     (11_000_000, 2, 11_000_000, True),  # LoRA: a bucket holds every trained gradient, no more
     (11_000_000, 1, 11_000_000, False),
+    (11_000_001, 1, 11_000_002, False),  # DeepSpeed asserts an even allgather bucket
 ])
 def test_deepspeed_buckets_are_trimmed_to_what_they_can_hold(trainable, processes, bucket, overlap):
     zero = config.deepspeed_config(config.load_settings({"ZERO_STAGE": "2"}), "bf16", trainable,
