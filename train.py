@@ -210,10 +210,10 @@ def training_arguments(settings: config.Settings, precision: str, use_cpu: bool,
     )
 
 
-def bucket_note(settings: config.Settings, trainable: int) -> str:
-    if settings.zero_stage == 0:
+def bucket_note(buckets: tuple[int, bool] | None) -> str:
+    if buckets is None:
         return ""
-    elements, overlap = config.deepspeed_buckets(trainable, world_size())
+    elements, overlap = buckets
     return f" ({elements:,}-element gradient buckets{', overlapped' if overlap else ''})"
 
 
@@ -308,6 +308,8 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         sanity_forward(model, dataset)
 
     args = training_arguments(settings, precision, use_cpu, trainable)
+    # What deepspeed_config chose, for the log line and the summary (ZeRO-0 has no buckets).
+    buckets = config.deepspeed_buckets(trainable, world_size()) if settings.zero_stage else None
     step_log, stopper = make_callbacks(settings, stop_file)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[step_log, stopper])
@@ -316,7 +318,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     log(f"training: {len(dataset):,} sequences, {settings.run_epochs:g} epochs, global batch "
         f"{settings.batch_size * settings.gradient_accumulation_steps * processes} sequences "
         f"({processes} process(es) x {settings.batch_size} x {settings.gradient_accumulation_steps}), "
-        f"{precision}, ZeRO-{settings.zero_stage}{bucket_note(settings, trainable)}"
+        f"{precision}, ZeRO-{settings.zero_stage}{bucket_note(buckets)}"
         + (f", resuming from {resume}" if resume else ""))
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
@@ -341,7 +343,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         "vocab_rows": vocab_rows, "batch_size": settings.batch_size, "max_length": settings.max_length,
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
         "gradient_checkpointing": settings.gradient_checkpointing, "zero_stage": settings.zero_stage,
-        "deepspeed_buckets": config.deepspeed_buckets(trainable, processes) if settings.zero_stage else None,
+        "deepspeed_buckets": buckets,
         "card": "CPU" if use_cpu else torch.cuda.get_device_name(),
     }
     save_trained(settings, trainer, tokenizer, summary)

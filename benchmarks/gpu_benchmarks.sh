@@ -24,7 +24,7 @@ scratch=${SCRATCH:-/tmp/train-llama-bench}
 mkdir -p "$results" "$scratch"
 export TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 
-train_wrapper=()  # a script that train.py runs under (the profile suite's benchmarks/step_profile.py)
+train_wrapper=()  # a script that train.py runs under (benchmarks/step_profile.py in the profile and buckets suites)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # One stage through prep.py and train.py on the listed GPUs ("0" or "0,1"); the rest is settings.
@@ -83,7 +83,7 @@ demo_run() {
 
 # The quant comparison at "BATCH LENGTH" shapes on one GPU: USE_QUANT for each of QUANT_MODES
 # (default "false true"), then stock TRL unless QUANT_STOCK=0. The 1B model's embedding has the rows
-# of the corpus vocabulary; the stock baseline gets the same number (read from the full run's summary).
+# of the corpus vocabulary; the stock baseline gets the same number (read from a run of the shape).
 quant_shapes() {
   local gpu=$1 shape batch length quant
   IFS=, read -r -a shapes <<< "$2"
