@@ -11,6 +11,10 @@
 #   qlora2   ~1B NF4 + LoRA under ZeRO-2 on 2 GPUs (compare with quant's 1-GPU 4x2048 run)
 #   profile  kernels launched and GPU busy time per step, NF4 + LoRA against stock (step_profile.py)
 #   buckets  NF4 + LoRA with the trimmed gradient buckets against the original's two of 5e8 elements
+#   fused    NF4 + LoRA with Liger's fused kernels and foreach ZeRO checks, each alone and together,
+#            against stock TRL with and without Liger; FUSED_SHAPES_GPU0/1 on two GPUs side by side
+#   versus   ~1B NF4 + LoRA against stock TRL, alternating, VERSUS_ROUNDS (2) rounds at each shape,
+#            30 steps in windows of 5; VERSUS_SHAPES_GPU0/1 on two GPUs side by side
 #   demo     the demo curriculum through trainer.sh on 1 GPU and on 2
 #   zero     one GPU, ZeRO stages 0 and 2 against stock TRL: the ~200M bf16 shape, the ~1B at 1x1024
 #            (bound by per-step work) and NF4 at 4x2048 (why this pipeline trails stock on one GPU)
@@ -171,6 +175,75 @@ bucket_runs() {
   train_wrapper=()
 }
 
+# ~1B NF4 + LoRA on one GPU at "BATCH LENGTH" shapes: this pipeline plain, with Liger's kernels, with
+# foreach ZeRO checks and with both (FUSED_VARIANTS), then stock TRL plain and with Liger.
+fused_runs() {
+  local gpu=$1 shape batch length variant name
+  IFS=, read -r -a shapes <<< "$2"
+  for shape in "${shapes[@]}"; do
+    read -r batch length <<< "$shape"
+    for variant in ${FUSED_VARIANTS:-plain liger foreach liger+foreach}; do
+      train_wrapper=(benchmarks/step_profile.py)
+      [[ $variant == *liger* ]] && train_wrapper+=(--liger)
+      [[ $variant == *foreach* ]] && train_wrapper+=(--foreach-zero-checks)
+      PREP_KEY="1b-l${length}-gpu${gpu}" train_stage "fused-${variant}-b${batch}-l${length}" "$gpu" \
+        "${quant_settings[@]}" MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT=true
+    done
+    train_wrapper=()
+    for variant in ${FUSED_STOCK:-plain liger}; do
+      name=stock-fused-${variant}-b${batch}-l${length}
+      mkdir -p "$results/$name"
+      CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/step_profile.py $([ "$variant" = liger ] && echo --liger) \
+        benchmarks/stock_trl.py --hidden 2048 --vocab-rows 1344 --batch "$batch" --length "$length" --quant \
+        --checkpointing --json "$results/$name/stock.json" > "$results/$name/train.log" 2>&1 || echo "$name failed"
+      tail -1 "$results/$name/train.log"
+    done
+  done
+}
+
+# ~1B NF4 + LoRA against stock TRL at "BATCH LENGTH" shapes on one GPU, alternating, so that a slow
+# spell of the host falls on both; each run's tokens/s is the median of five 5-step windows.
+versus_runs() {
+  local gpu=$1 shape batch length round name
+  IFS=, read -r -a shapes <<< "$2"
+  for shape in "${shapes[@]}"; do
+    read -r batch length <<< "$shape"
+    for round in $(seq "${VERSUS_ROUNDS:-2}"); do
+      PREP_KEY="1b-l${length}-gpu${gpu}" train_stage "versus-b${batch}-l${length}-${round}" "$gpu" \
+        "${quant_settings[@]}" MAX_STEPS=30 LOGGING_STEPS=5 MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT=true
+      name=stock-versus-b${batch}-l${length}-${round}
+      mkdir -p "$results/$name"
+      CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/stock_trl.py --hidden 2048 --vocab-rows 1344 --batch "$batch" \
+        --length "$length" --quant --checkpointing --steps 30 --logging-steps 5 --warmup 5 \
+        --json "$results/$name/stock.json" > "$results/$name/train.log" 2>&1 || echo "$name failed"
+      tail -1 "$results/$name/train.log"
+    done
+  done
+}
+
+# ~1B NF4 + LoRA at one "BATCH LENGTH" shape on one GPU: foreach ZeRO checks, plain, stock TRL,
+# plain, foreach (symmetric, so that a drift of the host's speed falls on both variants alike).
+foreach_runs() {
+  local gpu=$1 batch length variant round=0 name
+  read -r batch length <<< "$2"
+  for variant in foreach plain stock plain foreach; do
+    round=$((round + 1))
+    name=${variant}-b${batch}-l${length}-${round}
+    if [ "$variant" = stock ]; then
+      mkdir -p "$results/stock-$name"
+      CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/stock_trl.py --hidden 2048 --vocab-rows 1344 --batch "$batch" \
+        --length "$length" --quant --checkpointing --steps 30 --logging-steps 5 --warmup 5 \
+        --json "$results/stock-$name/stock.json" > "$results/stock-$name/train.log" 2>&1 || echo "$name failed"
+      continue
+    fi
+    train_wrapper=(benchmarks/step_profile.py)
+    [ "$variant" = foreach ] && train_wrapper+=(--foreach-zero-checks)
+    PREP_KEY="1b-l${length}-gpu${gpu}" train_stage "$name" "$gpu" "${quant_settings[@]}" MAX_STEPS=30 \
+      LOGGING_STEPS=5 MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT=true
+  done
+  train_wrapper=()
+}
+
 case "$suite" in
   scaling) scaling_1gpu 0; scaling_2gpu ;;
   quant) quant_shapes 0 "${QUANT_SHAPES:-1 1024,4 1024,1 2048,4 2048}" ;;
@@ -183,6 +256,21 @@ case "$suite" in
   buckets) bucket_runs ;;
   demo) demo_run demo-1gpu 0; demo_run demo-2gpu 0,1 ;;
   zero) zero_stages ;;
+  versus)
+    { versus_runs 0 "${VERSUS_SHAPES_GPU0:-4 2048,1 1024}"; } > "$results/gpu0.log" 2>&1 &
+    { versus_runs 1 "${VERSUS_SHAPES_GPU1:-4 1024,1 2048}"; } > "$results/gpu1.log" 2>&1 &
+    wait
+    ;;
+  foreach)
+    { foreach_runs 0 "1 1024"; } > "$results/gpu0.log" 2>&1 &
+    { foreach_runs 1 "4 1024"; } > "$results/gpu1.log" 2>&1 &
+    wait
+    ;;
+  fused)
+    { fused_runs 0 "${FUSED_SHAPES_GPU0:-4 1024,4 2048}"; } > "$results/gpu0.log" 2>&1 &
+    { fused_runs 1 "${FUSED_SHAPES_GPU1:-1 1024,1 2048}"; } > "$results/gpu1.log" 2>&1 &
+    wait
+    ;;
   all)
     # Side by side: the two GPUs share nothing but the host (32 cores), so neither waits on the other.
     { scaling_1gpu 0; quant_shapes 0 "4 2048,1 2048"; stock_scaling 0; } > "$results/gpu0.log" 2>&1 &
@@ -192,6 +280,6 @@ case "$suite" in
     qlora_2gpu
     demo_run demo-2gpu 0,1
     ;;
-  *) echo "usage: $0 scaling|quant|nf4|qlora2|profile|buckets|demo|zero|all RESULTS_DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 scaling|quant|nf4|qlora2|profile|buckets|fused|versus|demo|zero|all RESULTS_DIR" >&2; exit 2 ;;
 esac
 touch "$results/done"

@@ -101,9 +101,27 @@ def print_comparisons(results: Path, curves: dict) -> None:
         if peak(folder.name) and peak(f"stock-{shape}-nf4"):
             print(f"{shape}: peak memory, this pipeline's NF4 over stock: "
                   f"{peak(folder.name) / peak(f'stock-{shape}-nf4'):.3f}")
+    for folder in sorted(results.glob("fused-*-b*-l*")):
+        variant, shape = re.fullmatch(r"fused-(.+)-(b\d+-l\d+)", folder.name).groups()
+        pairs.append((folder.name, f"stock-fused-plain-{shape}", f"{shape}: tokens/s, this pipeline ({variant}) over stock"))
+    for folder in sorted(results.glob("stock-fused-liger-b*-l*")):
+        shape = folder.name.removeprefix("stock-fused-liger-")
+        pairs.append((folder.name, f"stock-fused-plain-{shape}", f"{shape}: tokens/s, stock with Liger over stock"))
+    for folder in sorted(results.glob("versus-b*-l*-*")):
+        shape = folder.name.removeprefix("versus-")
+        pairs.append((folder.name, f"stock-versus-{shape}", f"{shape}: tokens/s, this pipeline over stock (round)"))
     for top, bottom, what in pairs:
         if speed(top) and speed(bottom):
             print(f"{what}: {speed(top) / speed(bottom):.3f} ({speed(top):,.0f} / {speed(bottom):,.0f})")
+    rounds: dict[str, list[float]] = {}
+    for folder in sorted(results.glob("versus-b*-l*-*")):
+        stock = f"stock-{folder.name}"
+        if speed(folder.name) and speed(stock):
+            rounds.setdefault(folder.name.removeprefix("versus-").rsplit("-", 1)[0], []).append(
+                speed(folder.name) / speed(stock))
+    for shape, ratios in rounds.items():
+        print(f"{shape}: tokens/s, this pipeline over stock in {len(ratios)} alternating rounds: mean "
+              f"{statistics.mean(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
     one, two = "scaling-1gpu", "scaling-2gpu"
     if one in curves and two in curves:
         # Once the model memorises the small corpus the loss nears 0 and relative gaps mean nothing,

@@ -12,6 +12,9 @@ does not use, to measure what it costs in the same call:
   --no-bf16-overflow-check  bf16 check_grad_overflow off (the pipeline keeps it: a step whose
                             gradients are not finite is skipped instead of applied)
   --original-buckets        the original's two 5e8-element buckets instead of config.deepspeed_buckets'
+  --liger                   Liger's fused RMSNorm, SwiGLU and RoPE kernels (SFTConfig use_liger_kernel)
+  --foreach-zero-checks     ZeRO-1/2's overflow check and gradient norm as one foreach kernel each
+                            instead of a few kernels per gradient tensor
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--last", type=int, default=12, help="optimizer step the window ends at")
     parser.add_argument("--no-bf16-overflow-check", action="store_true")
     parser.add_argument("--original-buckets", action="store_true")
+    parser.add_argument("--liger", action="store_true")
+    parser.add_argument("--foreach-zero-checks", action="store_true")
     parser.add_argument("script", type=Path)
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     return parser.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
@@ -112,6 +117,53 @@ def change_deepspeed_settings(args: argparse.Namespace) -> None:
             return out
 
         config.deepspeed_config = without_overflow_check
+    if args.liger:
+        import trl
+
+        post_init = trl.SFTConfig.__post_init__
+
+        def with_liger(self):
+            self.use_liger_kernel = True
+            post_init(self)
+
+        trl.SFTConfig.__post_init__ = with_liger
+    if args.foreach_zero_checks:
+        foreach_zero_checks()
+
+
+def foreach_zero_checks() -> None:
+    import torch
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from deepspeed.runtime.zero.utils import get_norm_dtype
+    from deepspeed import comm as dist
+
+    def partition_grads(self):
+        return [g for i in range(len(self.bit16_groups)) for g in (self.averaged_gradients[i] or []) if g is not None]
+
+    def has_overflow_partitioned_grads_serial(self):
+        grads = partition_grads(self)
+        if not grads:
+            return torch.zeros(1, dtype=torch.bool, device=self.device)
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        return (~torch.isfinite(norms)).any().reshape(1)
+
+    original_norm = DeepSpeedZeroOptimizer.get_grad_norm_direct
+
+    def get_grad_norm_direct(self, gradients, params, norm_type=2):
+        if float(norm_type) != 2.0 or self.model_parallel_rank != 0 or self.mpu is not None:
+            return original_norm(self, gradients, params, norm_type)
+        grads = [g for g in gradients if not getattr(g, "_zero_padding", False)]
+        if not grads:
+            return original_norm(self, gradients, params, norm_type)
+        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=get_norm_dtype()))
+        total = norms.pow(2).sum().float()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
+        total = total.pow(0.5)
+        total.masked_fill_(~torch.isfinite(total), -1.0)
+        return total
+
+    DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial = has_overflow_partitioned_grads_serial
+    DeepSpeedZeroOptimizer.get_grad_norm_direct = get_grad_norm_direct
 
 
 def main() -> int:

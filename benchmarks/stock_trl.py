@@ -4,10 +4,11 @@ none of this pipeline's code beyond the topology (no DeepSpeed, no prep.py, no t
 compute) and trained with peft LoRA r=16 on every projection, the usual QLoRA recipe.
 
 The rows are already packed (random token ids, every row exactly --length long), so no padding and
-no per-shape attention set-up. Prints one line: median tokens/s over the steps after --warmup, and
-torch's peak allocated memory; --json also writes them to a file. A step's time is the whole cycle
-from one optimizer step's end to the next (batch loading, forward, backward, optimizer, logging),
-which is what the pipeline's step lines measure too.
+no per-shape attention set-up. Prints one line: tokens/s and torch's peak allocated memory; --json
+also writes them to a file. A step's time is the whole cycle from one optimizer step's end to the next
+(batch loading, forward, backward, optimizer, logging), which is what the pipeline's step lines measure
+too. Like report.py for those lines, the tokens/s is the median over windows of --logging-steps steps
+(each step line covers LOGGING_STEPS steps), after the first --warmup steps.
 Usage: python3 benchmarks/stock_trl.py --hidden 2048 --vocab-rows 1216 --batch 4 --length 2048 --quant
 """
 from __future__ import annotations
@@ -110,6 +111,14 @@ def step_timer():
     return StepTimer()
 
 
+def median_window_seconds(durations: list[float], warmup: int, window: int) -> float:
+    """The median over windows of `window` consecutive steps after the first `warmup` of the mean
+    step time in each window."""
+    kept = durations[warmup:] or durations
+    windows = [sum(kept[i:i + window]) / window for i in range(0, len(kept) - window + 1, window)]
+    return statistics.median(windows or [sum(kept) / len(kept)])
+
+
 def main() -> int:
     args = parse_args()
     import torch
@@ -130,7 +139,7 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
     tokens_per_step = args.batch * args.accumulation * args.length
-    median_seconds = statistics.median(timer.durations[args.warmup:] or timer.durations)
+    median_seconds = median_window_seconds(timer.durations, args.warmup, args.logging_steps)
     result = {
         "card": "CPU" if args.cpu else torch.cuda.get_device_name(),
         "mode": "NF4+LoRA (stock)" if args.quant else "bf16 (stock)",
