@@ -11,8 +11,10 @@
 #   qlora2   ~1B NF4 + LoRA under ZeRO-2 on 2 GPUs (compare with quant's 1-GPU 4x2048 run)
 #   profile  kernels launched and GPU busy time per step, NF4 + LoRA against stock (step_profile.py)
 #   buckets  NF4 + LoRA with the trimmed gradient buckets against the original's two of 5e8 elements
-#   fused    NF4 + LoRA with Liger's fused kernels and foreach ZeRO checks, each alone and together,
-#            against stock TRL with and without Liger; FUSED_SHAPES_GPU0/1 on two GPUs side by side
+#   fused    NF4 + LoRA with and without Liger's fused kernels, against stock TRL with and without
+#            them; FUSED_SHAPES_GPU0/1 on two GPUs side by side
+#   zerochecks  NF4 + LoRA with util.fuse_zero_gradient_checks against DeepSpeed's own per-tensor
+#            checks and stock TRL, at 1x1024 on GPU 0 and 4x1024 on GPU 1
 #   versus   ~1B NF4 + LoRA against stock TRL, alternating, VERSUS_ROUNDS (2) rounds at each shape,
 #            30 steps in windows of 5; VERSUS_SHAPES_GPU0/1 on two GPUs side by side
 #   demo     the demo curriculum through trainer.sh on 1 GPU and on 2
@@ -175,17 +177,16 @@ bucket_runs() {
   train_wrapper=()
 }
 
-# ~1B NF4 + LoRA on one GPU at "BATCH LENGTH" shapes: this pipeline plain, with Liger's kernels, with
-# foreach ZeRO checks and with both (FUSED_VARIANTS), then stock TRL plain and with Liger.
+# ~1B NF4 + LoRA on one GPU at "BATCH LENGTH" shapes: this pipeline plain and with Liger's kernels
+# (FUSED_VARIANTS), then stock TRL plain and with Liger (FUSED_STOCK).
 fused_runs() {
   local gpu=$1 shape batch length variant name
   IFS=, read -r -a shapes <<< "$2"
   for shape in "${shapes[@]}"; do
     read -r batch length <<< "$shape"
-    for variant in ${FUSED_VARIANTS:-plain liger foreach liger+foreach}; do
+    for variant in ${FUSED_VARIANTS:-plain liger}; do
       train_wrapper=(benchmarks/step_profile.py)
-      [[ $variant == *liger* ]] && train_wrapper+=(--liger)
-      [[ $variant == *foreach* ]] && train_wrapper+=(--foreach-zero-checks)
+      [ "$variant" = liger ] && train_wrapper+=(--liger)
       PREP_KEY="1b-l${length}-gpu${gpu}" train_stage "fused-${variant}-b${batch}-l${length}" "$gpu" \
         "${quant_settings[@]}" MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT=true
     done
@@ -221,23 +222,24 @@ versus_runs() {
   done
 }
 
-# ~1B NF4 + LoRA at one "BATCH LENGTH" shape on one GPU: foreach ZeRO checks, plain, stock TRL,
-# plain, foreach (symmetric, so that a drift of the host's speed falls on both variants alike).
-foreach_runs() {
+# ~1B NF4 + LoRA at one "BATCH LENGTH" shape on one GPU: the pipeline's fused ZeRO checks, DeepSpeed's
+# own, stock TRL, DeepSpeed's, fused (symmetric, so that a drift of the host's speed falls on both alike).
+zerocheck_runs() {
   local gpu=$1 batch length variant round=0 name
   read -r batch length <<< "$2"
-  for variant in foreach plain stock plain foreach; do
+  for variant in fused deepspeed stock deepspeed fused; do
     round=$((round + 1))
-    name=${variant}-b${batch}-l${length}-${round}
+    name=zerochecks-${variant}-b${batch}-l${length}-${round}
     if [ "$variant" = stock ]; then
-      mkdir -p "$results/stock-$name"
+      name=stock-zerochecks-b${batch}-l${length}-${round}
+      mkdir -p "$results/$name"
       CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/stock_trl.py --hidden 2048 --vocab-rows 1344 --batch "$batch" \
         --length "$length" --quant --checkpointing --steps 30 --logging-steps 5 --warmup 5 \
-        --json "$results/stock-$name/stock.json" > "$results/stock-$name/train.log" 2>&1 || echo "$name failed"
+        --json "$results/$name/stock.json" > "$results/$name/train.log" 2>&1 || echo "$name failed"
       continue
     fi
     train_wrapper=(benchmarks/step_profile.py)
-    [ "$variant" = foreach ] && train_wrapper+=(--foreach-zero-checks)
+    [ "$variant" = deepspeed ] && train_wrapper+=(--deepspeed-zero-checks)
     PREP_KEY="1b-l${length}-gpu${gpu}" train_stage "$name" "$gpu" "${quant_settings[@]}" MAX_STEPS=30 \
       LOGGING_STEPS=5 MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT=true
   done
@@ -261,9 +263,9 @@ case "$suite" in
     { versus_runs 1 "${VERSUS_SHAPES_GPU1:-4 1024,1 2048}"; } > "$results/gpu1.log" 2>&1 &
     wait
     ;;
-  foreach)
-    { foreach_runs 0 "1 1024"; } > "$results/gpu0.log" 2>&1 &
-    { foreach_runs 1 "4 1024"; } > "$results/gpu1.log" 2>&1 &
+  zerochecks)
+    { zerocheck_runs 0 "1 1024"; } > "$results/gpu0.log" 2>&1 &
+    { zerocheck_runs 1 "4 1024"; } > "$results/gpu1.log" 2>&1 &
     wait
     ;;
   fused)
@@ -280,6 +282,6 @@ case "$suite" in
     qlora_2gpu
     demo_run demo-2gpu 0,1
     ;;
-  *) echo "usage: $0 scaling|quant|nf4|qlora2|profile|buckets|fused|versus|demo|zero|all RESULTS_DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 scaling|quant|nf4|qlora2|profile|buckets|fused|zerochecks|versus|demo|zero|all RESULTS_DIR" >&2; exit 2 ;;
 esac
 touch "$results/done"

@@ -107,6 +107,10 @@ def print_comparisons(results: Path, curves: dict) -> None:
     for folder in sorted(results.glob("stock-fused-liger-b*-l*")):
         shape = folder.name.removeprefix("stock-fused-liger-")
         pairs.append((folder.name, f"stock-fused-plain-{shape}", f"{shape}: tokens/s, stock with Liger over stock"))
+    for folder in sorted(results.glob("zerochecks-*-b*-l*-*")):
+        variant, shape = re.fullmatch(r"zerochecks-(\w+)-(b\d+-l\d+)-\d+", folder.name).groups()
+        for stock in sorted(results.glob(f"stock-zerochecks-{shape}-*")):
+            pairs.append((folder.name, stock.name, f"{shape}: tokens/s, {variant} ZeRO checks over stock"))
     for folder in sorted(results.glob("versus-b*-l*-*")):
         shape = folder.name.removeprefix("versus-")
         pairs.append((folder.name, f"stock-versus-{shape}", f"{shape}: tokens/s, this pipeline over stock (round)"))

@@ -7,14 +7,14 @@ and then the number of kernels per step is what to compare. Used by `gpu_benchma
 `gpu_benchmarks.sh buckets`.
 Usage (alone, or after `deepspeed` whose --local_rank argument is dropped):
   python3 benchmarks/step_profile.py [--out DIR/name --first 8 --last 12] SCRIPT [SCRIPT ARGS]
-Without --out nothing is profiled. Two switches run train.py with a DeepSpeed setting the pipeline
-does not use, to measure what it costs in the same call:
+Without --out nothing is profiled. These switches run train.py (or, for --liger, stock_trl.py too)
+with a setting the pipeline does not use, to measure what it costs in the same call:
   --no-bf16-overflow-check  bf16 check_grad_overflow off (the pipeline keeps it: a step whose
                             gradients are not finite is skipped instead of applied)
   --original-buckets        the original's two 5e8-element buckets instead of config.deepspeed_buckets'
   --liger                   Liger's fused RMSNorm, SwiGLU and RoPE kernels (SFTConfig use_liger_kernel)
-  --foreach-zero-checks     ZeRO-1/2's overflow check and gradient norm as one foreach kernel each
-                            instead of a few kernels per gradient tensor
+  --deepspeed-zero-checks   DeepSpeed's own per-tensor overflow check and gradient norm instead of
+                            util.fuse_zero_gradient_checks' foreach kernels
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-bf16-overflow-check", action="store_true")
     parser.add_argument("--original-buckets", action="store_true")
     parser.add_argument("--liger", action="store_true")
-    parser.add_argument("--foreach-zero-checks", action="store_true")
+    parser.add_argument("--deepspeed-zero-checks", action="store_true")
     parser.add_argument("script", type=Path)
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     return parser.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
@@ -103,7 +103,7 @@ def add_profiler(args: argparse.Namespace) -> None:
     transformers.Trainer.__init__ = init_with_profiler
 
 
-def change_deepspeed_settings(args: argparse.Namespace) -> None:
+def change_pipeline_settings(args: argparse.Namespace) -> None:
     import config
 
     if args.original_buckets:
@@ -127,43 +127,11 @@ def change_deepspeed_settings(args: argparse.Namespace) -> None:
             post_init(self)
 
         trl.SFTConfig.__post_init__ = with_liger
-    if args.foreach_zero_checks:
-        foreach_zero_checks()
+    if args.deepspeed_zero_checks:
+        import util
 
-
-def foreach_zero_checks() -> None:
-    import torch
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    from deepspeed.runtime.zero.utils import get_norm_dtype
-    from deepspeed import comm as dist
-
-    def partition_grads(self):
-        return [g for i in range(len(self.bit16_groups)) for g in (self.averaged_gradients[i] or []) if g is not None]
-
-    def has_overflow_partitioned_grads_serial(self):
-        grads = partition_grads(self)
-        if not grads:
-            return torch.zeros(1, dtype=torch.bool, device=self.device)
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-        return (~torch.isfinite(norms)).any().reshape(1)
-
-    original_norm = DeepSpeedZeroOptimizer.get_grad_norm_direct
-
-    def get_grad_norm_direct(self, gradients, params, norm_type=2):
-        if float(norm_type) != 2.0 or self.model_parallel_rank != 0 or self.mpu is not None:
-            return original_norm(self, gradients, params, norm_type)
-        grads = [g for g in gradients if not getattr(g, "_zero_padding", False)]
-        if not grads:
-            return original_norm(self, gradients, params, norm_type)
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=get_norm_dtype()))
-        total = norms.pow(2).sum().float()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
-        total = total.pow(0.5)
-        total.masked_fill_(~torch.isfinite(total), -1.0)
-        return total
-
-    DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial = has_overflow_partitioned_grads_serial
-    DeepSpeedZeroOptimizer.get_grad_norm_direct = get_grad_norm_direct
+        # train.py imports the name from util after this, so it gets the stand-in.
+        util.fuse_zero_gradient_checks = lambda: True
 
 
 def main() -> int:
@@ -171,7 +139,7 @@ def main() -> int:
     if args.out:
         add_profiler(args)
     sys.path.insert(0, str(REPO))
-    change_deepspeed_settings(args)
+    change_pipeline_settings(args)
     sys.argv = [str(args.script), *args.script_args]
     runpy.run_path(str(args.script), run_name="__main__")
     return 0
