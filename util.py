@@ -58,6 +58,14 @@ def is_main_process() -> bool:
     return process_rank() == 0
 
 
+def foreach_norms(tensors: list, dtype):
+    """The L2 norm of each tensor as one `dtype` tensor, from foreach kernels (one per group of
+    tensors, not one per tensor). inf or NaN in a tensor makes its norm inf or NaN."""
+    import torch
+
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
+
+
 def fuse_zero_gradient_checks() -> bool:
     """Makes DeepSpeed's ZeRO-1/2 optimizer test its gradients for inf/NaN, and take their norm for
     clipping, with one foreach kernel each instead of a few kernels per gradient tensor.
@@ -85,8 +93,7 @@ def fuse_zero_gradient_checks() -> bool:
             return torch.zeros(1, dtype=torch.bool, device=self.device)
         # An L2 norm is inf or NaN exactly when an element is, or when the squares overflow fp32, which
         # DeepSpeed's own norm (summed in fp32) then reports as invalid and skips as well.
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-        return (~torch.isfinite(norms)).any().reshape(1)
+        return (~torch.isfinite(foreach_norms(grads, torch.float32))).any().reshape(1)
 
     def get_grad_norm_direct(self, gradients, params, norm_type=2):
         unpadded = [g for g in gradients if not getattr(g, "_zero_padding", False)]
@@ -94,8 +101,7 @@ def fuse_zero_gradient_checks() -> bool:
         if (float(norm_type) != 2.0 or self.model_parallel_rank != 0 or not pairs
                 or any(getattr(p, "ds_pipe_replicated", False) for _, p in pairs)):
             return per_tensor_norm(self, gradients, params, norm_type)
-        norms = torch._foreach_norm([g for g, _ in pairs], 2, dtype=get_norm_dtype())
-        total = torch.stack(norms).pow(2).sum().float()
+        total = foreach_norms([g for g, _ in pairs], get_norm_dtype()).pow(2).sum().float()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
         self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
         total = total.pow(0.5)
