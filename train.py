@@ -18,8 +18,8 @@ import warnings
 from pathlib import Path
 
 import config
-from util import (fuse_zero_gradient_checks, is_main_process, local_rank, log, replace_directory, world_size,
-                  write_json_atomic)
+import util
+from util import is_main_process, local_rank, log, replace_directory, world_size, write_json_atomic
 
 EXIT_NOT_FINITE = 3
 EXIT_BAD_PREP = 4
@@ -309,9 +309,9 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         sanity_forward(model, dataset)
 
     args = training_arguments(settings, precision, use_cpu, trainable)
-    if settings.zero_stage in (1, 2) and not fuse_zero_gradient_checks():
-        log("note: this DeepSpeed's ZeRO optimizer lacks the methods util.fuse_zero_gradient_checks replaces; "
-            "its own per-tensor gradient checks stay (slower on small steps)")
+    if settings.zero_stage in (1, 2) and not util.fuse_zero_gradient_checks():
+        log(f"note: util.fuse_zero_gradient_checks knows DeepSpeed {util.VERIFIED_DEEPSPEED} only; this "
+            "DeepSpeed's own per-tensor gradient checks stay (slower on small steps)")
     # What deepspeed_config chose, for the log line and the summary (ZeRO-0 has no buckets).
     buckets = config.deepspeed_buckets(trainable, world_size()) if settings.zero_stage else None
     step_log, stopper = make_callbacks(settings, stop_file)

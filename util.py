@@ -37,6 +37,9 @@ STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 DEFAULT_RETRY_DELAY = 2.0  # seconds before the first retry of a Hub call; doubles at each retry
 MAX_RETRY_DELAY = 60.0
 HISTORY_LENGTH = 50
+# The DeepSpeed whose ZeRO optimizer fuse_zero_gradient_checks was read and tested against: another
+# version may have changed the methods it replaces.
+VERIFIED_DEEPSPEED = "0.19.8"
 
 
 def process_rank() -> int:
@@ -74,7 +77,11 @@ def fuse_zero_gradient_checks() -> bool:
     LoRA's 252 adapter tensors, and a small NF4 + LoRA step is bound by the host launching kernels
     (BENCHMARKS.md: 1.3 to 1.6 times the tokens/s on an H200). The decisions stay DeepSpeed's: a step
     with an inf or NaN gradient is skipped, and the norm combines fp64 per-tensor norms as before.
-    Returns False, changing nothing, where DeepSpeed lacks the methods replaced (another version)."""
+    Returns False, changing nothing, under another DeepSpeed than VERIFIED_DEEPSPEED."""
+    import deepspeed
+
+    if deepspeed.__version__ != VERIFIED_DEEPSPEED:
+        return False
     import torch
     from deepspeed import comm as dist
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
@@ -82,17 +89,17 @@ def fuse_zero_gradient_checks() -> bool:
     from deepspeed.runtime.zero.utils import get_norm_dtype
 
     optimizer_class = stage_1_and_2.DeepSpeedZeroOptimizer
-    per_tensor_norm = getattr(optimizer_class, "get_grad_norm_direct", None)
-    if per_tensor_norm is None or not hasattr(optimizer_class, "has_overflow_partitioned_grads_serial"):
-        return False
+    per_tensor_norm = optimizer_class.get_grad_norm_direct
 
     def has_overflow_partitioned_grads_serial(self):
         grads = [g for group in range(len(self.bit16_groups)) for g in (self.averaged_gradients[group] or [])
                  if g is not None]
         if not grads:
             return torch.zeros(1, dtype=torch.bool, device=self.device)
-        # An L2 norm is inf or NaN exactly when an element is, or when the squares overflow fp32, which
-        # DeepSpeed's own norm (summed in fp32) then reports as invalid and skips as well.
+        # An L2 norm is inf or NaN exactly when an element is, or when the squares overflow fp32. Such a
+        # finite gradient (|g| > 1.8e19) DeepSpeed skips too, but one call later: its norm's fp32 sum of
+        # squares turns inf and step() rejects the norm. That needs the norm computed, which gradient
+        # clipping (always 1.0 here) guarantees.
         return (~torch.isfinite(foreach_norms(grads, torch.float32))).any().reshape(1)
 
     def get_grad_norm_direct(self, gradients, params, norm_type=2):

@@ -19,8 +19,9 @@
 #            30 steps in windows of 5; VERSUS_SHAPES_GPU0/1 on two GPUs side by side
 #   demo     the demo curriculum through trainer.sh on 1 GPU and on 2
 #   zero     one GPU, ZeRO stages 0 and 2 against stock TRL: the ~200M bf16 shape, the ~1B at 1x1024
-#            (bound by per-step work) and NF4 at 4x2048 (why this pipeline trails stock on one GPU)
-#   all      every suite: the 1-GPU runs on GPU 0 and GPU 1 side by side, then the 2-GPU runs
+#            (bound by per-step work) and NF4 at 4x2048 (where DeepSpeed's per-step work costs time)
+#   all      scaling, quant, qlora2 and demo: the 1-GPU runs on GPU 0 and GPU 1 side by side, then
+#            the 2-GPU runs
 # Each run keeps its log and summary.json in RESULTS_DIR/<run name>/; RESULTS_DIR/done marks the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -236,6 +237,7 @@ zerocheck_runs() {
       CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/stock_trl.py --hidden 2048 --vocab-rows 1344 --batch "$batch" \
         --length "$length" --quant --checkpointing --steps 30 --logging-steps 5 --warmup 5 \
         --json "$results/$name/stock.json" > "$results/$name/train.log" 2>&1 || echo "$name failed"
+      tail -1 "$results/$name/train.log"
       continue
     fi
     train_wrapper=(benchmarks/step_profile.py)

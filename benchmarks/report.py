@@ -71,19 +71,74 @@ def median_speed(steps: list[tuple[int, float, float]]) -> float:
     return statistics.median([t for _, _, t in steps[1:]] or [t for _, _, t in steps])
 
 
+def run_speed(results: Path, name: str) -> float | None:
+    """tokens/s of a run: stock's from its JSON, ours the median of its step lines; None if absent."""
+    folder = results / name
+    if (folder / "stock.json").is_file():
+        return json.loads((folder / "stock.json").read_text())["tokens_per_second"]
+    return median_speed(step_lines((folder / "train.log").read_text())) if (folder / "summary.json").is_file() else None
+
+
+def run_peak(results: Path, name: str) -> float | None:
+    for path in (results / name / "summary.json", results / name / "stock.json"):
+        if path.is_file():
+            return json.loads(path.read_text())["peak_memory_gib"]
+    return None
+
+
+def fused_and_versus_pairs(results: Path) -> list[tuple[str, str, str]]:
+    """(run, baseline, what) of the fused, zerochecks and versus suites."""
+    pairs = []
+    for folder in sorted(results.glob("fused-*-b*-l*")):
+        variant, shape = re.fullmatch(r"fused-(.+)-(b\d+-l\d+)", folder.name).groups()
+        pairs.append((folder.name, f"stock-fused-plain-{shape}", f"{shape}: tokens/s, this pipeline ({variant}) over stock"))
+    for folder in sorted(results.glob("stock-fused-liger-b*-l*")):
+        shape = folder.name.removeprefix("stock-fused-liger-")
+        pairs.append((folder.name, f"stock-fused-plain-{shape}", f"{shape}: tokens/s, stock with Liger over stock"))
+    for folder in sorted(results.glob("zerochecks-*-b*-l*-*")):
+        variant, shape = re.fullmatch(r"zerochecks-(\w+)-(b\d+-l\d+)-\d+", folder.name).groups()
+        for stock in sorted(results.glob(f"stock-zerochecks-{shape}-*")):
+            pairs.append((folder.name, stock.name, f"{shape}: tokens/s, {variant} ZeRO checks over stock"))
+    for folder in sorted(results.glob("versus-b*-l*-*")):
+        shape = folder.name.removeprefix("versus-")
+        pairs.append((folder.name, f"stock-versus-{shape}", f"{shape}: tokens/s, this pipeline over stock (round)"))
+    return pairs
+
+
+def print_alternating_rounds(results: Path) -> None:
+    """The versus suite's ratio at each shape over its rounds: the mean and the spread."""
+    rounds: dict[str, list[float]] = {}
+    for folder in sorted(results.glob("versus-b*-l*-*")):
+        ours, stock = run_speed(results, folder.name), run_speed(results, f"stock-{folder.name}")
+        if ours and stock:
+            rounds.setdefault(folder.name.removeprefix("versus-").rsplit("-", 1)[0], []).append(ours / stock)
+    for shape, ratios in rounds.items():
+        print(f"{shape}: tokens/s, this pipeline over stock in {len(ratios)} alternating rounds: mean "
+              f"{statistics.mean(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
+
+
+def print_curve_agreement(curves: dict) -> None:
+    one, two = "scaling-1gpu", "scaling-2gpu"
+    if one not in curves or two not in curves:
+        return
+    # Once the model memorises the small corpus the loss nears 0 and relative gaps mean nothing,
+    # so the relative gap is taken while the loss is above 1.
+    shared = sorted(set(curves[one]) & set(curves[two]))
+    gaps = {s: abs(curves[one][s] - curves[two][s]) for s in shared}
+    worst = max(shared, key=gaps.get)
+    relative = max((gaps[s] / curves[one][s] for s in shared if curves[one][s] > 1), default=0.0)
+    print(f"loss curves {one} vs {two}: {len(shared)} shared steps; largest gap {gaps[worst]:.4f} at step "
+          f"{worst} ({curves[one][worst]:.4f}/{curves[two][worst]:.4f}); largest relative gap while the "
+          f"loss is above 1: {100 * relative:.2f}%")
+
+
 def print_comparisons(results: Path, curves: dict) -> None:
     """Ratios measured in the same call: GPUs, NF4 against full bf16, this pipeline against stock TRL."""
     def speed(name):
-        folder = results / name
-        if (folder / "stock.json").is_file():
-            return json.loads((folder / "stock.json").read_text())["tokens_per_second"]
-        return median_speed(step_lines((folder / "train.log").read_text())) if (folder / "summary.json").is_file() else None
+        return run_speed(results, name)
 
     def peak(name):
-        for path in (results / name / "summary.json", results / name / "stock.json"):
-            if path.is_file():
-                return json.loads(path.read_text())["peak_memory_gib"]
-        return None
+        return run_peak(results, name)
 
     pairs = [("scaling-2gpu", "scaling-1gpu", "tokens/s, 2 GPUs over 1"),
              ("1b-b4-l2048-quant-true-2gpu", "1b-b4-l2048-quant-true", "tokens/s, NF4 on 2 GPUs over 1"),
@@ -101,42 +156,11 @@ def print_comparisons(results: Path, curves: dict) -> None:
         if peak(folder.name) and peak(f"stock-{shape}-nf4"):
             print(f"{shape}: peak memory, this pipeline's NF4 over stock: "
                   f"{peak(folder.name) / peak(f'stock-{shape}-nf4'):.3f}")
-    for folder in sorted(results.glob("fused-*-b*-l*")):
-        variant, shape = re.fullmatch(r"fused-(.+)-(b\d+-l\d+)", folder.name).groups()
-        pairs.append((folder.name, f"stock-fused-plain-{shape}", f"{shape}: tokens/s, this pipeline ({variant}) over stock"))
-    for folder in sorted(results.glob("stock-fused-liger-b*-l*")):
-        shape = folder.name.removeprefix("stock-fused-liger-")
-        pairs.append((folder.name, f"stock-fused-plain-{shape}", f"{shape}: tokens/s, stock with Liger over stock"))
-    for folder in sorted(results.glob("zerochecks-*-b*-l*-*")):
-        variant, shape = re.fullmatch(r"zerochecks-(\w+)-(b\d+-l\d+)-\d+", folder.name).groups()
-        for stock in sorted(results.glob(f"stock-zerochecks-{shape}-*")):
-            pairs.append((folder.name, stock.name, f"{shape}: tokens/s, {variant} ZeRO checks over stock"))
-    for folder in sorted(results.glob("versus-b*-l*-*")):
-        shape = folder.name.removeprefix("versus-")
-        pairs.append((folder.name, f"stock-versus-{shape}", f"{shape}: tokens/s, this pipeline over stock (round)"))
-    for top, bottom, what in pairs:
+    for top, bottom, what in pairs + fused_and_versus_pairs(results):
         if speed(top) and speed(bottom):
             print(f"{what}: {speed(top) / speed(bottom):.3f} ({speed(top):,.0f} / {speed(bottom):,.0f})")
-    rounds: dict[str, list[float]] = {}
-    for folder in sorted(results.glob("versus-b*-l*-*")):
-        stock = f"stock-{folder.name}"
-        if speed(folder.name) and speed(stock):
-            rounds.setdefault(folder.name.removeprefix("versus-").rsplit("-", 1)[0], []).append(
-                speed(folder.name) / speed(stock))
-    for shape, ratios in rounds.items():
-        print(f"{shape}: tokens/s, this pipeline over stock in {len(ratios)} alternating rounds: mean "
-              f"{statistics.mean(ratios):.3f}, range {min(ratios):.3f}-{max(ratios):.3f}")
-    one, two = "scaling-1gpu", "scaling-2gpu"
-    if one in curves and two in curves:
-        # Once the model memorises the small corpus the loss nears 0 and relative gaps mean nothing,
-        # so the relative gap is taken while the loss is above 1.
-        shared = sorted(set(curves[one]) & set(curves[two]))
-        gaps = {s: abs(curves[one][s] - curves[two][s]) for s in shared}
-        worst = max(shared, key=gaps.get)
-        relative = max((gaps[s] / curves[one][s] for s in shared if curves[one][s] > 1), default=0.0)
-        print(f"loss curves {one} vs {two}: {len(shared)} shared steps; largest gap {gaps[worst]:.4f} at step "
-              f"{worst} ({curves[one][worst]:.4f}/{curves[two][worst]:.4f}); largest relative gap while the "
-              f"loss is above 1: {100 * relative:.2f}%")
+    print_alternating_rounds(results)
+    print_curve_agreement(curves)
 
 
 def main() -> int:

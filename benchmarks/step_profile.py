@@ -130,8 +130,7 @@ def change_pipeline_settings(args: argparse.Namespace) -> None:
     if args.deepspeed_zero_checks:
         import util
 
-        # train.py imports the name from util after this, so it gets the stand-in.
-        util.fuse_zero_gradient_checks = lambda: True
+        util.fuse_zero_gradient_checks = lambda: True  # train.py calls it through the module
 
 
 def main() -> int:

@@ -1,5 +1,6 @@
 """Guards validate_setup.py: on this CPU machine the stack passes (exit 0) with the tiny LLaMA's
-forward/backward check (whose foreach gradient norms must match per-tensor ones); missing packages, version drift and broken settings are reported."""
+forward/backward check (whose foreach gradient norms must match per-tensor ones); missing packages,
+version drift and broken settings are reported."""
 import subprocess
 import sys
 

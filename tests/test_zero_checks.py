@@ -10,30 +10,42 @@ import util
 
 
 class PartitionedOptimizer:
-    """The attributes of DeepSpeedZeroOptimizer that its overflow check and gradient norm read, for one
-    process without model parallelism."""
+    """The attributes of DeepSpeedZeroOptimizer that its overflow check and gradient norm read."""
 
     device = "cpu"
     model_parallel_rank = 0
-    dp_process_group = None
+    dp_process_group = "data-parallel group"
 
     def __init__(self, grads):
         self.bit16_groups = [grads]
         self.averaged_gradients = {0: grads}
 
     def _model_parallel_all_reduce(self, tensor, op):
-        pass
+        pass  # no model parallelism
 
 
 @pytest.fixture
-def zero_optimizer(monkeypatch):
-    """DeepSpeedZeroOptimizer's class, its own two methods (restored after the test) and the fused ones."""
+def all_reduces(monkeypatch):
+    """deepspeed.comm.all_reduce as two processes holding equal partitions would see it: the tensor
+    doubles in place. Returns the (op, group) of each call."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     from deepspeed import comm
+
+    calls = []
+
+    def all_reduce(tensor, op=None, group=None, **kwargs):
+        calls.append((op, group))
+        tensor.mul_(2)
+
+    monkeypatch.setattr(comm, "all_reduce", all_reduce)
+    return calls
+
+
+@pytest.fixture
+def zero_optimizer(monkeypatch, all_reduces):
+    """DeepSpeedZeroOptimizer's own two methods (restored after the test) and the fused ones."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    # One process: a sum over processes is the tensor itself, and no process group is needed.
-    monkeypatch.setattr(comm, "all_reduce", lambda tensor, *args, **kwargs: tensor)
     # DeepSpeed's own overflow check tests each tensor with this static method of its class.
     monkeypatch.setattr(PartitionedOptimizer, "_has_inf_or_nan", DeepSpeedZeroOptimizer.__dict__["_has_inf_or_nan"],
                         raising=False)
@@ -92,4 +104,42 @@ def test_fused_norm_leaves_zero_padding_out(zero_optimizer):
     padded = grads[:6] + [padding] + grads[6:]
     norm = fused["get_grad_norm_direct"](optimizer, padded, params).item()
     assert norm == pytest.approx(own["get_grad_norm_direct"](optimizer, grads, params).item(), rel=1e-6)
-    assert norm == pytest.approx(math.sqrt(sum(g.double().pow(2).sum().item() for g in grads)), rel=1e-6)
+    assert norm == pytest.approx(math.sqrt(2 * sum(g.double().pow(2).sum().item() for g in grads)), rel=1e-6)
+
+
+def test_fused_norm_sums_over_processes_once(zero_optimizer, all_reduces):
+    from deepspeed import comm
+
+    _, fused = zero_optimizer
+    grads = lora_like_gradients()
+    optimizer = PartitionedOptimizer(grads)
+    norm = fused["get_grad_norm_direct"](optimizer, grads, [torch.empty_like(g) for g in grads]).item()
+    assert all_reduces == [(comm.ReduceOp.SUM, optimizer.dp_process_group)]
+    one_process = math.sqrt(sum(g.double().pow(2).sum().item() for g in grads))
+    assert norm == pytest.approx(math.sqrt(2) * one_process, rel=1e-6)
+
+
+@pytest.mark.parametrize("poison", [math.nan, math.inf])
+def test_fused_norm_marks_an_invalid_norm_as_deepspeed_does(zero_optimizer, poison):
+    _, fused = zero_optimizer
+    grads = lora_like_gradients(poison)
+    norm = fused["get_grad_norm_direct"](PartitionedOptimizer(grads), grads, [torch.empty_like(g) for g in grads])
+    assert norm.item() == -1.0  # step() skips the update on this marker
+
+
+@pytest.mark.parametrize("case", ["pipeline-replicated", "model-parallel-rank-1", "no-parameters"])
+def test_fused_norm_leaves_out_what_deepspeed_leaves_out(zero_optimizer, case):
+    own, fused = zero_optimizer
+    grads = lora_like_gradients()
+    optimizer = PartitionedOptimizer(grads)
+    params = [torch.empty_like(g) for g in grads]
+    if case == "pipeline-replicated":
+        params[1].ds_pipe_replicated = True  # counted on another pipeline stage
+    elif case == "model-parallel-rank-1":
+        optimizer.model_parallel_rank = 1  # only model-parallel weights count here: none
+    else:
+        params = []
+    norm = fused["get_grad_norm_direct"](optimizer, grads, params).item()
+    assert norm == pytest.approx(own["get_grad_norm_direct"](optimizer, grads, params).item(), rel=1e-6)
+    if case != "pipeline-replicated":
+        assert norm == 0.0
