@@ -203,22 +203,27 @@ fused_runs() {
   done
 }
 
+# Stock TRL's ~1B NF4 + LoRA as RESULTS/NAME on one GPU: 30 steps, tokens/s over 5-step windows.
+stock_windows() {
+  local name=$1 gpu=$2 batch=$3 length=$4
+  mkdir -p "$results/$name"
+  CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/stock_trl.py --hidden 2048 --vocab-rows 1344 --batch "$batch" \
+    --length "$length" --quant --checkpointing --steps 30 --logging-steps 5 --warmup 5 \
+    --json "$results/$name/stock.json" > "$results/$name/train.log" 2>&1 || echo "$name failed"
+  tail -1 "$results/$name/train.log"
+}
+
 # ~1B NF4 + LoRA against stock TRL at "BATCH LENGTH" shapes on one GPU, alternating, so that a slow
 # spell of the host falls on both; each run's tokens/s is the median of five 5-step windows.
 versus_runs() {
-  local gpu=$1 shape batch length round name
+  local gpu=$1 shape batch length round
   IFS=, read -r -a shapes <<< "$2"
   for shape in "${shapes[@]}"; do
     read -r batch length <<< "$shape"
     for round in $(seq "${VERSUS_ROUNDS:-2}"); do
       PREP_KEY="1b-l${length}-gpu${gpu}" train_stage "versus-b${batch}-l${length}-${round}" "$gpu" \
         "${quant_settings[@]}" MAX_STEPS=30 LOGGING_STEPS=5 MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT=true
-      name=stock-versus-b${batch}-l${length}-${round}
-      mkdir -p "$results/$name"
-      CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/stock_trl.py --hidden 2048 --vocab-rows 1344 --batch "$batch" \
-        --length "$length" --quant --checkpointing --steps 30 --logging-steps 5 --warmup 5 \
-        --json "$results/$name/stock.json" > "$results/$name/train.log" 2>&1 || echo "$name failed"
-      tail -1 "$results/$name/train.log"
+      stock_windows "stock-versus-b${batch}-l${length}-${round}" "$gpu" "$batch" "$length"
     done
   done
 }
@@ -232,12 +237,7 @@ zerocheck_runs() {
     round=$((round + 1))
     name=zerochecks-${variant}-b${batch}-l${length}-${round}
     if [ "$variant" = stock ]; then
-      name=stock-zerochecks-b${batch}-l${length}-${round}
-      mkdir -p "$results/$name"
-      CUDA_VISIBLE_DEVICES=$gpu python3 benchmarks/stock_trl.py --hidden 2048 --vocab-rows 1344 --batch "$batch" \
-        --length "$length" --quant --checkpointing --steps 30 --logging-steps 5 --warmup 5 \
-        --json "$results/$name/stock.json" > "$results/$name/train.log" 2>&1 || echo "$name failed"
-      tail -1 "$results/$name/train.log"
+      stock_windows "stock-zerochecks-b${batch}-l${length}-${round}" "$gpu" "$batch" "$length"
       continue
     fi
     train_wrapper=(benchmarks/step_profile.py)
