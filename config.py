@@ -209,7 +209,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("GRADIENT_CHECKPOINTING", "gradient_checkpointing", True, "Recompute activations in the backward pass to save memory", parse_bool, demo=False),
     Variable("SAVE_STEPS", "save_steps", 500, "Checkpoint every this many optimizer steps (the last two are kept)", parse_int(1, 10**9), demo=50),
     Variable("LOGGING_STEPS", "logging_steps", 10, "Log one line every this many optimizer steps", parse_int(1, 10**9), demo=10),
-    Variable("SEED", "seed", 42, "Random seed (model initialisation, data order)", parse_int(0, 2**32 - 1)),
+    Variable("SEED", "seed", 42, "Random seed (model and LoRA adapter initialisation, data order, dropout)", parse_int(0, 2**32 - 1)),
     Variable("NUM_PROCESSES", "num_processes", 0, "Training processes: `auto` is one per GPU, or 1 on CPU", parse_process_count, shown_default="auto"),
     Variable("OUTPUT_DIR", "output_dir", "./output", "Local copy of every published model, and the run-state file"),
     Variable("WORK_DIR", "work_dir", "./work", "Prepared data, model and checkpoints passed between stages"),

@@ -301,6 +301,9 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(settings.prep_dir / "tokenizer")
     dataset = datasets.load_from_disk(str(settings.prep_dir / "dataset"))
+    # LoRA's adapters are drawn when load_model attaches them, before the Trainer seeds, and torch
+    # seeds itself randomly at start-up: without this SEED would not repeat a USE_QUANT run.
+    transformers.set_seed(settings.seed)
     model, trainable, total = load_model(settings, precision, rank)
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     if not use_cpu and not settings.use_quant:

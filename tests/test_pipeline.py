@@ -1,7 +1,7 @@
 """Guards the whole product end to end on CPU: trainer.sh walks the demo curriculum to a working
 instruction-tuned model; two-process DeepSpeed ZeRO-2 training resumes exactly after kill -9; the
-trimmed gradient buckets train exactly like the original's; the 4-bit + LoRA curriculum publishes
-plain models; the timer stops training cleanly and publishes."""
+trimmed gradient buckets train exactly like the original's; SEED repeats a 4-bit + LoRA run; the 4-bit
++ LoRA curriculum publishes plain models; the timer stops training cleanly and publishes."""
 import json
 import os
 import re
@@ -167,6 +167,22 @@ def test_trimmed_buckets_and_fused_checks_train_exactly_like_deepspeeds_own(base
          if "grad_norm" in entry] for e in (env, original_env))
     assert len(norms) == 5 and norms == pytest.approx(original_norms, rel=1e-5)
     assert min(norms) > 1.0  # above the clipping threshold: the fused norm scaled every update
+
+
+def test_seed_repeats_a_quantized_run_step_for_step(base_env, root, tmp_path):
+    # LoRA's adapters are drawn when train.py attaches them, before the Trainer seeds, and torch seeds
+    # itself randomly at start-up. While the adapters' B is zero the losses agree whatever A is; from
+    # the third step (after the first update with a non-zero learning rate) they differ unless SEED
+    # fixed A.
+    env = {**base_env, "USE_QUANT": "true", "MAX_STEPS": "5", "LOGGING_STEPS": "1", "SAVE_STEPS": "1000",
+           "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+    losses = []
+    for run_env in (env, prepare_twice(root, env, tmp_path)):
+        run = launch_training(root, run_env, processes=1)
+        log = run.communicate(timeout=600)[0]
+        assert run.returncode == 0, log[-3000:]
+        losses.append(step_losses(log))
+    assert len(losses[0]) == 5 and losses[0] == losses[1]
 
 
 def test_quantized_curriculum_publishes_plain_models(base_env, root):
