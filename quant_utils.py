@@ -314,6 +314,18 @@ def _device_map_for_quant(device_map):
     return {"": util.local_rank()}
 
 
+def _keep_4bit_layers_differentiable(model) -> None:
+    """bitsandbytes 0.50 repacks a 4-bit weight for its CPU inference kernel at the layer's first forward
+    in eval mode without gradients (train.py's sanity check is one), and from then on runs that kernel in
+    every forward, training too. It has no backward: no gradient would pass the frozen base layers to
+    the adapters below them until a checkpoint save unpacked the weights again."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def _attach_lora(model, gradient_checkpointing: bool):
     import config
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -342,6 +354,7 @@ def load_for_training(model_dir: Path, use_quant: bool, dtype, device_map=None, 
         if not is_4bit_model(model):
             raise QuantizationError(f"{model_dir}: loading with 4-bit quantization left no 4-bit layer; "
                                     "check that bitsandbytes supports this device")
+        _keep_4bit_layers_differentiable(model)
         model = _attach_lora(model, gradient_checkpointing)
         trainable, total = model.get_nb_trainable_parameters()  # counts each packed 4-bit byte as two weights
     else:

@@ -1,5 +1,6 @@
 """Guards the whole product end to end on CPU: trainer.sh walks the demo curriculum to a working
-instruction-tuned model; two-process DeepSpeed ZeRO-2 training resumes exactly after kill -9; the
+instruction-tuned model; two-process DeepSpeed ZeRO-2 training, and 4-bit + LoRA training, resume
+exactly after kill -9; the
 trimmed gradient buckets train exactly like the original's; SEED repeats a 4-bit + LoRA run; the 4-bit
 + LoRA curriculum publishes plain models; the timer stops training cleanly and publishes."""
 import json
@@ -95,16 +96,15 @@ def launch_training(root, env, processes=2, script=("train.py",)):
                             start_new_session=True)
 
 
-def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
-    env = {**base_env, "MAX_STEPS": "8", "SAVE_STEPS": "4", "LOGGING_STEPS": "2", "BATCH_SIZE": "4",
-           "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+def kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes):
+    """An uninterrupted 8-step run, and one killed (-9) once checkpoint-4 exists and then resumed:
+    the step losses of both and the resumed run's log."""
     uninterrupted_env = prepare_twice(root, env, tmp_path)
-
-    reference = launch_training(root, uninterrupted_env)
+    reference = launch_training(root, uninterrupted_env, processes)
     reference_log = reference.communicate(timeout=600)[0]
     assert reference.returncode == 0, reference_log[-4000:]
 
-    crashing = launch_training(root, env)
+    crashing = launch_training(root, env, processes)
     checkpoint = Path(env["WORK_DIR"]) / "checkpoints" / "checkpoint-4"
     deadline = time.time() + 300
     while not (checkpoint / "trainer_state.json").exists():
@@ -113,13 +113,29 @@ def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
     os.killpg(crashing.pid, signal.SIGKILL)
     crashing.wait()
 
-    resumed = launch_training(root, env)
+    resumed = launch_training(root, env, processes)
     resumed_log = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, resumed_log[-4000:]
     assert "resuming from" in resumed_log and "checkpoint-" in resumed_log
-    reference_losses, resumed_losses = step_losses(reference_log), step_losses(resumed_log)
+    return step_losses(reference_log), step_losses(resumed_log)
+
+
+def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
+    env = {**base_env, "MAX_STEPS": "8", "SAVE_STEPS": "4", "LOGGING_STEPS": "2", "BATCH_SIZE": "4",
+           "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+    reference_losses, resumed_losses = kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes=2)
     assert min(resumed_losses.keys()) == 6, "the resumed run did not continue after checkpoint-4"
     assert resumed_losses[8] == pytest.approx(reference_losses[8], rel=1e-4), (reference_losses, resumed_losses)
+
+
+def test_quantized_run_resumes_exactly_after_kill(base_env, root, tmp_path):
+    # The resumed run attaches fresh adapters to the NF4 base and then loads the checkpoint's: every
+    # step after checkpoint-4 must match the uninterrupted run's.
+    env = {**base_env, "USE_QUANT": "true", "MAX_STEPS": "8", "SAVE_STEPS": "4", "LOGGING_STEPS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+    reference_losses, resumed_losses = kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes=1)
+    assert sorted(resumed_losses) == [5, 6, 7, 8], "the resumed run did not continue after checkpoint-4"
+    assert {step: reference_losses[step] for step in resumed_losses} == resumed_losses
 
 
 def test_one_and_two_processes_give_the_same_loss_curve_at_the_same_global_batch(base_env, root, tmp_path):

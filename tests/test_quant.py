@@ -1,5 +1,6 @@
-"""Guards quant_utils: real NF4 quantization, dequantization that never invents weights, and a LoRA merge
-whose published bf16 model computes what the adapter-on-4-bit model computed, loadable without peft/bnb."""
+"""Guards quant_utils: real NF4 quantization, dequantization that never invents weights, 4-bit layers that
+stay differentiable after an eval forward, and a LoRA merge whose published bf16 model computes what the
+adapter-on-4-bit model computed, loadable without peft/bnb."""
 import json
 import shutil
 import subprocess
@@ -168,6 +169,29 @@ def _train_a_few_steps(model, ids) -> list[float]:
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+def _adapter_gradients(model, ids) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same LoRA dropout masks at every call
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_an_eval_forward_leaves_the_training_gradients_whole(folders):
+    # On a CPU with AVX512-BF16, bitsandbytes would switch a 4-bit layer to its inference kernel (no
+    # backward) at an eval forward without gradients, like train.py's sanity check: the gradients of the
+    # lower layer's adapters would then lose what passes through the upper layer's 4-bit weights.
+    model, _, _ = quant_utils.load_for_training(folders["bf16"], True, torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2)).to(model.device)
+    before = _adapter_gradients(model, ids)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = _adapter_gradients(model, ids)
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+    assert any(name.startswith("base_model.model.model.layers.0.") and g.abs().sum() > 0 for name, g in after.items())
 
 
 def test_qlora_merge_matches_the_adapter_model_without_peft(folders, tmp_path):
