@@ -9,19 +9,24 @@
 #   nf4      ~1B NF4 + LoRA against stock TRL at the four quant shapes, then full bf16 at 4x2048: the
 #            quant suite's comparisons in about 9 minutes of one GPU
 #   qlora2   ~1B NF4 + LoRA under ZeRO-2 on 2 GPUs (compare with quant's 1-GPU 4x2048 run)
-#   profile  kernels launched and GPU busy time per step, NF4 + LoRA against stock (step_profile.py)
+#   profile  kernels launched and GPU busy time per step, NF4 + LoRA against stock (step_profile.py);
+#            PROFILE_SHAPES ("1 1024,4 2048") and PROFILE_VARIANTS ("zero2 zero2-no-overflow-check zero0")
+#   checks2  ~1B NF4 + LoRA on 2 GPUs, 10 steps with the fused ZeRO checks and 10 with DeepSpeed's own
+#   hostcost one GPU (HOSTCOST_GPU): host time of an optimizer step, ZeRO against torch's AdamW, for
+#            LoRA's adapters alone (benchmarks/zero_host_cost.py)
 #   buckets  NF4 + LoRA with the trimmed gradient buckets against the original's two of 5e8 elements
 #   fused    NF4 + LoRA with and without Liger's fused kernels, against stock TRL with and without
 #            them; FUSED_SHAPES_GPU0/1 on two GPUs side by side
 #   zerochecks  NF4 + LoRA with util.fuse_zero_gradient_checks against DeepSpeed's own per-tensor
 #            checks and stock TRL, at 1x1024 on GPU 0 and 4x1024 on GPU 1
-#   versus   ~1B NF4 + LoRA against stock TRL, alternating, VERSUS_ROUNDS (2) rounds at each shape,
+#   versus   ~1B NF4 + LoRA against stock TRL, alternating, VERSUS_ROUNDS (3) rounds at each shape,
 #            30 steps in windows of 5; VERSUS_SHAPES_GPU0/1 on two GPUs side by side
 #   demo     the demo curriculum through trainer.sh on 1 GPU and on 2
 #   zero     one GPU, ZeRO stages 0 and 2 against stock TRL: the ~200M bf16 shape, the ~1B at 1x1024
 #            (bound by per-step work) and NF4 at 4x2048 (where DeepSpeed's per-step work costs time)
 #   all      scaling, quant, qlora2 and demo: the 1-GPU runs on GPU 0 and GPU 1 side by side, then
 #            the 2-GPU runs
+# Side-by-side lists run on separate halves of the host's cores (pin_to_half_of_cores).
 # Each run keeps its log and summary.json in RESULTS_DIR/<run name>/; RESULTS_DIR/done marks the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +37,18 @@ mkdir -p "$results" "$scratch"
 export TOKENIZERS_PARALLELISM=false NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 
 train_wrapper=()  # a script that train.py runs under (benchmarks/step_profile.py in the profile and buckets suites)
+# Binds this shell and what it starts to GPU $1's half of the host's cores. The side-by-side suites run
+# host-bound steps: without it, one GPU's CPU-heavy phases (loading, quantizing, saving) take cores
+# from the other GPU's kernel-launching thread.
+pin_to_half_of_cores() {
+  local cores
+  command -v taskset > /dev/null || { echo "taskset not found: runs are not pinned to cores"; return 0; }
+  # Halves of the cores this process may use, which need not start at core 0 in a container.
+  cores=$(python3 -c 'import os, sys; c = sorted(os.sched_getaffinity(0)); h = len(c) // 2; g = int(sys.argv[1])
+print(",".join(map(str, c[g * h:(g + 1) * h])))' "$1")
+  taskset -cp "$cores" "$BASHPID" > /dev/null && echo "GPU $1's runs on cores $cores"
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # One stage through prep.py and train.py on the listed GPUs ("0" or "0,1"); the rest is settings.
@@ -52,6 +69,9 @@ train_stage() {
     # Without --num_gpus the launcher turns CUDA_VISIBLE_DEVICES into its list of GPUs.
     deepspeed --master_port "$(free_port)" "${train_wrapper[@]}" train.py > "$results/$name/train.log" 2>&1
     cp "$work/work/trained/summary.json" "$results/$name/summary.json"
+    # The last checkpoint's log history has every logged step's loss and gradient norm.
+    last_checkpoint=$(ls -d "$work/work/checkpoints/checkpoint-"* 2>/dev/null | sort -V | tail -1 || true)
+    [ -z "$last_checkpoint" ] || cp "$last_checkpoint/trainer_state.json" "$results/$name/"
   ) || echo "benchmark $name failed: see $results/$name/"
   rm -rf "$work"
   grep -E "^step" "$results/$name/train.log" | tail -1 || true
@@ -141,14 +161,15 @@ zero_stages() {
 # ZeRO-2 without DeepSpeed's bf16 overflow check, ZeRO-0, and stock TRL; OUT.txt in each run's folder.
 profile_runs() {
   local shape batch length name variant
-  for shape in "1 1024" "4 2048"; do
+  IFS=, read -r -a shapes <<< "${PROFILE_SHAPES:-1 1024,4 2048}"
+  for shape in "${shapes[@]}"; do
     read -r batch length <<< "$shape"
     name=profile-stock-b${batch}-l${length}
     mkdir -p "$results/$name"
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/step_profile.py --out "$results/$name/profile" benchmarks/stock_trl.py \
       --hidden 2048 --vocab-rows 1344 --batch "$batch" --length "$length" --quant --checkpointing --steps 16 \
       --warmup 4 > "$results/$name/train.log" 2>&1 || echo "$name failed"
-    for variant in zero2 zero2-no-overflow-check zero0; do
+    for variant in ${PROFILE_VARIANTS:-zero2 zero2-no-overflow-check zero0}; do
       [ "$shape" = "4 2048" ] && [ "$variant" != zero2 ] && continue
       name=profile-${variant}-b${batch}-l${length}
       train_wrapper=(benchmarks/step_profile.py --out "$results/$name/profile")
@@ -220,7 +241,7 @@ versus_runs() {
   IFS=, read -r -a shapes <<< "$2"
   for shape in "${shapes[@]}"; do
     read -r batch length <<< "$shape"
-    for round in $(seq "${VERSUS_ROUNDS:-2}"); do
+    for round in $(seq "${VERSUS_ROUNDS:-3}"); do
       PREP_KEY="1b-l${length}-gpu${gpu}" train_stage "versus-b${batch}-l${length}-${round}" "$gpu" \
         "${quant_settings[@]}" MAX_STEPS=30 LOGGING_STEPS=5 MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT=true
       stock_windows "stock-versus-b${batch}-l${length}-${round}" "$gpu" "$batch" "$length"
@@ -248,6 +269,19 @@ zerocheck_runs() {
   train_wrapper=()
 }
 
+# ~1B NF4 + LoRA under ZeRO-2 on two GPUs, 10 steps with util.fuse_zero_gradient_checks and 10 with
+# DeepSpeed's own checks; each run's trainer_state.json has every step's loss and gradient norm.
+two_gpu_check_runs() {
+  local variant
+  for variant in fused deepspeed; do
+    train_wrapper=(benchmarks/step_profile.py)
+    [ "$variant" = deepspeed ] && train_wrapper+=(--deepspeed-zero-checks)
+    PREP_KEY=1b-l1024-2gpu train_stage "checks2-${variant}" 0,1 "${quant_settings[@]}" MAX_STEPS=10 \
+      LOGGING_STEPS=1 SAVE_STEPS=10 MAX_LENGTH=1024 BATCH_SIZE=4 USE_QUANT=true
+  done
+  train_wrapper=()
+}
+
 case "$suite" in
   scaling) scaling_1gpu 0; scaling_2gpu ;;
   quant) quant_shapes 0 "${QUANT_SHAPES:-1 1024,4 1024,1 2048,4 2048}" ;;
@@ -260,30 +294,36 @@ case "$suite" in
   buckets) bucket_runs ;;
   demo) demo_run demo-1gpu 0; demo_run demo-2gpu 0,1 ;;
   zero) zero_stages ;;
+  checks2) two_gpu_check_runs ;;
+  hostcost)
+    mkdir -p "$results/hostcost"
+    CUDA_VISIBLE_DEVICES=${HOSTCOST_GPU:-0} python3 benchmarks/zero_host_cost.py --json "$results/hostcost/hostcost.json" \
+      2>&1 | tee "$results/hostcost/out.txt"
+    ;;
   versus)
-    { versus_runs 0 "${VERSUS_SHAPES_GPU0:-4 2048,1 1024}"; } > "$results/gpu0.log" 2>&1 &
-    { versus_runs 1 "${VERSUS_SHAPES_GPU1:-4 1024,1 2048}"; } > "$results/gpu1.log" 2>&1 &
+    { pin_to_half_of_cores 0; versus_runs 0 "${VERSUS_SHAPES_GPU0:-4 2048,1 1024}"; } > "$results/gpu0.log" 2>&1 &
+    { pin_to_half_of_cores 1; versus_runs 1 "${VERSUS_SHAPES_GPU1:-4 1024,1 2048}"; } > "$results/gpu1.log" 2>&1 &
     wait
     ;;
   zerochecks)
-    { zerocheck_runs 0 "1 1024"; } > "$results/gpu0.log" 2>&1 &
-    { zerocheck_runs 1 "4 1024"; } > "$results/gpu1.log" 2>&1 &
+    { pin_to_half_of_cores 0; zerocheck_runs 0 "1 1024"; } > "$results/gpu0.log" 2>&1 &
+    { pin_to_half_of_cores 1; zerocheck_runs 1 "4 1024"; } > "$results/gpu1.log" 2>&1 &
     wait
     ;;
   fused)
-    { fused_runs 0 "${FUSED_SHAPES_GPU0:-4 1024,4 2048}"; } > "$results/gpu0.log" 2>&1 &
-    { fused_runs 1 "${FUSED_SHAPES_GPU1:-1 1024,1 2048}"; } > "$results/gpu1.log" 2>&1 &
+    { pin_to_half_of_cores 0; fused_runs 0 "${FUSED_SHAPES_GPU0:-4 1024,4 2048}"; } > "$results/gpu0.log" 2>&1 &
+    { pin_to_half_of_cores 1; fused_runs 1 "${FUSED_SHAPES_GPU1:-1 1024,1 2048}"; } > "$results/gpu1.log" 2>&1 &
     wait
     ;;
   all)
     # Side by side: the two GPUs share nothing but the host (32 cores), so neither waits on the other.
-    { scaling_1gpu 0; quant_shapes 0 "4 2048,1 2048"; stock_scaling 0; } > "$results/gpu0.log" 2>&1 &
-    { demo_run demo-1gpu 1; quant_shapes 1 "1 1024,4 1024"; } > "$results/gpu1.log" 2>&1 &
+    { pin_to_half_of_cores 0; scaling_1gpu 0; quant_shapes 0 "4 2048,1 2048"; stock_scaling 0; } > "$results/gpu0.log" 2>&1 &
+    { pin_to_half_of_cores 1; demo_run demo-1gpu 1; quant_shapes 1 "1 1024,4 1024"; } > "$results/gpu1.log" 2>&1 &
     wait
     scaling_2gpu
     qlora_2gpu
     demo_run demo-2gpu 0,1
     ;;
-  *) echo "usage: $0 scaling|quant|nf4|qlora2|profile|buckets|fused|zerochecks|versus|demo|zero|all RESULTS_DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 scaling|quant|nf4|qlora2|profile|buckets|fused|zerochecks|versus|checks2|hostcost|demo|zero|all RESULTS_DIR" >&2; exit 2 ;;
 esac
 touch "$results/done"
