@@ -12,6 +12,8 @@
 #   profile  kernels launched and GPU busy time per step, NF4 + LoRA against stock (step_profile.py);
 #            PROFILE_SHAPES ("1 1024,4 2048") and PROFILE_VARIANTS ("zero2 zero2-no-overflow-check zero0")
 #   checks2  ~1B NF4 + LoRA on 2 GPUs, 10 steps with the fused ZeRO checks and 10 with DeepSpeed's own
+#   stages   ~1B NF4 + LoRA on one GPU under ZeRO-2 and ZeRO-1 against stock TRL, alternating, at
+#            STAGES_SHAPE_GPU0 ("1 1024") and STAGES_SHAPE_GPU1 ("4 2048") side by side
 #   hostcost one GPU (HOSTCOST_GPU): host time of an optimizer step, ZeRO against torch's AdamW, for
 #            LoRA's adapters alone (benchmarks/zero_host_cost.py)
 #   buckets  NF4 + LoRA with the trimmed gradient buckets against the original's two of 5e8 elements
@@ -269,6 +271,24 @@ zerocheck_runs() {
   train_wrapper=()
 }
 
+# ~1B NF4 + LoRA at one "BATCH LENGTH" shape on one GPU: ZeRO-2, ZeRO-1, stock TRL, ZeRO-1, ZeRO-2
+# (symmetric, like zerocheck_runs). One process partitions nothing at either stage; ZeRO-1 without
+# overlapped communication has no per-parameter gradient hooks (hostcost: 26 ms less host time a step).
+stage_runs() {
+  local gpu=$1 batch length variant round=0
+  read -r batch length <<< "$2"
+  for variant in 2 1 stock 1 2; do
+    round=$((round + 1))
+    if [ "$variant" = stock ]; then
+      stock_windows "stock-stages-b${batch}-l${length}-${round}" "$gpu" "$batch" "$length"
+      continue
+    fi
+    PREP_KEY="1b-l${length}-gpu${gpu}" train_stage "stages-zero${variant}-b${batch}-l${length}-${round}" "$gpu" \
+      "${quant_settings[@]}" MAX_STEPS=30 LOGGING_STEPS=5 MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT=true \
+      ZERO_STAGE="$variant"
+  done
+}
+
 # ~1B NF4 + LoRA under ZeRO-2 on two GPUs, 10 steps with util.fuse_zero_gradient_checks and 10 with
 # DeepSpeed's own checks; each run's trainer_state.json has every step's loss and gradient norm.
 two_gpu_check_runs() {
@@ -295,6 +315,11 @@ case "$suite" in
   demo) demo_run demo-1gpu 0; demo_run demo-2gpu 0,1 ;;
   zero) zero_stages ;;
   checks2) two_gpu_check_runs ;;
+  stages)
+    { pin_to_half_of_cores 0; stage_runs 0 "${STAGES_SHAPE_GPU0:-1 1024}"; } > "$results/gpu0.log" 2>&1 &
+    { pin_to_half_of_cores 1; stage_runs 1 "${STAGES_SHAPE_GPU1:-4 2048}"; } > "$results/gpu1.log" 2>&1 &
+    wait
+    ;;
   hostcost)
     mkdir -p "$results/hostcost"
     CUDA_VISIBLE_DEVICES=${HOSTCOST_GPU:-0} python3 benchmarks/zero_host_cost.py --json "$results/hostcost/hostcost.json" \
@@ -324,6 +349,6 @@ case "$suite" in
     qlora_2gpu
     demo_run demo-2gpu 0,1
     ;;
-  *) echo "usage: $0 scaling|quant|nf4|qlora2|profile|buckets|fused|zerochecks|versus|checks2|hostcost|demo|zero|all RESULTS_DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 scaling|quant|nf4|qlora2|profile|buckets|fused|zerochecks|versus|checks2|stages|hostcost|demo|zero|all RESULTS_DIR" >&2; exit 2 ;;
 esac
 touch "$results/done"
