@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def adapter_shapes(hidden: int, rank: int) -> list[tuple[int, int]]:
+def adapter_shapes(hidden: int) -> list[tuple[int, int]]:
     """(in, out) of every adapted projection of the topology config.py gives this hidden size."""
     import config
 
@@ -133,7 +133,7 @@ def time_variant(args: argparse.Namespace) -> dict:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(0)
     dtype = torch.float32 if args.variant == "stock" else torch.bfloat16
-    step = step_function(args.variant, adapters(adapter_shapes(args.hidden, args.rank), args.rank, device, dtype),
+    step = step_function(args.variant, adapters(adapter_shapes(args.hidden), args.rank, device, dtype),
                          device)
 
     def synchronize():
@@ -181,7 +181,7 @@ def main() -> int:
         return 0
     results, device = run_variants(args)
     shared = results.get("backward")
-    tensors = 2 * len(adapter_shapes(args.hidden, args.rank))
+    tensors = 2 * len(adapter_shapes(args.hidden))
     print(f"{device}: time per step, {tensors} LoRA tensors (hidden {args.hidden}, r {args.rank}), "
           f"median of {args.steps} steps")
     for variant, ms in results.items():
