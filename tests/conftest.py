@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated environment for each test and the repo's paths."""
+"""Shared fixtures: an isolated environment for each test, the repo's paths, and the removal of the
+shared memory that DeepSpeed's CPU processes leave behind."""
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,18 @@ def _our_variable_names():
         import config
         _OURS = config.VARIABLE_NAMES
     return _OURS
+
+
+@pytest.fixture(autouse=True)
+def remove_deepspeed_shared_memory():
+    """DeepSpeed's CPU all-reduce leaves a ~67 MB /dev/shm file per process and master port, and the
+    tests launch many processes on free ports: left alone they fill a machine's memory over a few suite
+    runs (21 GB here). A test's processes have ended when it returns, so its new files can go."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    yield
+    for leftover in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
+        leftover.unlink(missing_ok=True)
 
 
 @pytest.fixture
