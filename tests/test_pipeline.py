@@ -1,8 +1,8 @@
 """Guards the whole product end to end on CPU: trainer.sh walks the demo curriculum to a working
 instruction-tuned model; two-process DeepSpeed ZeRO-2 training, and 4-bit + LoRA training, resume
-exactly after kill -9; the
-trimmed gradient buckets train exactly like the original's; SEED repeats a 4-bit + LoRA run; the 4-bit
-+ LoRA curriculum publishes plain models; the timer stops training cleanly and publishes."""
+exactly after kill -9; the trimmed gradient buckets train exactly like the original's; SEED repeats a
+4-bit + LoRA run; the 4-bit + LoRA curriculum publishes plain models; the timer stops training cleanly
+and publishes."""
 import json
 import os
 import re
