@@ -9,6 +9,7 @@ Usage: python3 benchmarks/report.py RESULTS_DIR
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import statistics
@@ -134,11 +135,7 @@ def print_curve_agreement(curves: dict) -> None:
 
 def print_comparisons(results: Path, curves: dict) -> None:
     """Ratios measured in the same call: GPUs, NF4 against full bf16, this pipeline against stock TRL."""
-    def speed(name):
-        return run_speed(results, name)
-
-    def peak(name):
-        return run_peak(results, name)
+    speed, peak = functools.partial(run_speed, results), functools.partial(run_peak, results)
 
     pairs = [("scaling-2gpu", "scaling-1gpu", "tokens/s, 2 GPUs over 1"),
              ("1b-b4-l2048-quant-true-2gpu", "1b-b4-l2048-quant-true", "tokens/s, NF4 on 2 GPUs over 1"),

@@ -46,9 +46,7 @@ def adapter_shapes(hidden: int) -> list[tuple[int, int]]:
     import config
 
     topology = config.topology_for_hidden(hidden, 32000)
-    head_dim = hidden // topology.num_heads
-    kv = topology.num_kv_heads * head_dim
-    inter = topology.intermediate_size
+    kv, inter = topology.num_kv_heads * topology.head_dim, topology.intermediate_size
     layer = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden),
              (hidden, inter), (hidden, inter), (inter, hidden)]
     return layer * topology.num_layers
