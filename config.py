@@ -205,7 +205,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("SHARD_SIZE", "shard_size", 131072, "Rows of the dataset per run (shard)", parse_int(1, 10**10), demo=100_000),
     Variable("PRECISION", "precision", "auto", "`auto` (bf16 where the GPU supports it, else fp16; fp32 on CPU), `bf16`, `fp16`, `fp32`",
              parse_choice("auto", "bf16", "fp16", "fp32")),
-    Variable("ZERO_STAGE", "zero_stage", 2, "DeepSpeed ZeRO stage", parse_int(0, 3)),
+    Variable("ZERO_STAGE", "zero_stage", 2, "DeepSpeed ZeRO stage (2 runs as 1 with `USE_QUANT` on one process: "
+             "same memory, a cheaper optimizer step)", parse_int(0, 3)),
     Variable("GRADIENT_CHECKPOINTING", "gradient_checkpointing", True, "Recompute activations in the backward pass to save memory", parse_bool, demo=False),
     Variable("SAVE_STEPS", "save_steps", 500, "Checkpoint every this many optimizer steps (the last two are kept)", parse_int(1, 10**9), demo=50),
     Variable("LOGGING_STEPS", "logging_steps", 10, "Log one line every this many optimizer steps", parse_int(1, 10**9), demo=10),
@@ -639,18 +640,30 @@ def deepspeed_buckets(trainable_parameters: int, world_size: int) -> tuple[int, 
     return min(ORIGINAL_BUCKET_ELEMENTS, elements), world_size > 1
 
 
+def zero_stage_for(settings: Settings, world_size: int) -> int:
+    """The ZeRO stage a run uses: ZERO_STAGE, except that ZeRO-2 runs as ZeRO-1 for 4-bit + LoRA on one
+    process. One process has nothing to partition, so both stages hold the same memory, but ZeRO-2
+    runs a Python hook per trained tensor in every backward: for LoRA's 252 adapter tensors that
+    doubled the host time of an optimizer step on an H200 (BENCHMARKS.md, zero_host_cost.py). Full
+    training keeps ZeRO-2, whose cost per tensor is small beside a full model's step (not measured)."""
+    if settings.zero_stage == 2 and settings.use_quant and world_size == 1:
+        return 1
+    return settings.zero_stage
+
+
 def deepspeed_config(settings: Settings, precision: str, trainable_parameters: int,
                      world_size: int) -> dict[str, Any]:
     """The DeepSpeed config of the original pipeline (ZeRO with overlapped communication, contiguous
-    gradients, 5e8 buckets, clipping 1.0; buckets trimmed by `deepspeed_buckets`); "auto" values are
-    filled in by the HF Trainer from the same settings, so micro-batch, accumulation and global batch
-    always agree with the world size."""
-    zero: dict[str, Any] = {"stage": settings.zero_stage}
-    if settings.zero_stage > 0:
+    gradients, 5e8 buckets, clipping 1.0; buckets trimmed by `deepspeed_buckets`, the stage chosen by
+    `zero_stage_for`); "auto" values are filled in by the HF Trainer from the same settings, so
+    micro-batch, accumulation and global batch always agree with the world size."""
+    stage = zero_stage_for(settings, world_size)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage > 0:
         bucket, overlap = deepspeed_buckets(trainable_parameters, world_size)
         zero.update(overlap_comm=overlap, contiguous_gradients=True,
                     reduce_bucket_size=bucket, allgather_bucket_size=bucket)
-    if settings.zero_stage == 3:
+    if stage == 3:
         # Publishing needs whole 16-bit weights gathered from the shards.
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
     return {

@@ -312,11 +312,15 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         sanity_forward(model, dataset)
 
     args = training_arguments(settings, precision, use_cpu, trainable)
-    if settings.zero_stage in (1, 2) and not util.fuse_zero_gradient_checks():
+    # What deepspeed_config chose, for the log lines and the summary (ZeRO-0 has no buckets).
+    zero_stage = config.zero_stage_for(settings, world_size())
+    if zero_stage != settings.zero_stage:
+        log(f"note: ZERO_STAGE={settings.zero_stage} runs as ZeRO-{zero_stage}: one process has nothing to "
+            "partition, and ZeRO-1's optimizer step costs less host time for LoRA's many small tensors")
+    if zero_stage in (1, 2) and not util.fuse_zero_gradient_checks():
         log(f"note: util.fuse_zero_gradient_checks knows DeepSpeed {util.VERIFIED_DEEPSPEED} only; this "
             "DeepSpeed's own per-tensor gradient checks stay (slower on small steps)")
-    # What deepspeed_config chose, for the log line and the summary (ZeRO-0 has no buckets).
-    buckets = config.deepspeed_buckets(trainable, world_size()) if settings.zero_stage else None
+    buckets = config.deepspeed_buckets(trainable, world_size()) if zero_stage else None
     step_log, stopper = make_callbacks(settings, stop_file)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[step_log, stopper])
@@ -325,7 +329,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     log(f"training: {len(dataset):,} sequences, {settings.run_epochs:g} epochs, global batch "
         f"{settings.batch_size * settings.gradient_accumulation_steps * processes} sequences "
         f"({processes} process(es) x {settings.batch_size} x {settings.gradient_accumulation_steps}), "
-        f"{precision}, ZeRO-{settings.zero_stage}{bucket_note(buckets)}"
+        f"{precision}, ZeRO-{zero_stage}{bucket_note(buckets)}"
         + (f", resuming from {resume}" if resume else ""))
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
@@ -349,7 +353,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         "is_last_shard": manifest["is_last_shard"], "topology": settings.stage_key()["topology"],
         "vocab_rows": vocab_rows, "batch_size": settings.batch_size, "max_length": settings.max_length,
         "gradient_accumulation_steps": settings.gradient_accumulation_steps,
-        "gradient_checkpointing": settings.gradient_checkpointing, "zero_stage": settings.zero_stage,
+        "gradient_checkpointing": settings.gradient_checkpointing, "zero_stage": zero_stage,
         "deepspeed_buckets": buckets,
         "card": "CPU" if use_cpu else torch.cuda.get_device_name(),
     }

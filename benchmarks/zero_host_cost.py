@@ -107,7 +107,9 @@ def zero_step_function(variant: str, module, optimizer):
         util.fuse_zero_gradient_checks()
     stage = 1 if variant == "zero1" else 2
     trainable = sum(p.numel() for p in module.parameters())
-    ds_config = config.deepspeed_config(types.SimpleNamespace(zero_stage=stage), "bf16", trainable, 1)
+    # use_quant=False: the stage as named, not zero_stage_for's choice for 4-bit + LoRA on one process.
+    ds_config = config.deepspeed_config(types.SimpleNamespace(zero_stage=stage, use_quant=False), "bf16",
+                                        trainable, 1)
     ds_config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=1,
                      gradient_clipping=1.0)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)

@@ -1,7 +1,7 @@
 """Guards train.py's pieces that a whole run cannot easily provoke: a NaN loss stops training without
 writing that step's checkpoint, checkpoints of another stage are never resumed, the DeepSpeed
-configuration keeps the original's settings (with its gradient buckets trimmed to what they can hold),
-and precision follows the device."""
+configuration keeps the original's settings (with its gradient buckets trimmed to what they can hold,
+and ZeRO-2 run as ZeRO-1 only for 4-bit + LoRA on one process), and precision follows the device."""
 import json
 import math
 import signal
@@ -79,6 +79,19 @@ def test_deepspeed_buckets_are_trimmed_to_what_they_can_hold(trainable, processe
     zero = config.deepspeed_config(config.load_settings({"ZERO_STAGE": "2"}), "bf16", trainable,
                                    processes)["zero_optimization"]
     assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"], zero["overlap_comm"]) == (bucket, bucket, overlap)
+
+
+@pytest.mark.parametrize("stage, use_quant, processes, used", [
+    (2, "true", 1, 1),  # 4-bit + LoRA on one process: nothing to partition, ZeRO-1's step is cheaper
+    (2, "true", 2, 2),
+    (2, "false", 1, 2),
+    (0, "true", 1, 0),
+    (1, "true", 2, 1),
+])
+def test_zero_stage_drops_to_1_only_for_quantized_single_process_runs(stage, use_quant, processes, used):
+    s = config.load_settings({"ZERO_STAGE": str(stage), "USE_QUANT": use_quant})
+    assert config.zero_stage_for(s, processes) == used
+    assert config.deepspeed_config(s, "bf16", 11_000_000, processes)["zero_optimization"]["stage"] == used
 
 
 def test_cpu_precision(settings):
