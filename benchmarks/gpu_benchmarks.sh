@@ -29,6 +29,9 @@
 #   all      scaling, quant, qlora2 and demo: the 1-GPU runs on GPU 0 and GPU 1 side by side, then
 #            the 2-GPU runs
 # Side-by-side lists run on separate halves of the host's cores (pin_to_half_of_cores).
+# NF4 + LoRA on one GPU runs ZERO_STAGE=2 as ZeRO-1 (config.zero_stage_for): `stages` and `zero` run
+# the stages as named (step_profile.py --zero-stage-as-set); elsewhere, as in the profile suite's
+# `zero2` variants, a one-GPU NF4 run is the pipeline's default.
 # Each run keeps its log and summary.json in RESULTS_DIR/<run name>/; RESULTS_DIR/done marks the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -153,7 +156,9 @@ zero_stages() {
   for stage in 0 2; do
     train_stage "zero${stage}-scaling" 0 "${scaling_settings[@]}" GRADIENT_ACCUMULATION_STEPS=2 MAX_STEPS=40 ZERO_STAGE=$stage
     train_stage "zero${stage}-1b-b1-l1024" 0 "${quant_settings[@]}" MAX_LENGTH=1024 BATCH_SIZE=1 USE_QUANT=false ZERO_STAGE=$stage
+    train_wrapper=(benchmarks/step_profile.py --zero-stage-as-set)
     train_stage "zero${stage}-1b-b4-l2048-nf4" 0 "${quant_settings[@]}" MAX_LENGTH=2048 BATCH_SIZE=4 USE_QUANT=true ZERO_STAGE=$stage
+    train_wrapper=()
   done
   stock_scaling 0
   QUANT_MODES="" quant_shapes 0 "4 2048"
@@ -283,10 +288,12 @@ stage_runs() {
       stock_windows "stock-stages-b${batch}-l${length}-${round}" "$gpu" "$batch" "$length"
       continue
     fi
+    train_wrapper=(benchmarks/step_profile.py --zero-stage-as-set)
     PREP_KEY="1b-l${length}-gpu${gpu}" train_stage "stages-zero${variant}-b${batch}-l${length}-${round}" "$gpu" \
       "${quant_settings[@]}" MAX_STEPS=30 LOGGING_STEPS=5 MAX_LENGTH="$length" BATCH_SIZE="$batch" USE_QUANT=true \
       ZERO_STAGE="$variant"
   done
+  train_wrapper=()
 }
 
 # ~1B NF4 + LoRA under ZeRO-2 on two GPUs, 10 steps with util.fuse_zero_gradient_checks and 10 with

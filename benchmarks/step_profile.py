@@ -15,6 +15,8 @@ with a setting the pipeline does not use, to measure what it costs in the same c
   --liger                   Liger's fused RMSNorm, SwiGLU and RoPE kernels (SFTConfig use_liger_kernel)
   --deepspeed-zero-checks   DeepSpeed's own per-tensor overflow check and gradient norm instead of
                             util.fuse_zero_gradient_checks' foreach kernels
+  --zero-stage-as-set       ZERO_STAGE exactly as set, without config.zero_stage_for running ZeRO-2
+                            as ZeRO-1 for 4-bit + LoRA on one process
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--original-buckets", action="store_true")
     parser.add_argument("--liger", action="store_true")
     parser.add_argument("--deepspeed-zero-checks", action="store_true")
+    parser.add_argument("--zero-stage-as-set", action="store_true")
     parser.add_argument("script", type=Path)
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     return parser.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
@@ -131,6 +134,9 @@ def change_pipeline_settings(args: argparse.Namespace) -> None:
         import util
 
         util.fuse_zero_gradient_checks = lambda: True  # train.py calls it through the module
+    if args.zero_stage_as_set:
+        # train.py and config.deepspeed_config both look the function up in the module at call time.
+        config.zero_stage_for = lambda settings, world_size: settings.zero_stage
 
 
 def main() -> int:

@@ -1,10 +1,14 @@
 """Guards the benchmark scripts that BENCHMARKS.md's numbers come from, so that device time is not
 lost to a broken script: the stock baseline, the step profiler and the ZeRO host-cost timer run (on
-CPU, tiny shapes), and the report computes its ratios from a results folder."""
+CPU, tiny shapes), the profiler's switch to the stage as set reaches the DeepSpeed config, and the
+report computes its ratios from a results folder."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import config
 
 
 def test_profiled_stock_baseline_runs_and_reports(root, tmp_path):
@@ -19,6 +23,19 @@ def test_profiled_stock_baseline_runs_and_reports(root, tmp_path):
     assert first_line.startswith("profile profile: 2 steps, wall ")
     stock = json.loads((tmp_path / "stock.json").read_text())
     assert stock["steps"] == 6 and stock["tokens_per_second"] > 0 and stock["mode"] == "bf16 (stock)"
+
+
+def test_zero_stage_as_set_keeps_zero2_for_a_quantized_single_process_run(root, monkeypatch):
+    # The stages and zero suites compare ZeRO-2 with ZeRO-1 on one GPU through this switch.
+    spec = importlib.util.spec_from_file_location("step_profile", root / "benchmarks" / "step_profile.py")
+    step_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_profile)
+    settings = config.load_settings({"USE_QUANT": "true", "ZERO_STAGE": "2"})
+    assert config.deepspeed_config(settings, "bf16", 1000, 1)["zero_optimization"]["stage"] == 1
+    monkeypatch.setattr(config, "zero_stage_for", config.zero_stage_for)  # restored after the test
+    monkeypatch.setattr(sys, "argv", ["step_profile.py", "--zero-stage-as-set", "train.py"])
+    step_profile.change_pipeline_settings(step_profile.parse_args())
+    assert config.deepspeed_config(settings, "bf16", 1000, 1)["zero_optimization"]["stage"] == 2
 
 
 def test_unknown_suite_exits_2_with_the_list_of_suites(root, tmp_path):
