@@ -1,6 +1,6 @@
 # train-llama: the whole pipeline (checks, preparation, DeepSpeed training, publishing) in one image.
 #   docker build -t train-llama .
-#   docker run --gpus all -v "$PWD/data-volume:/data" -e OUTPUT_REPO=me/my-llama -e HF_TOKEN train-llama
+#   docker run --gpus all --shm-size=8g -v "$PWD/data-volume:/data" -e OUTPUT_REPO=me/my-llama -e HF_TOKEN train-llama
 # Configuration is environment variables only (README.md); models and checkpoints go to /data.
 
 # The devel image brings nvcc: DeepSpeed builds its CUDA ops (e.g. FusedAdam) just in time, and

@@ -42,6 +42,17 @@ def check_preparation(settings: config.Settings) -> dict:
     return manifest
 
 
+def check_resumable(checkpoint: Path, processes: int) -> None:
+    """ZeRO splits the optimizer state between the processes that wrote a checkpoint, and DeepSpeed
+    cannot split it again for another count: say so before anything loads, not in a traceback."""
+    written_by = util.checkpoint_world_size(checkpoint)
+    if written_by is not None and written_by != processes:
+        raise SystemExit(f"train: {checkpoint} was written by {written_by} training process(es) and this run has "
+                         f"{processes}: DeepSpeed cannot resume ZeRO's optimizer state with another number of "
+                         f"processes; run on {written_by} GPU(s) (NUM_PROCESSES={written_by}) to resume it, or "
+                         f"delete {checkpoint.parent} to start this stage over")
+
+
 def resolve_precision(settings: config.Settings) -> str:
     import torch
 
@@ -295,6 +306,8 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     precision = resolve_precision(settings)
     stop_file = settings.work_dir / "STOP"
     resume = resume_checkpoint(settings)
+    if resume:
+        check_resumable(Path(resume), world_size())
     if is_main_process():
         stop_file.unlink(missing_ok=True)
         shutil.rmtree(settings.work_dir / ".trained-staging", ignore_errors=True)

@@ -1,8 +1,8 @@
 """Guards the whole product end to end on CPU: trainer.sh walks the demo curriculum to a working
 instruction-tuned model; two-process DeepSpeed ZeRO-2 training, and 4-bit + LoRA training, resume
-exactly after kill -9; the trimmed gradient buckets train exactly like the original's; SEED repeats a
-4-bit + LoRA run; the 4-bit + LoRA curriculum publishes plain models; the timer stops training cleanly
-and publishes."""
+exactly after kill -9 (and one process refuses the two's checkpoint in one line); the trimmed
+gradient buckets train exactly like the original's; SEED repeats a 4-bit + LoRA run; the 4-bit +
+LoRA curriculum publishes plain models; the timer stops training cleanly and publishes."""
 import json
 import os
 import re
@@ -126,6 +126,17 @@ def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
     reference_losses, resumed_losses = kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes=2)
     assert min(resumed_losses.keys()) == 6, "the resumed run did not continue after checkpoint-4"
     assert resumed_losses[8] == pytest.approx(reference_losses[8], rel=1e-4), (reference_losses, resumed_losses)
+
+    # One process cannot take over the two processes' ZeRO state: a one-line error before anything
+    # loads, and the checkpoints stay for a run with two.
+    checkpoints = Path(env["WORK_DIR"]) / "checkpoints"
+    before = sorted(p.name for p in checkpoints.iterdir())
+    single = launch_training(root, env, processes=1)
+    single_log = single.communicate(timeout=300)[0]
+    assert single.returncode != 0
+    assert re.search(r"^train: \S+checkpoint-8 was written by 2 training process\(es\) and this run has 1: .*"
+                     r"NUM_PROCESSES=2", single_log, flags=re.M), single_log[-3000:]
+    assert "Traceback" not in single_log and sorted(p.name for p in checkpoints.iterdir()) == before
 
 
 def test_quantized_run_resumes_exactly_after_kill(base_env, root, tmp_path):

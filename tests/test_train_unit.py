@@ -1,5 +1,6 @@
 """Guards train.py's pieces that a whole run cannot easily provoke: a NaN loss stops training without
-writing that step's checkpoint, checkpoints of another stage are never resumed, the DeepSpeed
+writing that step's checkpoint, checkpoints of another stage are never resumed, a ZeRO checkpoint is
+resumed only by as many processes as wrote it (a one-line error otherwise), the DeepSpeed
 configuration keeps the original's settings (with its gradient buckets trimmed to what they can hold,
 and ZeRO-2 run as ZeRO-1 only for 4-bit + LoRA on one process), and precision follows the device."""
 import json
@@ -10,6 +11,7 @@ import pytest
 
 import config
 import train
+import util
 
 
 class Control:
@@ -92,6 +94,20 @@ def test_zero_stage_drops_to_1_only_for_quantized_single_process_runs(stage, use
     s = config.load_settings({"ZERO_STAGE": str(stage), "USE_QUANT": use_quant})
     assert config.zero_stage_for(s, processes) == used
     assert config.deepspeed_config(s, "bf16", 11_000_000, processes)["zero_optimization"]["stage"] == used
+
+
+def test_a_checkpoint_resumes_only_with_the_process_count_that_wrote_it(tmp_path):
+    checkpoint = tmp_path / "checkpoint-4"
+    (checkpoint / "global_step4").mkdir(parents=True)
+    assert util.checkpoint_world_size(checkpoint) is None  # ZeRO-0: nothing sharded
+    train.check_resumable(checkpoint, 3)
+    for rank in (0, 1):
+        (checkpoint / "global_step4" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+    (checkpoint / "global_step4" / "mp_rank_00_model_states.pt").touch()
+    assert util.checkpoint_world_size(checkpoint) == 2
+    train.check_resumable(checkpoint, 2)
+    with pytest.raises(SystemExit, match=r"written by 2 training process\(es\) and this run has 1.*NUM_PROCESSES=2"):
+        train.check_resumable(checkpoint, 1)
 
 
 def test_cpu_precision(settings):
