@@ -187,7 +187,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("INST", "inst", False, "Instruction-tuning phase instead of pretraining", parse_bool,
              shown_default="false (or the state file)"),
     Variable("RUN_ALL", "run_all", False, "Run every remaining curriculum stage back to back", parse_bool, demo=True),
-    Variable("USE_QUANT", "use_quant", False, "Train 4-bit NF4 base weights with LoRA adapters (merged before publishing)", parse_bool),
+    Variable("USE_QUANT", "use_quant", False, "Train 4-bit NF4 base weights with LoRA adapters (merged before publishing); "
+             "instruction tuning also trains the chat markers' embedding and output rows", parse_bool),
     Variable("FACTOR", "factor", 12288, "Model size knob: hidden size = FACTOR/6 (6144 ≈ 300M, 12288 ≈ 1B, 24576 ≈ 4B parameters)",
              parse_int(384, 98_304), demo=768),
     Variable("TARGET_PARAMETERS", "target_parameters", None, "Alternative to FACTOR: the topology whose parameter count is closest (e.g. `300M`, `1B`)",

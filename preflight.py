@@ -132,16 +132,19 @@ def fused_head_bytes(topology: config.Topology, vocab: int, tokens: int, precisi
 
 
 def activation_bytes(topology: config.Topology, vocab: int, tokens: int, precision_bytes: int,
-                     use_quant: bool, gradient_checkpointing: bool) -> dict[str, float]:
+                     use_quant: bool, gradient_checkpointing: bool, trains_token_rows: bool = False) -> dict[str, float]:
     """Peak activation memory, at the start of backward (everything saved + the head's backward) or
     during the first layer's backward, whichever is larger; with checkpointing only each layer's
-    16-bit input is kept and one layer at a time is recomputed."""
+    16-bit input is kept and one layer at a time is recomputed. `trains_token_rows` (4-bit + LoRA
+    instruction tuning, which trains the chat markers' rows): peft builds an fp32 copy of the head with
+    the trained rows swapped in, which backward needs whole, and the head gets a full weight gradient
+    (derived from the code, not measured on a GPU)."""
     p, layers = precision_bytes, topology.num_layers
     per_layer = layer_activation_bytes(topology, p, use_quant) * tokens
     final_norm = (4 * topology.hidden_size + 4 + (0 if use_quant else p * topology.hidden_size)) * tokens
-    head = fused_head_bytes(topology, vocab, tokens, p, train_head=not use_quant)
+    head = fused_head_bytes(topology, vocab, tokens, p, train_head=not use_quant or trains_token_rows)
     layer_work = _layer_backward_work_bytes(topology, p) * tokens
-    common = final_norm + head["saved"]
+    common = final_norm + head["saved"] + (4 * vocab * topology.hidden_size if trains_token_rows else 0)
     full = layers * per_layer + common + max(head["backward"], layer_work)
     checkpoints = layers * p * topology.hidden_size * tokens
     recomputed = checkpoints + common + max(head["backward"], per_layer + layer_work)
@@ -186,7 +189,7 @@ def deepspeed_buffers(params: int, trainable: int, p: int, zero_stage: int, use_
 def estimate_training_memory(topology: config.Topology, vocab_size: int, batch_size: int, max_length: int,
                              precision_bytes: int, use_quant: bool, gradient_checkpointing: bool,
                              zero_stage: int, world_size: int, *, gradient_accumulation_steps: int = 1,
-                             include_cuda_overhead: bool = True,
+                             include_cuda_overhead: bool = True, trains_token_rows: bool = False,
                              buckets: tuple[int, bool] | None = None) -> dict[str, float]:
     """Peak GPU memory per process (bytes) for one training run, by term.
 
@@ -199,14 +202,15 @@ def estimate_training_memory(topology: config.Topology, vocab_size: int, batch_s
     `allocated` is what torch.cuda.max_memory_allocated() measures (train.py logs it as `mem`);
     `allocator_slack` is the caching allocator's reserve beyond it (measured 2-12%: 8%);
     `total` adds the CUDA context and NCCL buffers outside PyTorch, and is what must fit in each
-    GPU's free memory. `buckets`: see deepspeed_buffers. On an H200 (bf16, one GPU, SFTTrainer +
+    GPU's free memory. `buckets`: see deepspeed_buffers; `trains_token_rows`: see activation_bytes. On an H200 (bf16, one GPU, SFTTrainer +
     DeepSpeed as train.py runs them) `allocated` was 0.92-1.08x the measured peak for the demo, ~300M
     and ~1B models, ZeRO-0/1/2, with and without checkpointing, and 4-bit + LoRA (the 0.92: NF4 at
     1x1024, a 0.85 GiB peak, where the slack and context terms of `total` more than cover it)."""
     p = precision_bytes
     vocab = config.padded_vocab(vocab_size)
     params = topology.parameter_count(vocab)
-    acts = activation_bytes(topology, vocab, batch_size * max_length, p, use_quant, gradient_checkpointing)
+    acts = activation_bytes(topology, vocab, batch_size * max_length, p, use_quant, gradient_checkpointing,
+                            trains_token_rows)
     trainable = lora_parameter_count(topology) if use_quant else params
     states = training_states(trainable, p, zero_stage, world_size)
     buffers = deepspeed_buffers(params, trainable, p, zero_stage, use_quant, world_size, buckets)
@@ -454,7 +458,8 @@ def estimate_for_settings(settings: config.Settings, world_size: int, precision_
     return dict(topology=settings.topology, vocab_size=vocab, batch_size=settings.batch_size,
                 max_length=settings.max_length, precision_bytes=precision_bytes, use_quant=settings.use_quant,
                 gradient_checkpointing=settings.gradient_checkpointing, zero_stage=settings.zero_stage,
-                world_size=world_size, gradient_accumulation_steps=settings.gradient_accumulation_steps)
+                world_size=world_size, gradient_accumulation_steps=settings.gradient_accumulation_steps,
+                trains_token_rows=settings.use_quant and settings.inst)
 
 
 def judge_memory(estimate_kwargs: dict[str, Any], free_by_gpu: dict[str, float]) -> CheckResult:

@@ -681,9 +681,9 @@ def fit_embeddings(model, tokenizer, known_tokens: int, seed: int) -> None:
     with torch.no_grad():
         for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
             known = matrix[:known_tokens].float()
-            # A little spread around the mean keeps the new rows apart: identical rows would give
-            # <|user|>, <|bot|> and <|end|> the same logit for good when the embeddings stay frozen
-            # (USE_QUANT trains LoRA adapters only).
+            # A little spread around the mean keeps the new rows apart from the first step: identical
+            # rows would give <|user|>, <|bot|> and <|end|> the same input and the same logit until
+            # training separates them.
             noise = torch.randn(matrix.shape[0] - first_new, matrix.shape[1], generator=generator)
             matrix[first_new:] = (known.mean(dim=0) + 0.1 * known.std(dim=0) * noise).to(matrix.dtype)
     util.log(f"model: {rows_after:,} embedding rows (had {rows_before:,}); rows from {first_new:,} on start near "

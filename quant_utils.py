@@ -10,9 +10,10 @@ What the other stages call:
   otherwise); a weight that cannot be rebuilt raises `QuantizationError` naming it, never zeros or a
   random init. The model's config carries no `quantization_config`.
 - `is_4bit_model(model) -> bool`: bitsandbytes 4-bit layers or a 4-bit quantization config inside.
-- `load_for_training(model_dir, use_quant, dtype, device_map=None, gradient_checkpointing=True)`
+- `load_for_training(model_dir, use_quant, dtype, device_map=None, gradient_checkpointing=True, trained_tokens=None)`
   -> (model, trainable_params, total_params): with `use_quant`, real NF4 quantization on load (double
-  quantization, bf16 compute) plus LoRA (config.LORA_*); otherwise the plain model in `dtype`.
+  quantization, bf16 compute) plus LoRA (config.LORA_*), and the `trained_tokens`' embedding and LM-head
+  rows trained with it; otherwise the plain model in `dtype`.
 - `merge_lora_to_16bit(peft_model, out_dir, tokenizer=None) -> PreTrainedModel`: dequantizes the NF4 base
   the adapter was trained on to bf16, merges the adapter into it and saves a plain bf16 safetensors model
   (no peft or bitsandbytes needed to load it).
@@ -326,7 +327,7 @@ def _keep_4bit_layers_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _attach_lora(model, gradient_checkpointing: bool):
+def _attach_lora(model, gradient_checkpointing: bool, trained_tokens: list[int]):
     import config
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -334,18 +335,31 @@ def _attach_lora(model, gradient_checkpointing: bool):
     # checkpointing, makes the inputs require grad so that gradients reach the adapters.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                             gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
+    # Rows of tokens the frozen base never learned (the chat markers that instruction tuning adds)
+    # train as part of the adapter, in the input embedding and in the LM head: without them the
+    # model cannot learn to emit <|end|>, and its answers never stop.
+    rows = {"embed_tokens": trained_tokens, "lm_head": trained_tokens} if trained_tokens else None
     lora = LoraConfig(r=config.LORA_R, lora_alpha=config.LORA_ALPHA, lora_dropout=config.LORA_DROPOUT,
-                      bias="none", target_modules=list(config.LORA_TARGETS), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+                      bias="none", target_modules=list(config.LORA_TARGETS), task_type="CAUSAL_LM",
+                      trainable_token_indices=rows)
+    peft_model = get_peft_model(model, lora)
+    if rows:
+        # TRL's fused LM head reads `lm_head.bias`, and peft 0.21's wrapper of the head passes only
+        # `weight` through to the wrapped layer; a LLaMA head has no bias.
+        head = peft_model.get_output_embeddings()
+        head.bias = head.token_adapter.base_layer.bias
+    return peft_model
 
 
-def load_for_training(model_dir: Path, use_quant: bool, dtype, device_map=None, gradient_checkpointing: bool = True):
+def load_for_training(model_dir: Path, use_quant: bool, dtype, device_map=None, gradient_checkpointing: bool = True,
+                      trained_tokens: list[int] | None = None):
     """(model, trainable_params, total_params) for training the 16-bit model in `model_dir`.
 
     use_quant: quantized to NF4 while loading (real bitsandbytes quantization) onto `device_map`
-    (default: this process's GPU, {"": local rank}; None on CPU), then LoRA adapters (config.LORA_*) are
-    the only trainable weights. Otherwise the plain model in `dtype` on the CPU, all weights trainable
-    (`device_map` is not used: DeepSpeed places the model)."""
+    (default: this process's GPU, {"": local rank}; None on CPU), then LoRA adapters (config.LORA_*) and
+    the embedding and LM-head rows of `trained_tokens` are the only trainable weights. Otherwise the
+    plain model in `dtype` on the CPU, all weights trainable (`device_map` is not used: DeepSpeed
+    places the model)."""
     from transformers import AutoModelForCausalLM
 
     if use_quant:
@@ -355,7 +369,7 @@ def load_for_training(model_dir: Path, use_quant: bool, dtype, device_map=None, 
             raise QuantizationError(f"{model_dir}: loading with 4-bit quantization left no 4-bit layer; "
                                     "check that bitsandbytes supports this device")
         _keep_4bit_layers_differentiable(model)
-        model = _attach_lora(model, gradient_checkpointing)
+        model = _attach_lora(model, gradient_checkpointing, trained_tokens or [])
         trainable, total = model.get_nb_trainable_parameters()  # counts each packed 4-bit byte as two weights
     else:
         model = load_causal_lm_16bit(model_dir, dtype=dtype)
@@ -381,9 +395,9 @@ def _base_state_dict(peft_model) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for key, tensor in peft_model.get_base_model().state_dict().items():
         parts = key.split(".")
-        if any(part.startswith("lora_") for part in parts):
+        if any(part.startswith(("lora_", "trainable_tokens_")) for part in parts):
             continue  # adapter weights travel through the saved adapter instead
-        state[".".join(p for p in parts if p != "base_layer")] = tensor.detach()
+        state[".".join(p for p in parts if p not in ("base_layer", "token_adapter"))] = tensor.detach()
     return state
 
 

@@ -222,6 +222,19 @@ def training_arguments(settings: config.Settings, precision: str, use_cpu: bool,
     )
 
 
+def zero_setup(settings: config.Settings, trainable: int) -> tuple[int, tuple[int, bool] | None]:
+    """The ZeRO stage and gradient buckets that deepspeed_config chose (ZeRO-0 has no buckets), for the
+    log and the summary; fuses DeepSpeed's gradient checks, and logs what differs from the settings."""
+    zero_stage = config.zero_stage_for(settings, world_size())
+    if zero_stage != settings.zero_stage:
+        log(f"note: ZERO_STAGE={settings.zero_stage} runs as ZeRO-{zero_stage}: one process has nothing to "
+            "partition, and ZeRO-1's optimizer step costs less host time for LoRA's many small tensors")
+    if zero_stage in (1, 2) and not util.fuse_zero_gradient_checks():
+        log(f"note: util.fuse_zero_gradient_checks knows DeepSpeed {util.VERIFIED_DEEPSPEED} only; this "
+            "DeepSpeed's own per-tensor gradient checks stay (slower on small steps)")
+    return zero_stage, config.deepspeed_buckets(trainable, world_size()) if zero_stage else None
+
+
 def bucket_note(buckets: tuple[int, bool] | None) -> str:
     if buckets is None:
         return ""
@@ -229,8 +242,15 @@ def bucket_note(buckets: tuple[int, bool] | None) -> str:
     return f" ({elements:,}-element gradient buckets{', overlapped' if overlap else ''})"
 
 
-def load_model(settings: config.Settings, precision: str, local_rank: int):
-    """The prepared model: full weights, or (USE_QUANT) an NF4-quantized base with LoRA adapters."""
+def chat_token_ids(tokenizer) -> list[int]:
+    """The chat markers' ids (none before instruction tuning adds them)."""
+    vocabulary = tokenizer.get_vocab()
+    return sorted(vocabulary[token] for token in config.CHAT_TOKENS if token in vocabulary)
+
+
+def load_model(settings: config.Settings, precision: str, local_rank: int, chat_tokens: list[int]):
+    """The prepared model: full weights, or (USE_QUANT) an NF4-quantized base with LoRA adapters and
+    trainable embedding and LM-head rows for the chat markers."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -242,7 +262,7 @@ def load_model(settings: config.Settings, precision: str, local_rank: int):
         device_map = {"": local_rank} if torch.cuda.is_available() else None
         model, trainable, total = quant_utils.load_for_training(
             model_dir, True, dtype=torch.bfloat16, device_map=device_map,
-            gradient_checkpointing=settings.gradient_checkpointing)
+            gradient_checkpointing=settings.gradient_checkpointing, trained_tokens=chat_tokens)
     else:
         # fp32 weights: DeepSpeed keeps fp32 master weights and casts the model for bf16/fp16 itself.
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
@@ -317,7 +337,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     # LoRA's adapters are drawn when load_model attaches them, before the Trainer seeds, and torch
     # seeds itself randomly at start-up: without this SEED would not repeat a USE_QUANT run.
     transformers.set_seed(settings.seed)
-    model, trainable, total = load_model(settings, precision, rank)
+    model, trainable, total = load_model(settings, precision, rank, chat_token_ids(tokenizer))
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     if not use_cpu and not settings.use_quant:
         model.to(f"cuda:{rank}")  # DeepSpeed would move it anyway; the sanity check then runs on the GPU
@@ -325,15 +345,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         sanity_forward(model, dataset)
 
     args = training_arguments(settings, precision, use_cpu, trainable)
-    # What deepspeed_config chose, for the log lines and the summary (ZeRO-0 has no buckets).
-    zero_stage = config.zero_stage_for(settings, world_size())
-    if zero_stage != settings.zero_stage:
-        log(f"note: ZERO_STAGE={settings.zero_stage} runs as ZeRO-{zero_stage}: one process has nothing to "
-            "partition, and ZeRO-1's optimizer step costs less host time for LoRA's many small tensors")
-    if zero_stage in (1, 2) and not util.fuse_zero_gradient_checks():
-        log(f"note: util.fuse_zero_gradient_checks knows DeepSpeed {util.VERIFIED_DEEPSPEED} only; this "
-            "DeepSpeed's own per-tensor gradient checks stay (slower on small steps)")
-    buckets = config.deepspeed_buckets(trainable, world_size()) if zero_stage else None
+    zero_stage, buckets = zero_setup(settings, trainable)
     step_log, stopper = make_callbacks(settings, stop_file)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[step_log, stopper])

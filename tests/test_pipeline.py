@@ -2,7 +2,8 @@
 instruction-tuned model; two-process DeepSpeed ZeRO-2 training, and 4-bit + LoRA training, resume
 exactly after kill -9 (and one process refuses the two's checkpoint in one line); the trimmed
 gradient buckets train exactly like the original's; SEED repeats a 4-bit + LoRA run; the 4-bit +
-LoRA curriculum publishes plain models; the timer stops training cleanly and publishes."""
+LoRA curriculum trains the chat markers' rows and publishes plain models; the timer stops training
+cleanly and publishes."""
 import json
 import os
 import re
@@ -218,6 +219,17 @@ def test_quantized_curriculum_publishes_plain_models(base_env, root):
     output = Path(env["OUTPUT_DIR"])
     assert json.loads((output / "run_state.json").read_text())["done"] is True
     assert "4-bit NF4 base + LoRA" in log
+    # The last instruction stage trained the chat markers' input and output rows, and no other row.
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    prepared = load_file(Path(env["WORK_DIR"]) / "prep" / "model" / "model.safetensors")
+    published = load_file(output / "train-llama-it" / "model.safetensors")
+    tokenizer = AutoTokenizer.from_pretrained(output / "train-llama-it")
+    chat_ids = sorted(tokenizer.convert_tokens_to_ids(["<|user|>", "<|bot|>", "<|end|>"]))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        moved = (published[name].float() != prepared[name].float()).any(dim=1).nonzero().flatten().tolist()
+        assert moved == chat_ids, (name, moved, chat_ids)
     for name in ("train-llama", "train-llama-it"):
         config = json.loads((output / name / "config.json").read_text())
         assert "quantization_config" not in config

@@ -298,6 +298,19 @@ def test_four_bit_lora_is_far_below_full_training():
     assert quant["trainable_parameters"] < 0.02 * quant["parameters"]
 
 
+def test_trained_chat_rows_cost_a_head_copy_and_gradient_only_in_quantized_instruction_runs(base_env):
+    quant, _ = estimate(use_quant=True)
+    rows, _ = estimate(use_quant=True, trains_token_rows=True)
+    head = config.padded_vocab(52000) * topology_1b().hidden_size
+    assert rows["activations"] - quant["activations"] >= 4 * head  # the fp32 copy, kept for backward
+    assert rows["loss_head"] - quant["loss_head"] >= head * (4 + 2)  # the head's fp32 and bf16 gradients
+    assert rows["allocated"] < estimate(use_quant=False)[0]["allocated"] / 4
+    for inst, expected in (("false", False), ("true", True)):
+        settings = settings_for(base_env, USE_QUANT="true", INST=inst)
+        assert preflight.estimate_for_settings(settings, 1, 2)["trains_token_rows"] is expected
+    assert not preflight.estimate_for_settings(settings_for(base_env, INST="true"), 1, 2)["trains_token_rows"]
+
+
 def test_one_billion_parameter_numbers_are_plausible():
     result, _ = estimate()  # the full preset: ~1B, bf16, ZeRO-2 on one GPU, batch 4 x 2048, checkpointing
     assert 1.0e9 < result["parameters"] < 1.5e9

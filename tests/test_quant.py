@@ -1,6 +1,7 @@
 """Guards quant_utils: real NF4 quantization, dequantization that never invents weights, 4-bit layers that
-stay differentiable after an eval forward, and a LoRA merge whose published bf16 model computes what the
-adapter-on-4-bit model computed, loadable without peft/bnb."""
+stay differentiable after an eval forward, and a LoRA merge (with trained rows for chosen tokens, such as
+the chat markers) whose published bf16 model computes what the adapter-on-4-bit model computed, loadable
+without peft/bnb."""
 import json
 import shutil
 import subprocess
@@ -194,9 +195,11 @@ def test_an_eval_forward_leaves_the_training_gradients_whole(folders):
     assert any(name.startswith("base_model.model.model.layers.0.") and g.abs().sum() > 0 for name, g in after.items())
 
 
-def test_qlora_merge_matches_the_adapter_model_without_peft(folders, tmp_path):
-    model, _, _ = quant_utils.load_for_training(folders["bf16"], True, torch.bfloat16)
+@pytest.mark.parametrize("trained_tokens", [[], [250, 251, 252]], ids=["lora", "lora-and-token-rows"])
+def test_qlora_merge_matches_the_adapter_model_without_peft(folders, tmp_path, trained_tokens):
+    model, _, _ = quant_utils.load_for_training(folders["bf16"], True, torch.bfloat16, trained_tokens=trained_tokens)
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    ids[:, 4:7] = torch.tensor([250, 251, 252])  # each trained token in every row, as input and as label
     losses = _train_a_few_steps(model, ids.to(model.device))  # on a GPU machine the 4-bit model is on the GPU
     assert losses[-1] < losses[0] - 0.3, losses
     with torch.no_grad():
@@ -217,3 +220,9 @@ def test_qlora_merge_matches_the_adapter_model_without_peft(folders, tmp_path):
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    # The trained tokens' rows (and only theirs) moved, in the input embedding and in the LM head.
+    merged, original = load_file(tmp_path / "merged" / "model.safetensors"), load_file(folders["bf16"] / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        moved = sorted((merged[name] != original[name]).any(dim=1).nonzero().flatten().tolist())
+        assert moved == trained_tokens, (name, moved)
