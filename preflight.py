@@ -202,10 +202,11 @@ def estimate_training_memory(topology: config.Topology, vocab_size: int, batch_s
     `allocated` is what torch.cuda.max_memory_allocated() measures (train.py logs it as `mem`);
     `allocator_slack` is the caching allocator's reserve beyond it (measured 2-12%: 8%);
     `total` adds the CUDA context and NCCL buffers outside PyTorch, and is what must fit in each
-    GPU's free memory. `buckets`: see deepspeed_buffers; `trains_token_rows`: see activation_bytes. On an H200 (bf16, one GPU, SFTTrainer +
-    DeepSpeed as train.py runs them) `allocated` was 0.92-1.08x the measured peak for the demo, ~300M
-    and ~1B models, ZeRO-0/1/2, with and without checkpointing, and 4-bit + LoRA (the 0.92: NF4 at
-    1x1024, a 0.85 GiB peak, where the slack and context terms of `total` more than cover it)."""
+    GPU's free memory. `buckets`: see deepspeed_buffers; `trains_token_rows`: see activation_bytes.
+    On an H200 (bf16, one GPU, SFTTrainer + DeepSpeed as train.py runs them) `allocated` was
+    0.92-1.08x the measured peak for the demo, ~300M and ~1B models, ZeRO-0/1/2, with and without
+    checkpointing, and 4-bit + LoRA pretraining (the 0.92: NF4 at 1x1024, a 0.85 GiB peak, where the
+    slack and context terms of `total` more than cover it)."""
     p = precision_bytes
     vocab = config.padded_vocab(vocab_size)
     params = topology.parameter_count(vocab)
