@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import shutil
 import signal
@@ -42,10 +43,18 @@ def check_preparation(settings: config.Settings) -> dict:
     return manifest
 
 
+def checkpoint_world_size(checkpoint: Path) -> int | None:
+    """How many processes wrote a Trainer checkpoint under DeepSpeed ZeRO: one optimizer-state shard
+    per data-parallel rank; None where the state is not sharded (ZeRO-0) or there is none."""
+    shards = checkpoint.glob("global_step*/*zero_pp_rank_*_optim_states.pt")
+    ranks = {match.group(1) for path in shards if (match := re.search(r"zero_pp_rank_(\d+)_", path.name))}
+    return len(ranks) or None
+
+
 def check_resumable(checkpoint: Path, processes: int) -> None:
     """ZeRO splits the optimizer state between the processes that wrote a checkpoint, and DeepSpeed
     cannot split it again for another count: say so before anything loads, not in a traceback."""
-    written_by = util.checkpoint_world_size(checkpoint)
+    written_by = checkpoint_world_size(checkpoint)
     if written_by is not None and written_by != processes:
         raise SystemExit(f"train: {checkpoint} was written by {written_by} training process(es) and this run has "
                          f"{processes}: DeepSpeed cannot resume ZeRO's optimizer state with another number of "

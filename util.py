@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -56,14 +55,6 @@ def local_rank() -> int:
 def world_size() -> int:
     """Processes in this run under the DeepSpeed launcher (1 when run alone)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def checkpoint_world_size(checkpoint: Path) -> int | None:
-    """How many processes wrote a Trainer checkpoint under DeepSpeed ZeRO: one optimizer-state shard
-    per data-parallel rank; None where the state is not sharded (ZeRO-0) or there is none."""
-    shards = checkpoint.glob("global_step*/*zero_pp_rank_*_optim_states.pt")
-    ranks = {match.group(1) for path in shards if (match := re.search(r"zero_pp_rank_(\d+)_", path.name))}
-    return len(ranks) or None
 
 
 def is_main_process() -> bool:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from config import CHAT_TOKENS
+
 pytestmark = pytest.mark.slow
 
 
@@ -226,7 +228,7 @@ def test_quantized_curriculum_publishes_plain_models(base_env, root):
     prepared = load_file(Path(env["WORK_DIR"]) / "prep" / "model" / "model.safetensors")
     published = load_file(output / "train-llama-it" / "model.safetensors")
     tokenizer = AutoTokenizer.from_pretrained(output / "train-llama-it")
-    chat_ids = sorted(tokenizer.convert_tokens_to_ids(["<|user|>", "<|bot|>", "<|end|>"]))
+    chat_ids = sorted(tokenizer.convert_tokens_to_ids(list(CHAT_TOKENS)))
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         moved = (published[name].float() != prepared[name].float()).any(dim=1).nonzero().flatten().tolist()
         assert moved == chat_ids, (name, moved, chat_ids)

@@ -11,7 +11,6 @@ import pytest
 
 import config
 import train
-import util
 
 
 class Control:
@@ -99,12 +98,12 @@ def test_zero_stage_drops_to_1_only_for_quantized_single_process_runs(stage, use
 def test_a_checkpoint_resumes_only_with_the_process_count_that_wrote_it(tmp_path):
     checkpoint = tmp_path / "checkpoint-4"
     (checkpoint / "global_step4").mkdir(parents=True)
-    assert util.checkpoint_world_size(checkpoint) is None  # ZeRO-0: nothing sharded
+    assert train.checkpoint_world_size(checkpoint) is None  # ZeRO-0: nothing sharded
     train.check_resumable(checkpoint, 3)
     for rank in (0, 1):
         (checkpoint / "global_step4" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
     (checkpoint / "global_step4" / "mp_rank_00_model_states.pt").touch()
-    assert util.checkpoint_world_size(checkpoint) == 2
+    assert train.checkpoint_world_size(checkpoint) == 2
     train.check_resumable(checkpoint, 2)
     with pytest.raises(SystemExit, match=r"written by 2 training process\(es\) and this run has 1.*NUM_PROCESSES=2"):
         train.check_resumable(checkpoint, 1)
