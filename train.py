@@ -7,8 +7,10 @@ trainer.sh as `deepspeed --num_gpus=N train.py`; the launcher's `--local_rank` a
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
 import resource
 import shutil
@@ -17,13 +19,17 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import config
 import util
-from util import is_main_process, local_rank, log, replace_directory, world_size, write_json_atomic
+from util import is_main_process, local_rank, log, one_line, replace_directory, world_size, write_json_atomic
 
 EXIT_NOT_FINITE = 3
-EXIT_BAD_PREP = 4
+# Written into a checkpoint folder after every rank has saved its part: only such a folder is resumed.
+COMPLETE_MARKER = "train-llama-complete.json"
+# A failed save with less free space than this is taken for a full disk (see disk_full).
+LOW_DISK_BYTES = 64 * 2**20
 
 
 class TrainingStopped(RuntimeError):
@@ -73,19 +79,94 @@ def resolve_precision(settings: config.Settings) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def resume_checkpoint(settings: config.Settings) -> str | None:
-    """The newest checkpoint of this same stage, or None; checkpoints of another stage are removed."""
-    from transformers.trainer_utils import get_last_checkpoint
+def checkpoint_step(folder: Path) -> int | None:
+    match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+    return int(match.group(1)) if match and folder.is_dir() else None
 
+
+def stage_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The Trainer's checkpoint folders, oldest step first."""
+    steps = {path: checkpoint_step(path) for path in checkpoint_dir.glob("checkpoint-*")}
+    return sorted((path for path, step in steps.items() if step is not None), key=steps.__getitem__)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE_MARKER).is_file()
+
+
+def discard_incomplete_checkpoints(checkpoint_dir: Path) -> None:
+    """Remove the checkpoint folders a kill or a full disk left half written (no completion marker):
+    the Trainer would resume from the newest folder whatever it holds, and rotate out a good one."""
+    for checkpoint in stage_checkpoints(checkpoint_dir):
+        if not is_complete(checkpoint):
+            log(f"train: {checkpoint} is incomplete (its save was interrupted); removed, the run resumes "
+                "from the last complete checkpoint")
+            shutil.rmtree(checkpoint)
+
+
+def key_differences(old: Any, new: dict) -> str:
+    if not isinstance(old, dict):
+        return "no readable stage record"
+    return ", ".join(f"{name} {old.get(name)!r} -> {new[name]!r}" for name in new if old.get(name) != new[name])
+
+
+def trained_stage_key(settings: config.Settings) -> Any:
+    """The stage whose training finished last (WORK_DIR/trained), or None."""
+    summary = read_stage_key(settings.trained_dir / "summary.json")
+    return summary.get("stage_key") if isinstance(summary, dict) and summary.get("completed") else None
+
+
+def clear_other_stage(settings: config.Settings, old_key: Any) -> None:
+    """Make way for this stage's checkpoints, saying what happens to another stage's. Those of the
+    stage that finished training last are spent (its model is in WORK_DIR/trained) and are removed;
+    any others were cut short by a change of settings (SEED, dataset, size), so they are moved to
+    WORK_DIR/checkpoints.set-aside (replacing an older set-aside) rather than lost without a word."""
+    checkpoints = stage_checkpoints(settings.checkpoint_dir)
+    if checkpoints and old_key is not None and old_key == trained_stage_key(settings):
+        log(f"train: removing the checkpoints of {util.stage_text(old_key)}, which finished training")
+    elif checkpoints:
+        aside = settings.work_dir / "checkpoints.set-aside"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(settings.checkpoint_dir, aside)
+        log(f"train: the checkpoints in {settings.checkpoint_dir} belong to another stage "
+            f"({util.stage_text(old_key)}; {key_differences(old_key, settings.stage_key())}); moved to {aside}. "
+            f"Restore that stage's settings and move them back to resume it, or delete {aside} to free the space")
+    shutil.rmtree(settings.checkpoint_dir, ignore_errors=True)
+
+
+def read_stage_key(stage_file: Path) -> Any:
+    try:
+        return json.loads(stage_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def resume_checkpoint(settings: config.Settings) -> str | None:
+    """The newest complete checkpoint of this same stage, or None. Half-written checkpoints are removed,
+    and the checkpoints of another stage set aside, by rank 0; every rank picks among complete ones."""
     stage_file = settings.checkpoint_dir / "stage.json"
-    same_stage = stage_file.is_file() and json.loads(stage_file.read_text()) == settings.stage_key()
-    if same_stage:
-        return get_last_checkpoint(str(settings.checkpoint_dir))
+    old_key = read_stage_key(stage_file)
+    if old_key == settings.stage_key():
+        if is_main_process():
+            discard_incomplete_checkpoints(settings.checkpoint_dir)
+        complete = [path for path in stage_checkpoints(settings.checkpoint_dir) if is_complete(path)]
+        return str(complete[-1]) if complete else None
     if is_main_process():
-        # Delete before writing stage.json, so another rank never pairs the new key with old checkpoints.
-        shutil.rmtree(settings.checkpoint_dir, ignore_errors=True)
+        # Clear before writing stage.json, so another rank never pairs the new key with old checkpoints.
+        clear_other_stage(settings, old_key)
         write_json_atomic(stage_file, settings.stage_key())
     return None
+
+
+def finished_summary(settings: config.Settings) -> dict | None:
+    """The summary of this stage's completed training, when a run was stopped after it (while
+    publishing, say): the rerun goes on to publish instead of training again."""
+    try:
+        summary = json.loads((settings.trained_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = isinstance(summary, dict) and summary.get("stage_key") == settings.stage_key()
+    return summary if same and summary.get("completed") else None
 
 
 def sanity_forward(model, dataset) -> None:
@@ -119,29 +200,43 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def logged_losses(log_history: list[dict]) -> list[tuple[int, float]]:
+    """(step, loss) of every logged step of this stage. The Trainer keeps its log history in each
+    checkpoint, so a resumed run, even one resumed at the final step, still has the whole curve."""
+    return [(entry["step"], float(entry["loss"])) for entry in log_history if "loss" in entry and "step" in entry]
+
+
 def make_callbacks(settings: config.Settings, stop_file: Path):
-    """The step logger, the NaN guard and the timer/SIGTERM stop, as TrainerCallbacks."""
+    """The step logger, the NaN guard, the timer/SIGTERM stop and the checkpoint completion marker,
+    as TrainerCallbacks."""
     import torch
     import torch.distributed as dist
     from transformers import TrainerCallback
 
+    def distributed() -> bool:
+        return dist.is_available() and dist.is_initialized()
+
     class StepLog(TrainerCallback):
-        """One fixed-format line per logging step on rank 0, and the loss history for the summary."""
+        """One fixed-format line per logging step on rank 0; the last step is always logged, so a
+        stage shorter than LOGGING_STEPS still has a final loss."""
 
         def __init__(self):
-            self.losses: list[tuple[int, float]] = []
             self.start_time = self.start_step = self.last_time = None
-            self.last_tokens = 0
+            self.last_tokens = self.start_tokens = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start_time = self.last_time = time.time()
             self.start_step, self.last_tokens = state.global_step, state.num_input_tokens_seen
+            self.start_tokens = state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "loss" not in logs:
                 return
             loss, step = float(logs["loss"]), state.global_step
-            self.losses.append((step, loss))
             now = time.time()
             tokens_per_s = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
             self.last_time, self.last_tokens = now, state.num_input_tokens_seen
@@ -156,7 +251,8 @@ def make_callbacks(settings: config.Settings, stop_file: Path):
 
     class TimeAndSignalStop(TrainerCallback):
         """Stops every rank at the same step when the time limit passes, on SIGTERM, or when
-        trainer.sh leaves the stop file (it traps the container's SIGTERM); saves a checkpoint."""
+        trainer.sh leaves the stop file (it traps the container's SIGTERM); logs the loss so far and
+        saves a checkpoint."""
 
         def __init__(self):
             self.deadline = (settings.started_at or time.time()) + settings.time_limit_minutes * 60
@@ -174,15 +270,28 @@ def make_callbacks(settings: config.Settings, stop_file: Path):
 
         def on_step_end(self, args, state, control, **kwargs):
             reason = torch.tensor([self._local_reason()], device=args.device)
-            if dist.is_available() and dist.is_initialized():
+            if distributed():
                 dist.all_reduce(reason, op=dist.ReduceOp.MAX)
             if reason.item() and state.global_step < state.max_steps:
                 self.stopped_by = "signal" if reason.item() == 2 else "timer"
                 log(f"Timer stop at step {state.global_step} ({self.stopped_by}): saving a checkpoint")
                 control.should_training_stop = True
                 control.should_save = True
+                control.should_log = True
 
-    return StepLog(), TimeAndSignalStop()
+    class MarkCheckpointComplete(TrainerCallback):
+        """After every rank has written its part of a checkpoint, rank 0 flushes the folder to disk and
+        writes the completion marker last: a folder without it was cut short and is never resumed."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if distributed():
+                dist.barrier()
+            if is_main_process():
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                util.sync_tree(folder)
+                write_json_atomic(folder / COMPLETE_MARKER, {"step": state.global_step, "processes": world_size()})
+
+    return StepLog(), TimeAndSignalStop(), MarkCheckpointComplete()
 
 
 def training_arguments(settings: config.Settings, precision: str, use_cpu: bool, trainable_parameters: int):
@@ -340,6 +449,8 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     if is_main_process():
         stop_file.unlink(missing_ok=True)
         shutil.rmtree(settings.work_dir / ".trained-staging", ignore_errors=True)
+        for folder in (settings.work_dir, settings.checkpoint_dir):
+            util.remove_stale_temporaries(folder)
 
     tokenizer = AutoTokenizer.from_pretrained(settings.prep_dir / "tokenizer")
     dataset = datasets.load_from_disk(str(settings.prep_dir / "dataset"))
@@ -355,9 +466,9 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
 
     args = training_arguments(settings, precision, use_cpu, trainable)
     zero_stage, buckets = zero_setup(settings, trainable)
-    step_log, stopper = make_callbacks(settings, stop_file)
+    step_log, stopper, marker = make_callbacks(settings, stop_file)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[step_log, stopper])
+                         callbacks=[step_log, stopper, marker])
     trainer.remove_callback(PrinterCallback)  # StepLog prints the one fixed-format line instead
     processes = trainer.accelerator.num_processes
     log(f"training: {len(dataset):,} sequences, {settings.run_epochs:g} epochs, global batch "
@@ -368,7 +479,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
-    losses = step_log.losses
+    losses = logged_losses(state.log_history)
     if losses and not math.isfinite(losses[-1][1]):
         raise TrainingStopped(f"training stopped: the loss became {losses[-1][1]} at step {losses[-1][0]}; "
                               f"the last good checkpoint in {settings.checkpoint_dir} is kept and nothing is "
@@ -381,7 +492,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         "tokens_seen": int(state.num_input_tokens_seen),
         "first_loss": losses[0][1] if losses else math.nan, "final_loss": losses[-1][1] if losses else math.nan,
         "losses": losses, "wall_seconds": wall,
-        "tokens_per_second": int(state.num_input_tokens_seen) / max(wall, 1e-9),
+        "tokens_per_second": (state.num_input_tokens_seen - step_log.start_tokens) / max(wall, 1e-9),
         "peak_memory_gib": peak_memory_gib(), "parameters": total, "trainable_parameters": trainable,
         "precision": precision, "world_size": processes, "use_quant": settings.use_quant,
         "is_last_shard": manifest["is_last_shard"], "topology": settings.stage_key()["topology"],
@@ -396,14 +507,60 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     return 0
 
 
+def disk_full(err: BaseException) -> bool:
+    """Whether a failed write ran out of space. torch.save reports a full disk as a RuntimeError
+    without errno ("unexpected pos ..."), so a failure with almost no space left counts too."""
+    chained: BaseException | None = err
+    while chained is not None:
+        if isinstance(chained, OSError) and chained.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(chained):
+            return True
+        chained = chained.__cause__ or chained.__context__
+    return False
+
+
+def free_bytes(settings: config.Settings) -> int:
+    """Free space where training writes: the checkpoints' filesystem and WORK_DIR's (the final save)."""
+    folders = [folder for folder in (settings.checkpoint_dir, settings.work_dir) if folder.is_dir()]
+    return min((shutil.disk_usage(folder).free for folder in folders), default=0)
+
+
+def stop_on_full_disk(settings: config.Settings, err: BaseException) -> str:
+    """The one line for a checkpoint or final save that ran out of space; the half-written checkpoint
+    is removed at once (to give the space back), the complete ones stay."""
+    if is_main_process():
+        discard_incomplete_checkpoints(settings.checkpoint_dir)
+        shutil.rmtree(settings.work_dir / ".trained-staging", ignore_errors=True)
+    complete = [path for path in stage_checkpoints(settings.checkpoint_dir) if is_complete(path)]
+    kept = f"the last complete checkpoint, {complete[-1].name}, is kept" if complete else "no checkpoint is complete"
+    return (f"train: the disk is full ({one_line(err, 160)}) while saving under WORK_DIR={settings.work_dir} "
+            f"({free_bytes(settings) / 2**30:.2f} GiB free after removing what was half written); {kept} and "
+            "nothing was published; free space there (or set WORK_DIR to a larger disk) and run again: "
+            "training resumes from that checkpoint")
+
+
 def main() -> int:
     settings = config.settings_or_exit(quiet=not is_main_process())
     manifest = check_preparation(settings)
+    finished = finished_summary(settings)
+    if finished is not None:
+        log(f"train: {util.stage_text(settings.stage_key())} already finished training ({finished.get('steps')} "
+            f"steps, final loss {finished.get('final_loss')}; {settings.trained_dir}); nothing to train, "
+            "publishing comes next")
+        return 0
     try:
         return run_training(settings, manifest)
     except TrainingStopped as err:
         print(f"train: {err}", file=sys.stderr)
         return EXIT_NOT_FINITE
+    except Exception as err:
+        if not disk_full(err) and free_bytes(settings) > LOW_DISK_BYTES:
+            raise
+        message = stop_on_full_disk(settings, err)
+        if is_main_process():
+            print(message, file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ section "configuration"
 section "preflight"
 "$PYTHON" preflight.py
 section "environment validation"
-"$PYTHON" validate_setup.py
+"$PYTHON" validate_setup.py --reuse
 
 work_dir=$(setting work_dir)
 output_dir=$(setting output_dir)

@@ -6,13 +6,21 @@ the device (required with USE_QUANT); LoRA with peft; the attention kernels; Dee
 can build here; the configuration builds a model of the expected size; one forward and backward
 step of a tiny LLaMA on the device, whose gradient norms util.fuse_zero_gradient_checks' foreach
 kernels must give as per-tensor norms do. Exit status 1 when a required part is missing or broken.
+
+`--reuse` (what trainer.sh passes): when every check passed before on this same machine boot, with the
+same interpreter, packages, checking code and settings (WORK_DIR/validated.json), say so and skip them;
+a job restarted after a kill then loses no time to checks whose answer cannot have changed.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import importlib.metadata
 import io
+import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -305,8 +313,48 @@ def run(check: Callable[[], CheckResult]) -> CheckResult:
         return failed(f"{type(err).__name__}: {message}"[:300])
 
 
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+CHECKING_CODE = ("validate_setup.py", "preflight.py", "util.py", "config.py", "requirements.txt")
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment_fingerprint(settings: config.Settings) -> dict:
+    """What the checks' answers depend on, read without importing the stack: this boot of the machine
+    (a new container or host, or other GPUs, means a new boot), the interpreter, the installed
+    packages, the code of the checks, and the settings they read."""
+    code = hashlib.sha256(b"".join((ROOT / name).read_bytes() for name in CHECKING_CODE)).hexdigest()
+    return {"boot_id": BOOT_ID.read_text().strip() if BOOT_ID.is_file() else None,
+            "python": [sys.executable, sys.version],
+            "packages": {name: installed_version(name) for name in STACK.values()},
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "code_sha256": code,
+            "settings": [settings.use_quant, settings.zero_stage, settings.num_processes,
+                         config.dataclasses.asdict(settings.topology)]}
+
+
+def passed_before(settings: config.Settings) -> str | None:
+    """When every check passed for this same fingerprint: the time they did."""
+    record = settings.work_dir / "validated.json"
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = isinstance(saved, dict) and saved.get("fingerprint") == environment_fingerprint(settings)
+    return saved.get("passed_at") if same else None
+
+
 def main() -> int:
+    reuse = sys.argv[1:] == ["--reuse"]
     settings, problems = load_settings()
+    if reuse and settings is not None and (when := passed_before(settings)):
+        print(f"validate_setup: every check passed at {when} with this same machine boot, software and "
+              f"settings ({settings.work_dir / 'validated.json'}); not repeated (delete that file to repeat them)")
+        return 0
     checks = build_checks(settings, problems)
     results: list[CheckResult] = []
     print(f"validate_setup: {len(checks)} checks of the software stack", flush=True)
@@ -317,7 +365,12 @@ def main() -> int:
     warnings = sum(len(r.warnings) for r in results)
     print(f"validate_setup: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped, "
           f"{warnings} warning(s)")
-    return 1 if counts[FAIL] else 0
+    if counts[FAIL]:
+        return 1
+    if settings is not None:
+        util.write_json_atomic(settings.work_dir / "validated.json",
+                               {"passed_at": util.utc_now(), "fingerprint": environment_fingerprint(settings)})
+    return 0
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes):
     crashing = launch_training(root, env, processes)
     checkpoint = Path(env["WORK_DIR"]) / "checkpoints" / "checkpoint-4"
     deadline = time.time() + 300
-    while not (checkpoint / "trainer_state.json").exists():
+    while not (checkpoint / "train-llama-complete.json").exists():
         assert time.time() < deadline and crashing.poll() is None, "no checkpoint-4 was written"
         time.sleep(0.2)
     os.killpg(crashing.pid, signal.SIGKILL)
@@ -247,13 +247,15 @@ def test_quantized_curriculum_publishes_plain_models(base_env, root):
 
 
 def test_timer_stops_training_and_publishes_without_advancing(base_env, root):
-    # A timeout already over when training starts: the first step is the last.
+    # A timeout already over when training starts: the first step is the last, before the first
+    # LOGGING_STEPS interval, and its loss is still logged and published.
     env = {**base_env, "RUN_ALL": "false", "STARTUP_DURATION_TIMEOUT": "1m", "TIMEOUT_BUFFER": "0.5",
-           "TRAINER_STARTED_AT": str(time.time() - 60), "LOGGING_STEPS": "1", "SAVE_STEPS": "1"}
+           "TRAINER_STARTED_AT": str(time.time() - 60), "LOGGING_STEPS": "10", "SAVE_STEPS": "10"}
     log = run_trainer(root, env)
-    assert "Timer stop at step 1" in log
+    assert "Timer stop at step 1" in log and list(step_losses(log)) == [1]
     output = Path(env["OUTPUT_DIR"])
     assert (output / "train-llama" / "config.json").is_file()
+    assert json.loads((output / "train-llama" / "publish.json").read_text())["final_loss"] > 0
     assert not (output / "run_state.json").exists() or json.loads((output / "run_state.json").read_text())["init"] == 0
 
 

@@ -1,5 +1,8 @@
 """Guards train.py's pieces that a whole run cannot easily provoke: a NaN loss stops training without
-writing that step's checkpoint, checkpoints of another stage are never resumed, a ZeRO checkpoint is
+writing that step's checkpoint, the last step is always logged, checkpoints of another stage are set
+aside with a line saying why (never resumed, never deleted silently), half-written checkpoints are
+removed and the last complete one resumed, a finished stage is not trained again, a full disk is
+recognised in the errors torch and safetensors raise, a ZeRO checkpoint is
 resumed only by as many processes as wrote it (a one-line error otherwise), the DeepSpeed
 configuration keeps the original's settings (with its gradient buckets trimmed to what they can hold,
 and ZeRO-2 run as ZeRO-1 only for 4-bit + LoRA on one process), and precision follows the device."""
@@ -22,6 +25,10 @@ class State:
     global_step, max_steps, num_input_tokens_seen = 20, 100, 40960
 
 
+def settings_env(settings) -> dict:
+    return {"OUTPUT_DIR": str(settings.output_dir), "WORK_DIR": str(settings.work_dir)}
+
+
 @pytest.fixture
 def settings(tmp_path):
     return config.load_settings({"OUTPUT_DIR": str(tmp_path / "out"), "WORK_DIR": str(tmp_path / "work")})
@@ -29,7 +36,7 @@ def settings(tmp_path):
 
 def test_nan_loss_stops_training_and_skips_the_checkpoint(settings, tmp_path, capsys):
     pytest_handler = signal.getsignal(signal.SIGTERM)
-    step_log, _ = train.make_callbacks(settings, tmp_path / "STOP")  # installs train.py's SIGTERM handler
+    step_log, *_ = train.make_callbacks(settings, tmp_path / "STOP")  # installs train.py's SIGTERM handler
     signal.signal(signal.SIGTERM, pytest_handler)
     step_log.on_train_begin(None, State(), Control())
     control = Control()
@@ -41,20 +48,91 @@ def test_nan_loss_stops_training_and_skips_the_checkpoint(settings, tmp_path, ca
     assert line.startswith("step     20/100 | loss   2.5000 | lr 1.000e-03 |") and "tok/s" in line and "eta" in line
 
 
-def test_checkpoints_of_another_stage_are_removed_not_resumed(settings):
-    old = settings.checkpoint_dir / "checkpoint-8"
-    old.mkdir(parents=True)
-    (settings.checkpoint_dir / "stage.json").write_text(json.dumps({**settings.stage_key(), "init": 7}))
+def test_the_last_step_is_always_logged(settings, tmp_path):
+    pytest_handler = signal.getsignal(signal.SIGTERM)
+    step_log, *_ = train.make_callbacks(settings, tmp_path / "STOP")
+    signal.signal(signal.SIGTERM, pytest_handler)
+    last, middle = Control(), Control()
+    last.should_log = middle.should_log = False
+    state = State()
+    step_log.on_step_end(None, state, middle)
+    state.global_step = state.max_steps
+    step_log.on_step_end(None, state, last)
+    assert (middle.should_log, last.should_log) == (False, True)
+
+
+def test_the_losses_come_from_the_log_history_that_checkpoints_keep():
+    history = [{"loss": 3.0, "step": 2}, {"grad_norm": 1.0, "step": 2}, {"loss": 2.5, "step": 4},
+               {"train_runtime": 9.0, "step": 4}]
+    assert train.logged_losses(history) == [(2, 3.0), (4, 2.5)]
+
+
+def complete_checkpoint(settings, step: int):
+    folder = settings.checkpoint_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / train.COMPLETE_MARKER).write_text("{}")
+    return folder
+
+
+def test_checkpoints_of_another_stage_are_set_aside_with_the_reason(settings, capsys):
+    old = complete_checkpoint(settings, 8)
+    (settings.checkpoint_dir / "stage.json").write_text(json.dumps({**settings.stage_key(), "seed": 7}))
     assert train.resume_checkpoint(settings) is None
     assert not old.exists()
+    assert (settings.work_dir / "checkpoints.set-aside" / "checkpoint-8" / train.COMPLETE_MARKER).is_file()
     assert json.loads((settings.checkpoint_dir / "stage.json").read_text()) == settings.stage_key()
+    said = capsys.readouterr().out
+    assert "belong to another stage" in said and "seed 7 -> 42" in said and "checkpoints.set-aside" in said
 
 
-def test_checkpoints_of_the_same_stage_are_resumed(settings):
+def test_checkpoints_of_the_stage_that_finished_training_are_removed_with_a_line(settings, capsys):
+    finished_key = {**settings.stage_key(), "init": 0}
+    settings.trained_dir.mkdir(parents=True)
+    (settings.trained_dir / "summary.json").write_text(json.dumps({"stage_key": finished_key, "completed": True}))
+    old = complete_checkpoint(settings, 8)
+    (settings.checkpoint_dir / "stage.json").write_text(json.dumps(finished_key))
+    assert train.resume_checkpoint(config.load_settings({**settings_env(settings), "INIT": "1"})) is None
+    assert not old.exists() and not (settings.work_dir / "checkpoints.set-aside").exists()
+    assert "removing the checkpoints of pretrain INIT=0 (shard 0), which finished training" in capsys.readouterr().out
+
+
+def test_an_empty_checkpoint_folder_of_another_stage_is_replaced_quietly(settings, capsys):
+    settings.checkpoint_dir.mkdir(parents=True)
+    (settings.checkpoint_dir / "stage.json").write_text("{}")
+    assert train.resume_checkpoint(settings) is None
+    assert not (settings.work_dir / "checkpoints.set-aside").exists() and capsys.readouterr().out == ""
+
+
+def test_the_last_complete_checkpoint_is_resumed_and_incomplete_ones_removed(settings, capsys):
     train.resume_checkpoint(settings)
-    (settings.checkpoint_dir / "checkpoint-4").mkdir()
-    (settings.checkpoint_dir / "checkpoint-12").mkdir()
+    complete_checkpoint(settings, 4)
+    complete_checkpoint(settings, 12)
+    (settings.checkpoint_dir / "checkpoint-16").mkdir()  # killed while saving: no marker
     assert train.resume_checkpoint(settings).endswith("checkpoint-12")
+    assert not (settings.checkpoint_dir / "checkpoint-16").exists()
+    assert "checkpoint-16 is incomplete" in capsys.readouterr().out
+
+
+def test_a_finished_stage_is_not_trained_again(settings):
+    assert train.finished_summary(settings) is None
+    summary = {"stage_key": settings.stage_key(), "completed": True, "steps": 40, "final_loss": 2.0}
+    settings.trained_dir.mkdir(parents=True)
+    (settings.trained_dir / "summary.json").write_text(json.dumps(summary))
+    assert train.finished_summary(settings) == summary
+    for other in ({**summary, "completed": False}, {**summary, "stage_key": {**settings.stage_key(), "init": 3}}):
+        (settings.trained_dir / "summary.json").write_text(json.dumps(other))
+        assert train.finished_summary(settings) is None
+
+
+def test_a_full_disk_is_recognised_in_the_errors_of_each_writer():
+    import errno
+
+    assert train.disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    wrapped = RuntimeError("saving failed")
+    wrapped.__cause__ = OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert train.disk_full(wrapped)
+    assert train.disk_full(Exception("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not train.disk_full(RuntimeError("CUDA error: an illegal memory access"))
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -1,6 +1,7 @@
 """Guards validate_setup.py: on this CPU machine the stack passes (exit 0) with the tiny LLaMA's
 forward/backward check (whose foreach gradient norms must match per-tensor ones); missing packages,
-version drift and broken settings are reported."""
+version drift and broken settings are reported; `--reuse` skips the checks only after they all passed
+for the same machine boot, software, checking code and settings."""
 import subprocess
 import sys
 
@@ -22,6 +23,15 @@ def test_cpu_machine_passes_with_forward_backward(root, base_env):
     assert "gradients finite, foreach norms match" in step
     assert "validate_setup: 7 passed, 0 failed, 1 skipped" in result.stdout
     assert "Traceback" not in result.stderr
+
+    # trainer.sh's --reuse: the same machine, software and settings need no second round of checks;
+    # a changed setting that the checks read does.
+    again = subprocess.run([sys.executable, "validate_setup.py", "--reuse"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "not repeated" in again.stdout and "[1/8]" not in again.stdout
+    changed = subprocess.run([sys.executable, "validate_setup.py", "--reuse"], cwd=root, timeout=120,
+                             env={**env, "ZERO_STAGE": "1"}, capture_output=True, text=True)
+    assert changed.returncode == 0 and "[8/8] ✓ training step" in changed.stdout, changed.stdout
 
 
 @pytest.mark.parametrize("broken", ["scaled", "nan-blind"])
