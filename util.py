@@ -13,11 +13,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
+import fnmatch
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -31,11 +35,18 @@ T = TypeVar("T")
 
 EXIT_INCOMPLETE = 3
 PUBLISH_MARKER = "publish.json"
+NOT_COPIED = ("README.md", PUBLISH_MARKER, ".*")  # publish writes the first two itself; hidden files stay
+PUBLISHED_FILE_MODE, PUBLISHED_FOLDER_MODE = 0o644, 0o755
+DISK_FULL_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Weights of an older upload that a new one may not overwrite (a model that changed its sharding).
 STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 DEFAULT_RETRY_DELAY = 2.0  # seconds before the first retry of a Hub call; doubles at each retry
-MAX_RETRY_DELAY = 60.0
+MAX_RETRY_DELAY = 60.0  # also the most a Hub's Retry-After header makes us wait
+# huggingface_hub's HTTP client waits forever for an answer, so a stalled Hub would hang the run for good:
+# a Hub request that sends or receives nothing for this long fails (and is retried). huggingface_hub's
+# HF_HUB_DOWNLOAD_TIMEOUT, its timeout for other requests, overrides it when set.
+DEFAULT_HUB_TIMEOUT = 60.0
 HISTORY_LENGTH = 50
 # The DeepSpeed whose ZeRO optimizer fuse_zero_gradient_checks was read and tested against: another
 # version may have changed the methods it replaces.
@@ -126,16 +137,49 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
+def fsync_path(path: Path) -> None:
+    """fsync one file or folder (a folder's fsync makes the names in it, e.g. a rename, durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path: Path) -> None:
+    """fsync every regular file and folder under `path` (or the file itself), then its parent folder:
+    what a rename is about to publish must be on disk first, or a power cut could publish empty files.
+    Links, sockets and the like are skipped: they hold no data of ours, and a link may point anywhere."""
+    targets = [path] if path.is_file() else [*path.rglob("*"), path]
+    for target in targets:
+        if not target.is_symlink() and (target.is_file() or target.is_dir()):
+            fsync_path(target)
+    fsync_path(path.parent)
+
+
+# Temporary names beside a final file or folder: `.<name>.tmp-<random>` while it is written,
+# `.<name>.old-<pid>` for the version being replaced. remove_stale_temporaries knows both.
+TEMPORARY_PATTERNS = (".*.tmp-*", ".*.old-*")
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    """Write JSON through a temporary file, an fsync and a rename, so a reader never sees half a file,
+    even after a power cut."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    # mkstemp creates the file readable by its owner only; these files are meant to be shared.
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp creates the file readable by its owner only; these files are meant to be shared.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
 
 
 @contextlib.contextmanager
@@ -157,21 +201,54 @@ def atomic_directory(final: Path) -> Iterator[Path]:
 
 
 def replace_directory(complete: Path, final: Path) -> None:
-    """Put the finished folder `complete` at `final`: the old version is moved aside before the
-    rename and deleted only after it, so a crash never leaves `final` half written."""
+    """Put the finished folder `complete` at `final`: its contents are fsync'ed first, the old version
+    is moved aside before the rename and deleted only after it, so a crash never leaves `final` half
+    written, and the parent folder is fsync'ed so that the rename itself survives a power cut."""
+    sync_tree(complete)
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
         os.replace(final, old)
     os.replace(complete, final)
+    fsync_path(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove what a killed run of this pipeline left directly in `folder`: the temporary files and
+    folders of write_json_atomic, atomic_directory and replace_directory (TEMPORARY_PATTERNS), with a
+    log line for each. Nothing else is touched, and nothing below `folder`'s own entries.
+
+    Only safe when no other run of the pipeline uses `folder` at the same time: the temporaries of a
+    live run look exactly like those of a killed one. Returns what was removed."""
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        if not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in TEMPORARY_PATTERNS):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+            kind = "folder"
+        else:
+            entry.unlink()
+            kind = "file"
+        log(f"removed a temporary {kind} left by an interrupted run: {entry}")
+        removed.append(entry)
+    return removed
 
 
 class StageError(Exception):
     """A failure of publish/advance, explained in one line for the operator."""
 
 
+# The user-info part of a URL (`scheme://user:password@host`): HF_ENDPOINT may carry a token there.
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s?#]+@")
+
+
 def redact(text: str, secret: str | None) -> str:
-    """`text` with the secret replaced, for messages that quote errors of other libraries."""
+    """`text` without the secret and without the credentials of any URL in it, for messages that quote
+    URLs or errors of other libraries."""
+    text = URL_CREDENTIALS.sub("<credentials>@", text)
     return text.replace(secret, "<HF_TOKEN>") if secret else text
 
 
@@ -212,11 +289,20 @@ def hub_failure(err: BaseException) -> tuple[bool, str] | None:
     return None
 
 
+def retry_after(err: BaseException) -> float | None:
+    """The seconds that an HTTP error's Retry-After header asks to wait (None without one, or for the
+    HTTP-date form, which the Hub does not send)."""
+    response = getattr(err, "response", None)
+    value = response.headers.get("retry-after", "").strip() if response is not None else ""
+    return float(value) if value.isdigit() else None
+
+
 def hub_call(action: Callable[[], T], what: str, attempts: int, base_delay: float,
-             secret: str | None = None, sleep: Callable[[float], None] = time.sleep) -> T:
+             secret: str | None = None, sleep: Callable[[float], None] | None = None) -> T:
     """Run one Hub request, retrying server errors (5xx), rate limits (429) and connection errors up
-    to `attempts` times in all, waiting base_delay, 2*base_delay, ... between them. A rejected token
-    or a missing repository fails at once: retrying cannot fix those. `secret` is kept out of messages."""
+    to `attempts` times in all, waiting base_delay, 2*base_delay, ... between them, or what the Hub's
+    Retry-After header asks, never more than MAX_RETRY_DELAY. A rejected token or a missing repository
+    fails at once: retrying cannot fix those. `secret` is kept out of messages."""
     attempt = 1
     while True:
         try:
@@ -230,15 +316,61 @@ def hub_call(action: Callable[[], T], what: str, attempts: int, base_delay: floa
                 raise StageError(f"{what} failed: {reason}") from None
             if attempt >= attempts:
                 raise StageError(f"{what} failed after {attempts} attempts: {reason}") from None
-            delay = min(base_delay * 2 ** (attempt - 1), MAX_RETRY_DELAY)
-            log(f"hub: {what} failed ({reason}); retry {attempt}/{attempts - 1} in {delay:.2f}s")
-            sleep(delay)
+            asked = retry_after(err)
+            delay = min(base_delay * 2 ** (attempt - 1) if asked is None else asked, MAX_RETRY_DELAY)
+            why = "" if asked is None else ", as the Hub's Retry-After asks"
+            log(f"hub: {what} failed ({reason}); retry {attempt}/{attempts - 1} in {delay:.2f}s{why}")
+            (sleep or time.sleep)(delay)  # looked up now, so that a test can replace time.sleep
             attempt += 1
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites log records without the secret or URL credentials: huggingface_hub logs the URLs of the
+    requests it retries, and HF_ENDPOINT may carry a token."""
+
+    def __init__(self, secret: str | None):
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redact(record.getMessage(), self.secret), None
+        return True
+
+
+def hub_timeout() -> float:
+    """Seconds a Hub request may send or receive nothing: DEFAULT_HUB_TIMEOUT or HF_HUB_DOWNLOAD_TIMEOUT."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT"):
+        return float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+    return DEFAULT_HUB_TIMEOUT
+
+
+@functools.cache
+def prepare_hub_client(secret: str | None) -> None:
+    """Give huggingface_hub's shared HTTP client a timeout, and keep the secret out of its logs (once)."""
+    import httpx
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import logging as hub_logging
+    # The default factory (private) keeps huggingface_hub's request ids and debug hooks; only the
+    # timeout, None there, changes.
+    from huggingface_hub.utils._http import default_client_factory
+
+    timeout = httpx.Timeout(hub_timeout())
+
+    def client_with_timeout() -> httpx.Client:
+        client = default_client_factory()
+        client.timeout = timeout
+        return client
+    set_client_factory(client_with_timeout)
+    for handler in hub_logging.get_logger().handlers:
+        handler.addFilter(RedactingFilter(secret))
 
 
 def hub_api(settings: config.Settings):
     from huggingface_hub import HfApi
 
+    prepare_hub_client(settings.hf_token)
     return HfApi(endpoint=settings.hf_endpoint, token=settings.hf_token)
 
 
@@ -426,15 +558,60 @@ def publish_marker(settings: config.Settings, summary: dict[str, Any], digest: s
             "final_loss": summary["final_loss"], "hub": None}
 
 
+def copy_model_files(source: Path, target: Path) -> None:
+    """Copy the files and folders of `source` into the folder `target`, except NOT_COPIED names at any
+    depth. shutil.copytree is not used: it wraps a full disk's OSError in a shutil.Error without errno."""
+    for path in sorted(source.rglob("*")):  # sorted: a folder comes before what it holds
+        relative = path.relative_to(source)
+        if any(fnmatch.fnmatchcase(part, pattern) for part in relative.parts for pattern in NOT_COPIED):
+            continue
+        if path.is_dir():
+            (target / relative).mkdir(exist_ok=True)
+        else:
+            shutil.copyfile(path, target / relative)
+
+
+def make_readable_by_others(folder: Path) -> None:
+    """Files 0644 and folders 0755 under `folder`: safetensors writes its weights 0600 and mkdtemp makes
+    folders 0700, but a published model is meant for every user of the machine."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(PUBLISHED_FOLDER_MODE if path.is_dir() else PUBLISHED_FILE_MODE)
+
+
 def publish_folder(source: Path, target: Path, card: str, marker: dict[str, Any]) -> None:
-    """Replace `target` by a copy of `source` with the card and the marker, all or nothing."""
-    with atomic_directory(target) as tmp:
-        shutil.copytree(source, tmp, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("README.md", PUBLISH_MARKER, ".*"))
-        (tmp / "README.md").write_text(card)
-        if (tmp / "config.json").is_file():
-            ensure_generation_config(tmp)
-        write_json_atomic(tmp / PUBLISH_MARKER, marker)
+    """Replace `target` by a copy of `source` with the card and the marker, all or nothing; a failure
+    to write (a full disk) leaves the previous version at `target` as it was."""
+    try:
+        with atomic_directory(target) as tmp:
+            copy_model_files(source, tmp)
+            (tmp / "README.md").write_text(card)
+            if (tmp / "config.json").is_file():
+                ensure_generation_config(tmp)
+            write_json_atomic(tmp / PUBLISH_MARKER, marker)
+            make_readable_by_others(tmp)
+    except OSError as err:
+        raise StageError(local_publish_failure(err, source, target)) from None
+
+
+def byte_text(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def local_publish_failure(err: OSError, source: Path, target: Path) -> str:
+    """One line for an OSError while writing the published folder `target`: what failed, that the
+    previous version is intact, and what to do."""
+    previous = (f"the previously published version at {target} is intact" if target.is_dir()
+                else f"nothing was published at {target}")
+    rerun = "then rerun `bash trainer.sh` or `python3 util.py publish`"
+    if err.errno in DISK_FULL_ERRORS:
+        needed = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+        existing = next(p for p in [target.parent, *target.parent.parents] if p.exists())
+        free = shutil.disk_usage(existing).free
+        return (f"{target.parent}: {DISK_FULL_ERRORS[err.errno]} while publishing {target.name} "
+                f"(it needs about {byte_text(needed)}, {byte_text(free)} free); {previous}; "
+                f"free space on that filesystem, {rerun}")
+    where = err.filename or target
+    return (f"{where}: {err.strerror or err} while publishing {target.name}; {previous}; fix that, {rerun}")
 
 
 def adapter_card(settings: config.Settings, summary: dict[str, Any], name: str) -> str:
@@ -504,6 +681,9 @@ def check_token(settings: config.Settings, retry_delay: float) -> None:
 
 
 def publish(settings: config.Settings, retry_delay: float) -> int:
+    """Publish the trained model locally, then push it. Removes what a killed publish left in OUTPUT_DIR:
+    the pipeline runs one stage at a time, so no other run writes there meanwhile."""
+    remove_stale_temporaries(settings.output_dir)
     summary, digest = read_summary(settings)
     check_stage(settings, summary)
     loss = check_final_loss(settings, summary)
@@ -577,10 +757,11 @@ def new_run_state(settings: config.Settings, stage: tuple[int, bool, bool], summ
     return {"init": init, "inst": inst, "done": done, "updated_at": entry["at"], "history": history}
 
 
-def update_space(settings: config.Settings, state: dict[str, Any], retry_delay: float) -> None:
+def update_space(settings: config.Settings, state: dict[str, Any], retry_delay: float) -> bool:
     """Store the new stage in the Space's variables (they become INIT/INST at its next start) and
-    pause the Space when the curriculum is done. INST goes first: a Space that restarts between
-    the two writes then never retrains pretraining from INIT 0 over a finished model."""
+    pause the Space when the curriculum is done; whether it was paused. INST goes first: a Space that
+    restarts between the two writes then never retrains pretraining from INIT 0 over a finished model.
+    A failure to pause only warns: the curriculum is done and recorded, the pause only saves hardware."""
     api = hub_api(settings)
     call = functools.partial(hub_call, attempts=settings.max_retries, base_delay=retry_delay,
                              secret=settings.hf_token)
@@ -588,8 +769,14 @@ def update_space(settings: config.Settings, state: dict[str, Any], retry_delay: 
     inst_text = "true" if state["inst"] else "false"
     call(lambda: api.add_space_variable(space, "INST", inst_text), f"setting INST on the Space {space}")
     call(lambda: api.add_space_variable(space, "INIT", str(state["init"])), f"setting INIT on the Space {space}")
-    if state["done"]:
+    if not state["done"]:
+        return False
+    try:
         call(lambda: api.pause_space(space), f"pausing the Space {space}")
+    except StageError as err:
+        log(f"warning: {err}; the curriculum is done and recorded, but the Space keeps running: pause it by hand")
+        return False
+    return True
 
 
 def advance(settings: config.Settings, retry_delay: float) -> int:
@@ -611,20 +798,21 @@ def advance(settings: config.Settings, retry_delay: float) -> int:
     stage = next_stage(settings.init, settings.inst, is_last_shard, bool(settings.instruct_dataset))
     state = new_run_state(settings, stage, summary)
     write_json_atomic(settings.state_file, state)
+    paused = False
     if settings.space_id:
         try:
-            update_space(settings, state, retry_delay)
+            paused = update_space(settings, state, retry_delay)
         except StageError as err:
             raise StageError(f"{err}; {settings.state_file} already says INIT={state['init']} "
                              f"INST={str(state['inst']).lower()}: set those Space variables by hand") from None
-    log(advance_line(settings, state, current))
+    log(advance_line(settings, state, current, paused))
     return 0
 
 
-def advance_line(settings: config.Settings, state: dict[str, Any], current: str) -> str:
+def advance_line(settings: config.Settings, state: dict[str, Any], current: str, paused: bool) -> str:
     if state["done"]:
-        paused = f"; the Space {settings.space_id} is paused" if settings.space_id else ""
-        return f"done: the curriculum is finished after {current}{paused}"
+        return f"done: the curriculum is finished after {current}" + (
+            f"; the Space {settings.space_id} is paused" if paused else "")
     phase = "instruct" if state["inst"] else "pretrain"
     shard = 0 if state["init"] < 2 else state["init"] - 1
     return (f"advanced: {current} -> {phase} INIT={state['init']} (shard {shard}); "

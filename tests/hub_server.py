@@ -3,7 +3,9 @@
 It answers what huggingface_hub 1.33 sends for whoami, create_repo, repo_info, upload_folder (README
 validation, preupload answering "regular" for every file so nothing goes through LFS or Xet, the tree
 listing behind delete_patterns, and the NDJSON commit), Space variables and pausing a Space.
-It records every request and keeps the committed files, and it can fail requests on demand.
+It records every request and keeps the committed files, and it can fail requests on demand: answer an
+HTTP error (with headers such as Retry-After), reset the connection halfway through reading a request's
+body, or stall without answering.
 Run it alone with `python tests/hub_server.py [TOKEN]` to point HF_ENDPOINT at it by hand.
 """
 from __future__ import annotations
@@ -12,8 +14,11 @@ import base64
 import hashlib
 import json
 import re
+import socket
+import struct
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -49,10 +54,15 @@ class Space:
 
 
 @dataclass
-class _Failure:
-    status: int
+class Fault:
+    """What a failing request gets: kind "status" answers `status` with `headers`; "reset" reads half
+    the body and resets the connection; "stall" reads the request and answers nothing for `seconds`."""
+    kind: str
     remaining: int | None  # None: every matching request fails
     path_contains: str | None
+    status: int = 503
+    headers: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 class HubStandIn:
@@ -64,7 +74,7 @@ class HubStandIn:
         self.repos: dict[str, Repo] = {}
         self.spaces: dict[str, Space] = {}
         self.token_rejected = False
-        self._failures: list[_Failure] = []
+        self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -100,12 +110,30 @@ class HubStandIn:
     def add_space(self, space_id: str) -> Space:
         return self.spaces.setdefault(space_id, Space())
 
-    def fail_next(self, count: int, status: int = 503, path_contains: str | None = None) -> None:
+    def fail_next(self, count: int, status: int = 503, path_contains: str | None = None,
+                  headers: dict[str, str] | None = None) -> None:
         """The next `count` requests (whose path contains `path_contains`, if given) answer `status`."""
-        self._failures.append(_Failure(status, count, path_contains))
+        self._faults.append(Fault("status", count, path_contains, status, headers or {}))
 
-    def fail_always(self, status: int = 503, path_contains: str | None = None) -> None:
-        self._failures.append(_Failure(status, None, path_contains))
+    def fail_always(self, status: int = 503, path_contains: str | None = None,
+                    headers: dict[str, str] | None = None) -> None:
+        self._faults.append(Fault("status", None, path_contains, status, headers or {}))
+
+    def reset_next(self, count: int | None, path_contains: str | None = None) -> None:
+        """The next `count` matching requests (all with None) lose their connection halfway through the
+        upload of their body."""
+        self._faults.append(Fault("reset", count, path_contains))
+
+    def stall_next(self, count: int | None, seconds: float, path_contains: str | None = None) -> None:
+        """The next `count` matching requests (all with None) get no answer for `seconds`, then the
+        connection closes."""
+        self._faults.append(Fault("stall", count, path_contains, seconds=seconds))
+
+    def heal(self) -> None:
+        """Forget every fault injected so far: the Hub works again."""
+        with self._lock:
+            self._faults.clear()
+        self.token_rejected = False
 
     def reject_token(self) -> None:
         """Answer 401 to every request, as the Hub does for a revoked or mistyped token."""
@@ -115,26 +143,44 @@ class HubStandIn:
         return [r for r in self.requests if r.method == method and re.fullmatch(path_pattern, r.path)]
 
     # --- request handling (called from the server's threads) ---
-    def handle(self, request: Recorded) -> tuple[int, dict[str, str], Any]:
+    def record(self, request: Recorded) -> None:
         with self._lock:
             self.requests.append(request)
-            failure = self._take_failure(request.path)
-            if failure is not None:
-                return failure, {"X-Error-Message": "stand-in failure"}, {"error": "stand-in failure"}
-            if self.token_rejected or request.headers.get("authorization") != f"Bearer {self.token}":
+
+    def handle(self, request: Recorded, fault: Fault | None) -> tuple[int, dict[str, str], Any]:
+        """The answer to a request, recorded; `fault` (of kind "status") is the failure it was given."""
+        with self._lock:
+            self.requests.append(request)
+            if fault is not None:
+                return fault.status, {"X-Error-Message": "stand-in failure", **fault.headers}, {
+                    "error": "stand-in failure"}
+            if self.token_rejected or not self._authorized(request.headers.get("authorization", "")):
                 message = "Invalid credentials in Authorization header"
                 return 401, {"X-Error-Message": message}, {"error": message}
             return self._route(request)
 
-    def _take_failure(self, path: str) -> int | None:
-        for failure in self._failures:
-            if failure.path_contains is not None and failure.path_contains not in path:
-                continue
-            if failure.remaining is None:
-                return failure.status
-            if failure.remaining > 0:
-                failure.remaining -= 1
-                return failure.status
+    def _authorized(self, header: str) -> bool:
+        """The token as a bearer, or as user or password of Basic auth: what httpx sends instead when
+        the endpoint's URL holds credentials (`http://hf_...@host`)."""
+        if header == f"Bearer {self.token}":
+            return True
+        scheme, _, encoded = header.partition(" ")
+        if scheme != "Basic":
+            return False
+        user, _, password = base64.b64decode(encoded).decode(errors="replace").partition(":")
+        return self.token in (user, password)
+
+    def take_fault(self, path: str) -> Fault | None:
+        """The fault that the request to `path` gets, counted; None when it is answered normally."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.path_contains is not None and fault.path_contains not in path:
+                    continue
+                if fault.remaining is None:
+                    return fault
+                if fault.remaining > 0:
+                    fault.remaining -= 1
+                    return fault
         return None
 
     def _route(self, request: Recorded) -> tuple[int, dict[str, str], Any]:
@@ -240,11 +286,18 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
 
         def _serve(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
             url = urlsplit(self.path)
+            fault = hub.take_fault(unquote(url.path))
+            if fault is not None and fault.kind == "reset":
+                length //= 2
+            body = self.rfile.read(length) if length else b""
             request = Recorded(self.command, unquote(url.path), parse_qs(url.query),
                                {k.lower(): v for k, v in self.headers.items()}, body)
-            status, headers, payload = hub.handle(request)
+            if fault is not None and fault.kind != "status":
+                hub.record(request)
+                self._fail_connection(fault)
+                return
+            status, headers, payload = hub.handle(request, fault)
             data = json.dumps(payload).encode()
             self.send_response(status)
             for name, value in {"Content-Type": "application/json", **headers}.items():
@@ -252,6 +305,13 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def _fail_connection(self, fault: Fault) -> None:
+            self.close_connection = True
+            if fault.kind == "stall":
+                time.sleep(fault.seconds)
+            else:  # linger 0: closing sends a TCP reset, as a dropped connection or proxy does
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
         do_GET = do_POST = do_PUT = do_DELETE = _serve
 

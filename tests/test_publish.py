@@ -1,10 +1,17 @@
-"""Guards `util.py publish` and `util.py advance`: the published folder and its model card, atomic
-replacement, the curriculum walk (next_stage), the run state, and the Hub push with retries and token
-hygiene, against the local Hub stand-in (tests/hub_server.py)."""
+"""Guards `util.py publish` and `util.py advance`: the published folder, its model card and modes, atomic
+replacement, a full disk while publishing, the curriculum walk (next_stage), the run state, and the Hub
+push against the local Hub stand-in (tests/hub_server.py): retries of 5xx, 429 with Retry-After, a reset
+connection and a stalled Hub, a rejected token, the push of the next run after a final failure, a failed
+Space pause, and a sweep of every output for the token."""
 import dataclasses
 import datetime
+import errno
 import json
 import math
+import os
+import re
+import stat
+import time
 import shutil
 import subprocess
 import sys
@@ -17,7 +24,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 import config
 import util
-from hub_server import HubStandIn
+from hub_server import HubStandIn, Repo
 
 TOKEN = "hf_TESTsecret0123456789abcdef"
 REPO = "tester/tiny-llama"
@@ -161,6 +168,14 @@ def test_hub_call_does_not_retry_what_retrying_cannot_fix(status, words):
     assert len(calls) == 1
 
 
+def test_redact_removes_the_token_and_the_credentials_of_urls():
+    assert (util.redact(f"Hub unreachable at http://{TOKEN}@127.0.0.1:8080/api", TOKEN)
+            == "Hub unreachable at http://<credentials>@127.0.0.1:8080/api")
+    assert (util.redact(f"at https://user:pa55@host:1/x@y?q=a@b, {TOKEN}", TOKEN)
+            == "at https://<credentials>@host:1/x@y?q=a@b, <HF_TOKEN>")
+    assert util.redact("mail me@host, https://host/a@b", None) == "mail me@host, https://host/a@b"
+
+
 # ---------------------------------------------------------------------------------------------
 # Publishing to OUTPUT_DIR.
 
@@ -245,6 +260,90 @@ def test_save_adapter_publishes_the_adapter_beside_the_merged_model(base_env, ti
     card = (published / "README.md").read_text()
     assert yaml.safe_load(card.split("---")[1])["library_name"] == "peft" and "`train-llama`" in card
     assert json.loads((published / "publish.json").read_text())["stage_key"] == settings.stage_key()
+
+
+def test_published_files_are_readable_by_others_whatever_the_umask(base_env, tiny_model):
+    settings = train_stage(base_env, tiny_model)
+    (settings.trained_dir / "model" / "model.safetensors").chmod(0o600)  # as safetensors writes it
+    previous_umask = os.umask(0o077)
+    try:
+        assert util.publish(settings, 0) == 0
+    finally:
+        os.umask(previous_umask)
+    folder = settings.output_dir / settings.published_name
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
+    assert modes[folder.name] == 0o755 and modes["model.safetensors"] == 0o644
+    assert set(modes.values()) == {0o644, 0o755}, modes
+
+
+def test_publish_removes_what_a_killed_publish_left(base_env, tiny_model, capsys):
+    settings = train_stage(base_env, tiny_model)
+    leftovers = [settings.output_dir / ".train-llama.tmp-k1ll3d", settings.output_dir / ".train-llama.old-4242"]
+    for folder in leftovers:
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"half")
+    (settings.output_dir / ".run_state.json.tmp-abc").write_text("{")
+    (settings.output_dir / "notes.tmp-1").write_text("the user's")
+    assert util.publish(settings, 0) == 0
+    assert sorted(p.name for p in settings.output_dir.iterdir()) == ["notes.tmp-1", "train-llama"]
+    out = capsys.readouterr().out
+    for folder in leftovers:
+        assert f"removed a temporary folder left by an interrupted run: {folder}" in out
+    assert "removed a temporary file left by an interrupted run: " in out
+
+
+def fail_when_writing(monkeypatch, name: str, code: int) -> None:
+    """Make the publish's write of the file `name` fail with `code` halfway through (copy) or at once."""
+    real_copyfile, real_write_json = shutil.copyfile, util.write_json_atomic
+
+    def copyfile(source, target, *args, **kwargs):
+        if Path(target).name == name:
+            Path(target).write_bytes(Path(source).read_bytes()[:100])
+            raise OSError(code, os.strerror(code), str(target))
+        return real_copyfile(source, target, *args, **kwargs)
+
+    def write_json(path, data):
+        if path.name == name:
+            raise OSError(code, os.strerror(code), str(path))
+        real_write_json(path, data)
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    monkeypatch.setattr(util, "write_json_atomic", write_json)
+
+
+@pytest.mark.parametrize("name, code, words", [
+    ("model.safetensors", errno.ENOSPC, "the disk is full"),
+    ("publish.json", errno.ENOSPC, "the disk is full"),
+    ("model.safetensors", errno.EDQUOT, "the disk quota is exceeded")])
+def test_full_disk_while_publishing_stops_in_one_line_and_keeps_the_previous_version(
+        base_env, tiny_model, monkeypatch, name, code, words):
+    settings = train_stage(base_env, tiny_model)
+    assert util.publish(settings, 0) == 0
+    folder = settings.output_dir / settings.published_name
+    util.write_json_atomic(settings.state_file, {"init": 0, "inst": False, "history": []})
+    before = {p: p.read_bytes() for p in settings.output_dir.rglob("*") if p.is_file()}
+    write_trained(settings, tiny_model, final_loss=1.0)
+    fail_when_writing(monkeypatch, name, code)
+    with pytest.raises(util.StageError) as raised:
+        util.publish(settings, 0)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"{settings.output_dir}: {words} while publishing train-llama (it needs about ")
+    assert f"the previously published version at {folder} is intact" in message
+    assert "free space on that filesystem, then rerun `bash trainer.sh` or `python3 util.py publish`" in message
+    assert {p: p.read_bytes() for p in settings.output_dir.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in settings.output_dir.iterdir()) == ["run_state.json", "train-llama"]
+
+
+def test_other_write_errors_name_the_path_in_one_line(base_env, tiny_model, monkeypatch):
+    settings = train_stage(base_env, tiny_model)
+    fail_when_writing(monkeypatch, "config.json", errno.EACCES)
+    with pytest.raises(util.StageError) as raised:
+        util.publish(settings, 0)
+    folder = settings.output_dir / settings.published_name
+    assert re.fullmatch(rf"{re.escape(str(settings.output_dir))}/\.train-llama\.tmp-\w+/config\.json: "
+                        rf"Permission denied while publishing train-llama; nothing was published at "
+                        rf"{re.escape(str(folder))}; fix that, then rerun .*", str(raised.value))
+    assert list(settings.output_dir.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,13 +431,21 @@ def hub_env(base_env, hub):
 
 
 def assert_token_absent(env, hub, *results):
+    """No output line, no file under OUTPUT_DIR or WORK_DIR, and nothing the Hub received or stored
+    holds the token, except the Authorization header that carries it on purpose."""
     for result in results:
         assert TOKEN not in result.stdout and TOKEN not in result.stderr
     for folder in (env["OUTPUT_DIR"], env["WORK_DIR"]):
         for path in Path(folder).rglob("*"):
             assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path
+    for request in hub.requests:
+        headers = {k: v for k, v in request.headers.items() if k != "authorization"}
+        assert TOKEN not in f"{request.path} {request.query} {headers}", request.path
+        assert TOKEN.encode() not in request.body, request.path
     for repo in hub.repos.values():
         assert all(TOKEN.encode() not in data for data in repo.files.values())
+        assert TOKEN not in json.dumps(repo.commits)
+    assert TOKEN not in json.dumps({k: dataclasses.asdict(v) for k, v in hub.spaces.items()})
 
 
 def test_push_creates_repo_uploads_sets_space_variables_and_pauses_when_done(root, hub, hub_env, tiny_model):
@@ -407,3 +514,130 @@ def test_rejected_token_fails_at_once_in_one_line(root, hub, hub_env, tiny_model
     assert len(hub.requests_to("GET", r"/api/whoami-v2")) == 1
     assert not hub.requests_to("POST", r"/api/repos/create") and not hub.repos
     assert_token_absent(hub_env, hub, result)
+
+
+def commit_requests(hub):
+    return hub.requests_to("POST", rf"/api/models/{REPO}/commit/main")
+
+
+@pytest.fixture
+def in_process_hub_env(hub_env, monkeypatch):
+    """hub_env for util.publish called in this process, with its HF_HUB_DISABLE_XET applied: with hf_xet,
+    upload_folder commits through a pipeline that retries by itself, before util.hub_call sees an error."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    return hub_env
+
+
+@pytest.mark.parametrize("asked, waited", [("7", 7.0), ("600", util.MAX_RETRY_DELAY)])
+def test_rate_limit_waits_what_retry_after_asks_at_most_max_retry_delay(hub, in_process_hub_env, tiny_model,
+                                                                         monkeypatch, asked, waited):
+    hub.fail_next(1, status=429, path_contains="/commit/", headers={"Retry-After": asked})
+    settings = train_stage(in_process_hub_env, tiny_model)
+    delays = []
+    monkeypatch.setattr(time, "sleep", delays.append)
+    assert util.publish(settings, 0.01) == 0
+    assert delays == [waited]  # not the 0.01 s of the backoff
+    assert len(commit_requests(hub)) == 2 and len(hub.repos[REPO].commits) == 1
+
+
+def test_connection_reset_mid_upload_is_retried(root, hub, hub_env, tiny_model):
+    hub.reset_next(1, path_contains="/commit/")
+    settings = train_stage(hub_env, tiny_model)
+    result = run_util(root, hub_env, "publish")
+    assert result.returncode == 0, result.stderr
+    cut, complete = commit_requests(hub)
+    assert len(cut.body) == len(complete.body) // 2  # the server dropped the first upload halfway
+    assert "failed (connection failed: " in result.stdout and "retry 1/2" in result.stdout
+    folder = settings.output_dir / "tiny-llama"
+    assert hub.repos[REPO].files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+    assert_token_absent(hub_env, hub, result)
+
+
+def test_a_stalled_hub_times_out_and_is_retried(root, hub, hub_env, tiny_model):
+    env = {**hub_env, "HF_HUB_DOWNLOAD_TIMEOUT": "1"}
+    hub.stall_next(1, seconds=60, path_contains="/commit/")
+    train_stage(env, tiny_model)
+    started = time.monotonic()
+    result = run_util(root, env, "publish")
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 30  # gave up after the client's timeout, not the server's 60 s
+    assert "failed (connection failed: ReadTimeout" in result.stdout
+    assert len(commit_requests(hub)) == 2 and len(hub.repos[REPO].commits) == 1
+
+
+# Each fault, on every attempt: (how to inject it, what the one error line says).
+FINAL_FAULTS = {
+    "5xx": (lambda hub: hub.fail_always(503, path_contains="/commit/"), "failed after 3 attempts: HTTP 503"),
+    "429": (lambda hub: hub.fail_always(429, path_contains="/commit/", headers={"Retry-After": "0"}),
+            "failed after 3 attempts: HTTP 429"),
+    "reset": (lambda hub: hub.reset_next(None, path_contains="/commit/"),
+              "failed after 3 attempts: connection failed: "),
+    "timeout": (lambda hub: hub.stall_next(None, seconds=60, path_contains="/commit/"),
+                "failed after 3 attempts: connection failed: ReadTimeout"),
+    "401": (lambda hub: hub.reject_token(), "checking HF_TOKEN failed: the Hub rejected HF_TOKEN (HTTP 401)"),
+}
+
+
+@pytest.mark.parametrize("fault", FINAL_FAULTS)
+def test_after_a_final_hub_failure_the_next_run_pushes_what_was_not_pushed(root, hub, in_process_hub_env, tiny_model,
+                                                                           fault):
+    env = {**in_process_hub_env, "HF_HUB_DOWNLOAD_TIMEOUT": "1"}
+    util.write_json_atomic(Path(env["OUTPUT_DIR"]) / "run_state.json", {"init": 1, "inst": False, "done": False})
+    settings = train_stage(env, tiny_model)
+    state = settings.state_file.read_bytes()
+    inject, words = FINAL_FAULTS[fault]
+    inject(hub)
+    failed = run_util(root, env, "publish")
+    folder = settings.output_dir / "tiny-llama"
+    assert failed.returncode == 1
+    [line] = error_lines(failed)
+    assert words in line and f"The model is saved locally at {folder}; the run state was not advanced" in line
+    assert (folder / "model.safetensors").is_file() and settings.state_file.read_bytes() == state
+    assert not hub.repos.get(REPO, Repo()).files
+    assert_token_absent(env, hub, failed)
+
+    hub.heal()  # the next run, with the Hub back
+    assert util.publish(settings, 0) == 0 and util.advance(settings, 0) == 0
+    assert hub.repos[REPO].files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+    [entry] = read_state(settings)["history"]
+    assert entry["trained"] == "pretrain INIT=1 (shard 0)"
+
+
+def test_a_failed_space_pause_warns_and_the_curriculum_still_advances(root, hub, hub_env, tiny_model):
+    env = {**hub_env, "SPACE_ID": SPACE, "INIT": "2", "INST": "true"}  # the last stage
+    settings = train_stage(env, tiny_model)
+    hub.fail_always(503, path_contains="/pause")
+    assert run_util(root, env, "publish").returncode == 0
+    result = run_util(root, env, "advance")
+    assert result.returncode == 0, result.stderr
+    [warning] = [line for line in result.stdout.splitlines() if line.startswith("warning: ")]
+    assert warning.startswith(f"warning: pausing the Space {SPACE} failed after 3 attempts: HTTP 503")
+    assert warning.endswith("the Space keeps running: pause it by hand")
+    assert result.stdout.strip().splitlines()[-1] == "done: the curriculum is finished after instruct INIT=2 (shard 1)"
+    assert hub.spaces[SPACE].variables == {"INST": "true", "INIT": "2"} and hub.spaces[SPACE].stage == "RUNNING"
+    assert read_state(settings)["done"] is True
+    assert_token_absent(env, hub, result)
+
+
+def test_the_token_is_in_no_output_line_file_or_request(root, hub, hub_env, tiny_model):
+    """The last stage on a Space: failing with a rejected token, and with a Hub that answers 503 to
+    everything; then published with the token written into HF_ENDPOINT's URL (as user, then as password;
+    huggingface_hub logs that URL when it retries), and published and advanced as usual."""
+    env = {**hub_env, "SPACE_ID": SPACE, "INIT": "2", "INST": "true"}
+    train_stage(env, tiny_model)
+    hub.reject_token()
+    results = [run_util(root, env, "publish")]
+    hub.heal()
+    hub.fail_always(503)
+    results.append(run_util(root, env, "publish"))
+    hub.heal()
+    host = hub.endpoint.split("://")[1]
+    for endpoint in (f"http://{TOKEN}@{host}", f"http://user:{TOKEN}@{host}"):
+        hub.fail_next(1, status=503, path_contains="/preupload/")
+        results.append(run_util(root, {**env, "HF_ENDPOINT": endpoint}, "publish"))
+        assert "HTTP Error 503 thrown while requesting POST http://<credentials>@" in results[-1].stderr
+    results += [run_util(root, env, "publish"), run_util(root, env, "advance")]
+    assert [r.returncode for r in results] == [1, 1, 0, 0, 0, 0], [r.stderr for r in results]
+    assert hub.spaces[SPACE].stage == "PAUSED"
+    assert_token_absent(env, hub, *results)
