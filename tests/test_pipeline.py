@@ -2,8 +2,9 @@
 instruction-tuned model; two-process DeepSpeed ZeRO-2 training, and 4-bit + LoRA training, resume
 exactly after kill -9 (and one process refuses the two's checkpoint in one line); the trimmed
 gradient buckets train exactly like the original's; SEED repeats a 4-bit + LoRA run; the 4-bit +
-LoRA curriculum trains the chat markers' rows and publishes plain models; the timer stops training
-cleanly and publishes."""
+LoRA curriculum trains the chat markers' rows, publishes plain models to the Hub stand-in after a failed
+push and never shows the token; the timer stops training cleanly and publishes a loss even before the
+first logging interval."""
 import json
 import os
 import re
@@ -215,9 +216,34 @@ def test_seed_repeats_a_quantized_run_step_for_step(base_env, root, tmp_path):
     assert len(losses[0]) == 5 and losses[0] == losses[1]
 
 
-def test_quantized_curriculum_publishes_plain_models(base_env, root):
-    env = {**base_env, "USE_QUANT": "true", "MAX_STEPS": "2", "LOGGING_STEPS": "1", "SAVE_STEPS": "2"}
-    log = run_trainer(root, env)
+def test_quantized_curriculum_publishes_plain_models_and_never_shows_the_token(base_env, root):
+    """The whole 4-bit curriculum pushed to the Hub stand-in from a Space: the first run's push fails
+    (the Hub answers 503 to every upload), the second run publishes that stage without training it
+    again and walks the rest; the token is in no log line, file or request of either."""
+    from hub_server import HubStandIn
+    from test_publish import SPACE, TOKEN, assert_token_absent
+
+    with HubStandIn(token=TOKEN, user="tester") as hub:
+        hub.add_space(SPACE)
+        # huggingface_hub refuses every request while either offline variable is set.
+        env = {**{k: v for k, v in base_env.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")},
+               "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN, "SPACE_ID": SPACE,
+               "OUTPUT_REPO": "tester/train-llama", "PRESET": "demo", "MAX_RETRIES": "2",
+               "USE_QUANT": "true", "MAX_STEPS": "2", "LOGGING_STEPS": "1", "SAVE_STEPS": "2",
+               "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+        hub.fail_always(503, path_contains="/preupload/")
+        failed = subprocess.run(["bash", "trainer.sh"], cwd=root, env=env, capture_output=True, text=True,
+                                timeout=900)
+        assert failed.returncode == 1 and "the run state was not advanced" in failed.stderr, failed.stderr[-3000:]
+        hub.heal()
+        finished = subprocess.run(["bash", "trainer.sh"], cwd=root, env=env, capture_output=True, text=True,
+                                  timeout=900)
+        assert finished.returncode == 0, (finished.stdout + finished.stderr)[-6000:]
+        assert "already finished training" in finished.stdout
+        assert set(hub.repos) == {"tester/train-llama", "tester/train-llama-it"}
+        assert hub.spaces[SPACE].stage == "PAUSED"
+        assert_token_absent(env, hub, failed, finished)
+    log = finished.stdout
     output = Path(env["OUTPUT_DIR"])
     assert json.loads((output / "run_state.json").read_text())["done"] is True
     assert "4-bit NF4 base + LoRA" in log
