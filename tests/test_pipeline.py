@@ -218,7 +218,7 @@ def test_seed_repeats_a_quantized_run_step_for_step(base_env, root, tmp_path):
 
 def test_quantized_curriculum_publishes_plain_models_and_never_shows_the_token(base_env, root):
     """The whole 4-bit curriculum pushed to the Hub stand-in from a Space: the first run's push fails
-    (the Hub answers 503 to every upload), the second run publishes that stage without training it
+    (the Hub answers 503 to every commit), the second run publishes that stage without training it
     again and walks the rest; the token is in no log line, file or request of either."""
     from hub_server import HubStandIn
     from test_publish import SPACE, TOKEN, assert_token_absent
@@ -231,7 +231,8 @@ def test_quantized_curriculum_publishes_plain_models_and_never_shows_the_token(b
                "OUTPUT_REPO": "tester/train-llama", "PRESET": "demo", "MAX_RETRIES": "2",
                "USE_QUANT": "true", "MAX_STEPS": "2", "LOGGING_STEPS": "1", "SAVE_STEPS": "2",
                "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
-        hub.fail_always(503, path_contains="/preupload/")
+        # The commit, which huggingface_hub does not retry by itself (preupload it retries for ~30 s).
+        hub.fail_always(503, path_contains="/commit/")
         failed = subprocess.run(["bash", "trainer.sh"], cwd=root, env=env, capture_output=True, text=True,
                                 timeout=900)
         assert failed.returncode == 1 and "the run state was not advanced" in failed.stderr, failed.stderr[-3000:]
