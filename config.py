@@ -107,11 +107,48 @@ def parse_text(raw: str) -> str:
     return raw.strip()
 
 
+# The Hub's rules for a repository id (huggingface_hub's validate_repo_id): owner and name of at most
+# 96 characters each, no '--' or '..', and neither starting nor ending with '-' or '.'.
+HUB_NAME_LIMIT = 96
+# OUTPUT_REPO's name is published with these suffixes: `<name>-it`, `<name>-adapter`, `<name>-it-adapter`.
+LONGEST_PUBLISHED_SUFFIX = "-it-adapter"
+OUTPUT_NAME_LIMIT = HUB_NAME_LIMIT - len(LONGEST_PUBLISHED_SUFFIX)
+_HUB_PART = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?"
+# INPUT_REPO values of these forms name a local folder, never a Hub id.
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
 def parse_repo(raw: str) -> str:
     value = raw.strip()
-    if not re.fullmatch(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", value) or ".." in value:
-        raise ValueError("a repository name 'name' or 'owner/name' (letters, digits, '-', '_', '.')")
+    too_long = [len(part) for part in value.split("/") if len(part) > HUB_NAME_LIMIT]
+    if too_long:
+        raise ValueError(f"a name and owner of at most {HUB_NAME_LIMIT} characters each, not {too_long[0]}")
+    if not re.fullmatch(rf"(?:{_HUB_PART}/)?{_HUB_PART}", value) or ".." in value or "--" in value:
+        raise ValueError("a repository name 'name' or 'owner/name' (letters, digits, '-', '_', '.'; no '--' "
+                         "or '..'; not ending in '-' or '.')")
     return value
+
+
+def parse_output_repo(raw: str) -> str:
+    """A repository name short enough for every name published from it (`<name>-it-adapter` the longest)."""
+    name = raw.strip().split("/")[-1]
+    if len(name) > OUTPUT_NAME_LIMIT:
+        raise ValueError(f"a name of at most {OUTPUT_NAME_LIMIT} characters, not {len(name)}: the Hub allows "
+                         f"{HUB_NAME_LIMIT} and runs publish `<name>{LONGEST_PUBLISHED_SUFFIX}`")
+    return parse_repo(raw)
+
+
+def parse_model_source(raw: str) -> str:
+    """A Hub id or a name (see parse_repo), or an existing local folder given as an absolute, ./, ../ or ~
+    path; a folder is returned resolved, so that equivalent spellings are the same stage."""
+    value = raw.strip()
+    if not value.startswith(LOCAL_PATH_PREFIXES):
+        return parse_repo(value)
+    folder = Path(value).expanduser().resolve()
+    if not folder.is_dir():
+        raise ValueError(f"an existing model folder when given as a path ({folder} is not a folder), "
+                         "or a Hub id 'owner/name'")
+    return str(folder)
 
 
 _DURATION_UNITS = {"s": 1 / 60, "m": 1.0, "h": 60.0, "d": 1440.0}
@@ -178,10 +215,14 @@ VARIABLES: tuple[Variable, ...] = (
              aliases=("INPUT_DS",), shown_default="embedded demo corpus (demo)"),
     Variable("INSTRUCT_DATASET", "instruct_dataset", None, "Instruction data, same forms; a `text` column in the `<|user|>…<|end|><|bot|>…<|end|>` format or a `messages` column of `{role, content}`",
              aliases=("INST_DS",), shown_default="embedded demo corpus (demo)"),
-    Variable("OUTPUT_REPO", "output_repo", None, "Name of the published model: `name` (local only) or `owner/name` (also pushed to the Hub when `HF_TOKEN` is set); instruction runs publish `<name>-it`",
-             parse_repo, shown_default="`train-llama` (local)"),
-    Variable("INPUT_REPO", "input_repo", None, "Model and tokenizer to continue from: a folder under `OUTPUT_DIR`, a local path or a Hub id",
-             parse_repo, shown_default="`OUTPUT_REPO`"),
+    Variable("OUTPUT_REPO", "output_repo", "train-llama",
+             "Name of the published model: `name` (local only) or `owner/name` (also pushed to the Hub when "
+             "`HF_TOKEN` is set); instruction runs publish `<name>-it`; the name has at most "
+             f"{OUTPUT_NAME_LIMIT} characters (the Hub's {HUB_NAME_LIMIT} less `{LONGEST_PUBLISHED_SUFFIX}`)",
+             parse_output_repo, shown_default="`train-llama` (local)"),
+    Variable("INPUT_REPO", "input_repo", None,
+             "Model and tokenizer to continue from: a folder under `OUTPUT_DIR`, a local path (absolute, `./`, "
+             "`../` or `~`) or a Hub id", parse_model_source, shown_default="`OUTPUT_REPO`"),
     Variable("INIT", "init", 0, "Run counter within the phase: shard index is 0 for INIT 0 and 1, then INIT−1; epochs are halved for INIT < 2",
              parse_int(0, 100_000), shown_default="0 (or the state file)"),
     Variable("INST", "inst", False, "Instruction-tuning phase instead of pretraining", parse_bool,
@@ -393,6 +434,11 @@ class Settings:
         return f"{self.repo_name}-it" if self.inst else self.repo_name
 
     @property
+    def input_repo_is_path(self) -> bool:
+        """INPUT_REPO names a local folder (config resolves path forms to absolute; a Hub id never is)."""
+        return Path(self.input_repo).is_absolute()
+
+    @property
     def source_repo(self) -> str:
         """Where this run's tokenizer and model come from (INPUT_REPO-it for instruct runs with INIT > 0)."""
         return f"{self.input_repo}-it" if self.inst and self.init > 0 else self.input_repo
@@ -432,26 +478,72 @@ class Settings:
 
     def public_dict(self) -> dict[str, Any]:
         """Every setting except the secret, for logs, model cards and summaries."""
+        import util  # imported here: util imports this module
+
         out = {}
         for var in VARIABLES:
             value = getattr(self, var.attr)
             if var.secret:
                 value = "set" if value else "unset"
+            elif var.name == "HF_ENDPOINT":  # a mirror's address may carry credentials (user:token@host)
+                value = util.redact(value, self.hf_token)
             out[var.name] = str(value) if isinstance(value, Path) else value
         return out
 
 
+STATE_FILE_FORM = '{"init": <number>, "inst": <true or false>}'
+PUBLISH_MARKER = "publish.json"  # util.PUBLISH_MARKER: written last into every published folder
+
+
 def _read_state_file(output_dir: Path) -> dict[str, Any]:
+    """The run state, {} when there is no file; a damaged file raises ConfigError."""
     path = output_dir / "run_state.json"
-    if not path.is_file():
-        return {}
     try:
         state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError([f"{path}: the run-state file is unreadable ({err}); fix or delete it"]) from None
-    if not isinstance(state, dict) or not isinstance(state.get("init"), int) or not isinstance(state.get("inst"), bool):
-        raise ConfigError([f"{path}: the run-state file needs {{\"init\": int, \"inst\": bool}}; fix or delete it"])
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, and UnicodeDecodeError of binary junk
+        raise ConfigError([_damaged_state(path, f"unreadable: {err}")]) from None
+    init, inst = (state.get("init"), state.get("inst")) if isinstance(state, dict) else (None, None)
+    if type(init) is not int or init < 0 or type(inst) is not bool:
+        raise ConfigError([_damaged_state(path, f"needs {STATE_FILE_FORM}")])
     return state
+
+
+def _damaged_state(path: Path, what: str) -> str:
+    # Deleting the file is not offered as the fix: without it the curriculum would start again at INIT 0.
+    return (f"{path}: the run-state file is damaged ({what}); it records the next stage of the curriculum: "
+            f"set INIT and INST to the stage to run next, or write {STATE_FILE_FORM} into it")
+
+
+def _published_stages(output_dir: Path, repo_name: str) -> dict[str, str]:
+    """{folder name: stage} of the models published for OUTPUT_REPO's name in OUTPUT_DIR (pretraining and
+    instruction); the stage is 'pretrain INIT=n', or 'unknown' where the publish record is unreadable."""
+    stages = {}
+    for name in (repo_name, f"{repo_name}-it"):
+        try:
+            key = json.loads((output_dir / name / PUBLISH_MARKER).read_text())["stage_key"]
+            stages[name] = f"{key['phase']} INIT={key['init']}"
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except (OSError, ValueError, KeyError, TypeError):
+            stages[name] = "unknown"
+    return stages
+
+
+def _check_published_without_state(values: dict, problems: list[str]) -> None:
+    """No run-state file, and the stage left to its default (pretraining INIT 0): refuse when OUTPUT_DIR
+    already holds models published by a later stage, which INIT 0 would train again and replace (a lost
+    or deleted state file must not restart a finished curriculum). A model published by pretraining
+    INIT 0 itself is that stage's own, not advanced yet (stopped by the timer, or killed before advancing):
+    the run resumes it."""
+    published = _published_stages(Path(values["output_dir"]), values["output_repo"].split("/")[-1])
+    later = {name: stage for name, stage in published.items() if stage != "pretrain INIT=0"}
+    if later:
+        found = ", ".join(f"{name} ({stage})" for name, stage in later.items())
+        problems.append(f"OUTPUT_DIR={values['output_dir']}: no run_state.json, but it holds published models "
+                        f"of later stages: {found}; set INIT and INST to the stage to run next (INIT=0 INST=false "
+                        "starts over and replaces them), or use another OUTPUT_DIR")
 
 
 def _raw_value(env: Mapping[str, str], var: Variable) -> tuple[str | None, str | None]:
@@ -492,8 +584,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     raw_preset, _ = _raw_value(env, VARIABLES[0])
     try:
         preset = _choose_preset(env, VARIABLES[0].parse(raw_preset) if raw_preset else "auto")
-    except ValueError as err:
-        problems.append(f"PRESET={raw_preset!r}: must be {err}")
+    except ValueError:  # reported with the other variables below
         preset = "full"
     for var in VARIABLES:
         raw, name = _raw_value(env, var)
@@ -507,23 +598,31 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             values[var.attr] = var.parse(raw)
         except ValueError as err:
             shown = "(hidden)" if var.secret else repr(raw)
-            problems.append(f"{name}={shown}: must be {err} (default {var.shown_default or var.default})")
+            default = var.shown_default or ("unset" if var.default is None else var.default)
+            problems.append(f"{name}={shown}: must be {err} (default {default})")
             values[var.attr] = var.default
     values["preset"] = preset
-    _apply_run_state(env, values, sources, problems)
     _resolve_derived(preset, values, sources, problems)
+    _apply_run_state(values, sources, problems)
+    _check_combinations(values, problems)
+    values["topology"] = _build_topology(values, problems)
     if problems:
         raise ConfigError(problems)
     return Settings(**values, sources=sources)
 
 
-def _apply_run_state(env: Mapping[str, str], values: dict, sources: dict, problems: list[str]) -> None:
+def _apply_run_state(values: dict, sources: dict, problems: list[str]) -> None:
     """INIT/INST come from the environment if set, else from OUTPUT_DIR/run_state.json."""
+    from_environment = [name for name in ("INIT", "INST") if sources[name] != "default"]
     try:
-        state = _read_state_file(Path(values["output_dir"]))
+        state = _read_state_file(values["output_dir"])
     except ConfigError as err:
-        problems.extend(err.problems)
+        # With both set, the file is not read: the run says which stage it is, and advancing rewrites it.
+        if len(from_environment) < 2:
+            problems.extend(err.problems)
         return
+    if not state and not from_environment:
+        _check_published_without_state(values, problems)
     for var_name, attr in (("INIT", "init"), ("INST", "inst")):
         if sources[var_name] == "default" and attr in state:
             values[attr] = state[attr]
@@ -532,7 +631,8 @@ def _apply_run_state(env: Mapping[str, str], values: dict, sources: dict, proble
     # the file, or from a Space's variables that mirror it) means a restart after the end: refuse it.
     if state.get("done") and (values["init"], values["inst"]) == (state["init"], state["inst"]):
         problems.append(f"OUTPUT_DIR={values['output_dir']}: the run state says every stage is done; "
-                        "delete run_state.json there (or set INIT/INST to another stage) to train more")
+                        "set INIT and INST to a stage to train more (INIT=0 INST=false starts over), "
+                        "or use another OUTPUT_DIR")
 
 
 def _resolve_derived(preset: str, values: dict, sources: dict, problems: list[str]) -> None:
@@ -545,16 +645,23 @@ def _resolve_derived(preset: str, values: dict, sources: dict, problems: list[st
     if values["input_dataset"] is None:
         problems.append("INPUT_DATASET: not set; name a Hub dataset id or a local file or folder "
                         "with a `text` column (or set PRESET=demo for the embedded corpus)")
-    if values["output_repo"] is None:
-        values["output_repo"] = "train-llama"
+    for attr in ("input_dataset", "instruct_dataset"):
+        values[attr] = _resolved_local_dataset(values[attr])
     if values["input_repo"] is None:
         values["input_repo"] = values["output_repo"]
         sources["INPUT_REPO"] = f"OUTPUT_REPO ({sources['OUTPUT_REPO']})"
     values["output_dir"] = Path(values["output_dir"]).expanduser().resolve()
     values["work_dir"] = Path(values["work_dir"]).expanduser().resolve()
     values["hf_endpoint"] = values["hf_endpoint"].rstrip("/")
-    _check_combinations(values, problems)
-    values["topology"] = _build_topology(values, problems)
+
+
+def _resolved_local_dataset(value: str | None) -> str | None:
+    """A dataset naming an existing local file or folder as its absolute path, so that `data/x`, `./data/x`
+    and `/abs/data/x` are one stage (the stage key holds it); a Hub id (no such local path) unchanged."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
 
 
 def _check_combinations(values: dict, problems: list[str]) -> None:

@@ -6,10 +6,12 @@ check failed, 1 when one did, 2 when the configuration itself is invalid (config
 nothing else can be checked without settings).
 
 The checks: the configuration; HF_TOKEN accepted by the Hub (when publishing there or on a Space);
-GPU memory against an estimate for this model, batch and mode (`estimate_training_memory`, importable
-and unit-tested, with `advice_to_fit` for what would fit); disk space; 4-bit quantization (with
-USE_QUANT); the input model and tokenizer (runs after the first); the stage's dataset and its first
-rows; and sanity warnings on the training settings.
+GPU memory (or, on CPU, RAM) against an estimate for this model, batch and mode
+(`estimate_training_memory`, importable and unit-tested, with `advice_to_fit` for what would fit);
+OUTPUT_DIR and WORK_DIR writable; disk space for what the run writes; 4-bit quantization (with
+USE_QUANT); the input model and tokenizer (runs after the first: files, a LLaMA config that fits
+MAX_LENGTH, whole safetensors weights); the stage's dataset and its first rows; and sanity warnings
+on the training settings. A token inside HF_ENDPOINT is never printed.
 
 Heavy modules are imported inside the checks that need them: torch for the GPU check,
 bitsandbytes only with USE_QUANT, datasets only for a dataset on the Hub.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import config
+import util
 
 GIB = 2**30
 PASS, FAIL, SKIP = "pass", "fail", "skip"
@@ -388,8 +392,14 @@ def hub_api(settings: config.Settings):
     return HfApi(endpoint=settings.hf_endpoint)
 
 
+def shown_endpoint(settings: config.Settings) -> str:
+    """HF_ENDPOINT as messages print it: a token written into the address (`https://user:hf_...@host`)
+    is replaced."""
+    return util.redact(settings.hf_endpoint, settings.hf_token)
+
+
 def hub_unreachable(settings: config.Settings, reason: str) -> str:
-    return f"Hub unreachable at {settings.hf_endpoint} ({reason})"
+    return f"Hub unreachable at {shown_endpoint(settings)} ({reason})"
 
 
 def _http_status(err: BaseException) -> int | None:
@@ -426,8 +436,8 @@ def check_hub_token(settings: config.Settings) -> CheckResult:
         if reason:
             return failed(hub_unreachable(settings, reason))
         if _http_status(err) == 401:
-            return failed(f"HF_TOKEN was rejected by {settings.hf_endpoint} (401 Unauthorized); create a "
-                          f"token with write access at {settings.hf_endpoint}/settings/tokens")
+            return failed(f"HF_TOKEN was rejected by {shown_endpoint(settings)} (401 Unauthorized); create a "
+                          f"token with write access at {shown_endpoint(settings)}/settings/tokens")
         raise
     return _judge_token(settings, who, warnings)
 
@@ -444,7 +454,7 @@ def _judge_token(settings: config.Settings, who: dict, warnings: list[str]) -> C
         if owner != name and owner not in orgs:
             warnings.append(f"OUTPUT_REPO owner '{owner}' is neither the token's user ({name}) nor one of "
                             "its organizations: the push may be refused")
-    return passed(f"accepted by {settings.hf_endpoint} as user {name}" + (f" ({role} token)" if role else ""),
+    return passed(f"accepted by {shown_endpoint(settings)} as user {name}" + (f" ({role} token)" if role else ""),
                   warnings=warnings)
 
 
@@ -482,16 +492,47 @@ def judge_memory(estimate_kwargs: dict[str, Any], free_by_gpu: dict[str, float])
                   warnings=warnings)
 
 
+# A CPU training process's own memory beside the estimate's terms: 0.43 GiB resident after importing
+# torch, transformers, datasets, TRL and DeepSpeed (measured on CPU with the pinned versions), rounded up.
+CPU_PROCESS_BYTES = int(0.5 * GIB)
+
+
+def cpu_precision_bytes(settings: config.Settings) -> int:
+    """What train.py trains in on CPU (train.resolve_precision): bf16 when asked for or with USE_QUANT,
+    else fp32."""
+    return 2 if settings.precision == "bf16" or settings.use_quant else 4
+
+
+def judge_cpu_memory(estimate_kwargs: dict[str, Any], available_bytes: float) -> CheckResult:
+    """Training on CPU: every process holds the estimate's terms (no CUDA context) and its own runtime
+    in the machine's RAM, which they share; on a shortfall, say what would fit."""
+    kwargs = {**estimate_kwargs, "include_cuda_overhead": False}
+    processes = kwargs["world_size"]
+    per_process = estimate_training_memory(**kwargs)["total"] + CPU_PROCESS_BYTES
+    need = processes * per_process
+    detail = (f"training on CPU ({processes} process(es) at {8 * kwargs['precision_bytes']}-bit) needs an "
+              f"estimated {gib(need)} of RAM")
+    if need > available_bytes:
+        advice = advice_to_fit(kwargs, available_bytes / processes - CPU_PROCESS_BYTES)
+        notes = [f"would fit: {a}" for a in advice] or [
+            "no single setting change fits: train on a GPU, or a smaller model (lower FACTOR or TARGET_PARAMETERS)"]
+        return failed(f"{detail} > {gib(available_bytes)} available", notes=notes)
+    warnings = []
+    if need > 0.9 * available_bytes:
+        warnings.append(f"the estimate uses {need / available_bytes:.0%} of the available RAM; "
+                        "an out-of-memory kill is possible")
+    return passed(f"{detail}; {gib(available_bytes)} available", warnings=warnings)
+
+
 def check_gpu_memory(settings: config.Settings) -> CheckResult:
+    """The estimate against each GPU's free memory, or against the available RAM when training runs on CPU."""
     import torch
 
     if not torch.cuda.is_available():
-        world = settings.num_processes or 1
-        kwargs = estimate_for_settings(settings, world, training_precision_bytes(settings))
-        estimate = estimate_training_memory(**kwargs)
-        return skipped("no CUDA GPU: training runs on CPU", notes=[
-            f"on {world} GPU(s) at {'fp32' if kwargs['precision_bytes'] == 4 else 'bf16'} it would need "
-            f"{describe_estimate(estimate)}"])
+        import psutil
+
+        kwargs = estimate_for_settings(settings, settings.num_processes or 1, cpu_precision_bytes(settings))
+        return judge_cpu_memory(kwargs, psutil.virtual_memory().available)
     count = torch.cuda.device_count()
     world = settings.num_processes or count
     if world > count:
@@ -520,25 +561,56 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def disk_needs(settings: config.Settings) -> dict[str, dict[str, float]]:
+def folder_problem(name: str, folder: Path) -> str | None:
+    """Why the pipeline could not write into `folder`, or None: the folder, or else the nearest part of
+    its path that exists (the rest is created), must be a folder this user can write into."""
+    anchor = _existing_parent(folder)
+    if not anchor.is_dir():
+        where = "is" if anchor == folder else f"lies under {anchor}, which is"
+        return f"{name}={folder}: {where} a file, not a folder; set {name} to a folder (created if missing)"
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        return (f"{name}={folder}: {anchor} is not writable by this user; set {name} to a writable folder "
+                "or change its permissions")
+    return None
+
+
+def check_folders(settings: config.Settings) -> CheckResult:
+    """OUTPUT_DIR and WORK_DIR can be written: otherwise prep, training or publishing fails late."""
+    problems = [problem for problem in (folder_problem("OUTPUT_DIR", settings.output_dir),
+                                        folder_problem("WORK_DIR", settings.work_dir)) if problem]
+    if problems:
+        return failed(problems[0], notes=problems[1:])
+    return passed(f"OUTPUT_DIR={settings.output_dir} and WORK_DIR={settings.work_dir} can be written")
+
+
+def disk_needs(settings: config.Settings, on_gpu: bool) -> dict[str, dict[str, float]]:
     """Bytes each folder will need: the prepared data, the 32-bit prepared model and (per checkpoint)
-    16-bit weights twice (HF + DeepSpeed files) with fp32 master weights and Adam moments, for the
-    2 kept plus the one being written, the trained model; OUTPUT_DIR: the published 16-bit model."""
+    the trained weights twice (HF + DeepSpeed files) with fp32 master weights and Adam moments, for the
+    2 kept plus the one being written, the trained model; OUTPUT_DIR: the published model. Weights are
+    16-bit on a GPU and 32-bit on CPU (each as train.py trains); with SAVE_ADAPTER (and USE_QUANT) the
+    LoRA adapter is also kept and published, counted in fp32."""
     params = settings.topology.parameter_count()
-    trained = lora_parameter_count(settings.topology) if settings.use_quant else params
+    lora = lora_parameter_count(settings.topology)
+    trained = lora if settings.use_quant else params
+    weight_bytes = training_precision_bytes(settings) if on_gpu else cpu_precision_bytes(settings)
     source = _local_dataset(settings.stage_dataset)
     # Text of one shard: the local data itself, or ~2 KB a row from the Hub; the prepared tokens
     # take about the same bytes (4-byte ids, ~4 characters a token), twice with assistant masks.
     text = min(_folder_bytes(source), settings.shard_size * 2048) if source else settings.shard_size * 2048
     prepared = text * (2 if settings.inst else 1)
-    checkpoint = trained * (2 + 2 + 12) + (params * 2 if settings.use_quant else 0)
+    checkpoint = trained * (2 * weight_bytes + 12) + (params * 2 if settings.use_quant else 0)
+    # USE_QUANT merges the adapter into a bf16 model before saving it.
+    model = params * (2 if settings.use_quant else weight_bytes)
     work = {"prepared data": prepared, "prepared model": 4 * params,
-            "checkpoints": 3 * checkpoint, "trained model": 2 * params}
-    return {str(settings.work_dir): work, str(settings.output_dir): {"published model": 2 * params}}
+            "checkpoints": 3 * checkpoint, "trained model": model}
+    output = {"published model": model}
+    if settings.save_adapter and settings.use_quant:
+        work["trained adapter"] = output["published adapter"] = 4 * lora
+    return {str(settings.work_dir): work, str(settings.output_dir): output}
 
 
 def check_disk(settings: config.Settings) -> CheckResult:
-    needs = disk_needs(settings)
+    needs = disk_needs(settings, on_gpu=_gpu_count() > 0)
     by_device: dict[int, dict[str, Any]] = {}
     for folder, items in needs.items():
         anchor = _existing_parent(Path(folder))
@@ -605,30 +677,23 @@ def check_quantization(settings: config.Settings) -> CheckResult:
 
 # The input model.
 
-def _check_local_model(folder: Path) -> list[str]:
-    missing = []
-    if not (folder / "config.json").is_file():
-        missing.append("config.json")
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        missing.append("model weights (*.safetensors)")
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        missing.append("tokenizer (tokenizer.json)")
-    return missing
-
-
 def check_input_model(settings: config.Settings) -> CheckResult:
+    """The model this run continues from: a local folder through prep.py's own checks (files, a LLaMA
+    config that fits MAX_LENGTH, whole safetensors weights), else the Hub repository's file list."""
     if settings.first_run:
         return skipped("the first pretraining run (INIT=0) builds the model and tokenizer from scratch")
-    var = f"INPUT_REPO={settings.input_repo}" + (
-        f" (this instruct run reads {settings.source_repo})" if settings.source_repo != settings.input_repo else "")
     import prep
 
+    var = prep.source_label(settings)
     for folder in prep.local_model_candidates(settings):
         if folder.is_dir():
-            missing = _check_local_model(folder)
-            if missing:
-                return failed(f"{var}: the folder {folder} lacks {', '.join(missing)}")
+            try:
+                prep.check_source_model(settings, folder)
+            except prep.PrepError as err:
+                return failed(str(err))
             return passed(f"{var}: local model and tokenizer in {folder}")
+    if settings.input_repo_is_path:
+        return failed(prep.no_source_folder(settings))
     return _check_hub_model(settings, var)
 
 
@@ -643,7 +708,7 @@ def _check_hub_model(settings: config.Settings, var: str) -> CheckResult:
     except GatedRepoError:
         return failed(f"{var}: {where}, and the Hub repo is gated; accept its terms with the HF_TOKEN account")
     except RepositoryNotFoundError:
-        return failed(f"{var}: {where}, and no model {settings.source_repo} on {settings.hf_endpoint} "
+        return failed(f"{var}: {where}, and no model {settings.source_repo} on {shown_endpoint(settings)} "
                       "(or it is private and HF_TOKEN has no access); run the earlier stage first or fix INPUT_REPO")
     except Exception as err:
         reason = hub_unreachable_reason(err)
@@ -654,7 +719,7 @@ def _check_hub_model(settings: config.Settings, var: str) -> CheckResult:
     missing = [f for f in ("config.json", "tokenizer.json") if files and f not in files]
     if missing:
         return failed(f"{var}: the Hub repo {settings.source_repo} lacks {', '.join(missing)}")
-    return passed(f"{var}: model {settings.source_repo} on {settings.hf_endpoint}")
+    return passed(f"{var}: model {settings.source_repo} on {shown_endpoint(settings)}")
 
 
 # The dataset.
@@ -723,7 +788,7 @@ def _check_hub_dataset(settings: config.Settings, repo_id: str, variable: str) -
     except GatedRepoError:
         return failed(f"{var}: the dataset is gated; accept its terms with the HF_TOKEN account")
     except RepositoryNotFoundError:
-        return failed(f"{var}: no such local file or folder, and no dataset {repo_id} on {settings.hf_endpoint}")
+        return failed(f"{var}: no such local file or folder, and no dataset {repo_id} on {shown_endpoint(settings)}")
     except Exception as err:
         reason = hub_unreachable_reason(err)
         if reason:
@@ -794,7 +859,8 @@ def _gpu_count() -> int:
 
 CHECKS: tuple[tuple[str, Callable[[config.Settings], CheckResult]], ...] = (
     ("Hugging Face token", check_hub_token),
-    ("GPU memory", check_gpu_memory),
+    ("memory", check_gpu_memory),
+    ("output folders", check_folders),
     ("disk space", check_disk),
     ("quantization", check_quantization),
     ("input model", check_input_model),
@@ -812,7 +878,7 @@ def run_check(check: Callable[[config.Settings], CheckResult], settings: config.
         if reason:
             return failed(hub_unreachable(settings, reason))
         message = str(err).splitlines()[0] if str(err) else ""
-        return failed(f"the check itself failed: {type(err).__name__}: {message}"[:300])
+        return failed(util.redact(f"the check itself failed: {type(err).__name__}: {message}"[:300], settings.hf_token))
 
 
 def print_result(index: int, total: int, name: str, result: CheckResult) -> None:

@@ -8,7 +8,8 @@ Instruction runs add the chat tokens and a chat template, and record which token
 Everything is written into a temporary folder that replaces WORK_DIR/prep only when complete; a rerun
 for the same stage (after a crash further on) reuses the finished preparation.
 
-What other stages import: `resolve_source(settings) -> Path`, `local_model_candidates`, `PrepError`, `CHAT_TEMPLATE`,
+What other stages import: `resolve_source(settings) -> Path`, `local_model_candidates`, `source_label`,
+`check_source_model(settings, folder)`, `PrepError`, `CHAT_TEMPLATE`,
 `parse_text_conversation(text)`, `check_messages(messages)`, `conversation_messages(row)`,
 `add_chat_tokens(tokenizer) -> int`.
 """
@@ -617,11 +618,27 @@ def tokenize_shard(settings: config.Settings, tokenizer, spool: Path, report: Sh
 
 # ---- the model ----
 
+def source_label(settings: config.Settings) -> str:
+    """How messages name the model this run continues from: INPUT_REPO, and the -it model an instruct run reads."""
+    label = f"INPUT_REPO={settings.input_repo}"
+    if settings.source_repo != settings.input_repo:
+        label += f" (this instruct run reads {settings.source_repo})"
+    return label
+
+
 def local_model_candidates(settings: config.Settings) -> list[Path]:
-    """Where the model this run continues from is looked for before the Hub: OUTPUT_DIR/<the last
-    part of its name> (where `util.py publish` put it), then the name as a local path."""
-    return [settings.output_dir / settings.source_repo.split("/")[-1],
-            Path(settings.source_repo).expanduser().resolve()]
+    """Where the model this run continues from is looked for before the Hub: a path given as INPUT_REPO
+    alone; else OUTPUT_DIR/<the last part of its name> (where `util.py publish` put it), then the name
+    as a local path."""
+    if settings.input_repo_is_path:
+        return [Path(settings.source_repo)]
+    return [settings.output_dir / settings.source_repo.split("/")[-1], Path(settings.source_repo).resolve()]
+
+
+def no_source_folder(settings: config.Settings) -> str:
+    """The error for an INPUT_REPO path whose folder is missing (a path is never looked up on the Hub)."""
+    return (f"{source_label(settings)}: no folder {settings.source_repo}; point INPUT_REPO at a model folder "
+            "(instruction runs after the first read INPUT_REPO-it)")
 
 
 def resolve_source(settings: config.Settings) -> Path:
@@ -632,6 +649,8 @@ def resolve_source(settings: config.Settings) -> Path:
     for folder in candidates:
         if folder.is_dir():
             return folder
+    if settings.input_repo_is_path:
+        raise PrepError(no_source_folder(settings))
     from huggingface_hub import snapshot_download
 
     try:
@@ -641,6 +660,90 @@ def resolve_source(settings: config.Settings) -> Path:
         raise PrepError(f"INPUT_REPO={settings.input_repo}: no model {name!r} in {candidates[0]}, no local folder of that "
                         f"name, and the Hub download failed ({reason}); run the earlier stage first (INIT=0 INST=false "
                         "trains one from scratch) or point INPUT_REPO at an existing model") from err
+
+
+# ---- checking the source model before loading it (preflight runs the same checks) ----
+
+LLAMA_MODEL_TYPE, LLAMA_ARCHITECTURE = "llama", "LlamaForCausalLM"
+LLAMA_DEFAULT_POSITIONS = 2048  # LlamaConfig's max_position_embeddings where config.json leaves it out
+REPAIR_ADVICE = "copy or download the model again, or publish it again with `python3 util.py publish`"
+
+
+def missing_source_files(folder: Path) -> list[str]:
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        missing.append("model weights (*.safetensors)")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        missing.append("tokenizer (tokenizer.json)")
+    return missing
+
+
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # bytes: what the safetensors library itself accepts
+NOT_SAFETENSORS = "is not a safetensors file (no valid header)"
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What makes a safetensors file unloadable, read from its framing alone, or None: an 8-byte
+    little-endian header length, a JSON header of {name: {dtype, shape, data_offsets}}, and the data
+    after it as long as the largest data_offsets end (a truncated copy is shorter)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        if size < 8 or header_length > min(size - 8, SAFETENSORS_HEADER_LIMIT):
+            return f"{NOT_SAFETENSORS}, or is truncated to {size:,} bytes"
+        try:
+            header = json.loads(handle.read(header_length))
+            ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return NOT_SAFETENSORS
+    expected = 8 + header_length + max(ends, default=0)
+    if size < expected:
+        return f"is truncated: {size:,} bytes, its header describes {expected:,}"
+    return None
+
+
+def read_model_config(settings: config.Settings, folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    try:
+        model_config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PrepError(f"{source_label(settings)}: {path} is unreadable ({util.one_line(err, 120)}); "
+                        f"{REPAIR_ADVICE}") from None
+    if not isinstance(model_config, dict):
+        raise PrepError(f"{source_label(settings)}: {path} is not a JSON object; {REPAIR_ADVICE}")
+    return model_config
+
+
+def check_llama_config(settings: config.Settings, path: Path, model_config: dict[str, Any]) -> None:
+    """A LLaMA causal LM (what the pipeline trains, and what its model card describes) whose context is
+    at least MAX_LENGTH: the positions beyond what it was trained on are untrained."""
+    model_type, architectures = model_config.get("model_type"), model_config.get("architectures")
+    if model_type != LLAMA_MODEL_TYPE or architectures not in (None, [LLAMA_ARCHITECTURE]):
+        described = f"model_type {model_type!r}" + (f", architectures {architectures}" if architectures else "")
+        raise PrepError(f"{source_label(settings)}: {path} is not a LLaMA model ({described}); INPUT_REPO must be a "
+                        f"LLaMA model (model_type {LLAMA_MODEL_TYPE!r}, {LLAMA_ARCHITECTURE}), such as one this "
+                        "pipeline published")
+    positions = model_config.get("max_position_embeddings", LLAMA_DEFAULT_POSITIONS)
+    if settings.max_length > positions:
+        raise PrepError(f"{source_label(settings)}: MAX_LENGTH={settings.max_length} is longer than the model's "
+                        f"context (max_position_embeddings {positions} in {path}); set MAX_LENGTH to at most "
+                        f"{positions}")
+
+
+def check_source_model(settings: config.Settings, folder: Path) -> None:
+    """The model folder this run continues from can be loaded and trained: every file there, a LLaMA
+    config that fits MAX_LENGTH, and safetensors weights that are whole. Raises PrepError in one line."""
+    missing = missing_source_files(folder)
+    if missing:
+        raise PrepError(f"{source_label(settings)}: the folder {folder} lacks {', '.join(missing)}; "
+                        f"{REPAIR_ADVICE}")
+    check_llama_config(settings, folder / "config.json", read_model_config(settings, folder))
+    for weights in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise PrepError(f"{source_label(settings)}: {weights} {problem}; {REPAIR_ADVICE}")
 
 
 def build_model(settings: config.Settings, tokenizer):
@@ -655,11 +758,14 @@ def build_model(settings: config.Settings, tokenizer):
 
 
 def load_model(settings: config.Settings, source_dir: Path):
+    """The source model in 16 bit; missing, misshaped or non-finite (NaN/inf) weights stop here, before
+    any training, in one line naming the tensor (check_plain_model's check after loading)."""
     import quant_utils
 
-    model = quant_utils.load_causal_lm_16bit(source_dir, token=settings.hf_token)
-    model.config.max_position_embeddings = max(model.config.max_position_embeddings or 0, settings.max_length)
-    return model
+    try:
+        return quant_utils.load_causal_lm_16bit(source_dir, token=settings.hf_token)
+    except quant_utils.QuantizationError as err:
+        raise PrepError(f"{source_label(settings)}: {err}") from None
 
 
 def fit_embeddings(model, tokenizer, known_tokens: int, seed: int) -> None:
@@ -753,6 +859,8 @@ def prepare(settings: config.Settings) -> dict[str, Any]:
     total_rows = count_rows(source)
     check_shard_start(settings, source, total_rows)
     source_dir = None if settings.first_run else resolve_source(settings)
+    if source_dir is not None:
+        check_source_model(settings, source_dir)
     with util.atomic_directory(settings.prep_dir) as work:
         spool = work / "shard.jsonl"
         report = spool_shard(settings, source, spool)
@@ -806,6 +914,8 @@ def print_summary(manifest: dict[str, Any], counts: TokenCounts, seconds: float)
 def main() -> int:
     settings = config.settings_or_exit()
     util.log(config.describe(settings))
+    # What a killed preparation left (`.prep.tmp-*`); one stage runs at a time, so none is in use.
+    util.remove_stale_temporaries(settings.work_dir)
     if finished_preparation(settings):
         util.log(f"prep: {settings.prep_dir} already holds this stage's preparation; reusing it")
         return 0

@@ -1,5 +1,9 @@
-"""Guards config.py: parsing of every variable, one clear error per bad input (exit 2), the model
-topologies the README promises, and the README's variable table staying equal to the code's."""
+"""Guards config.py: parsing of every variable, all problems reported at once (exit 2), INPUT_REPO's
+local paths and equivalent dataset paths giving one stage, OUTPUT_REPO's length budget, the run-state
+rules (a damaged file, published models without one), HF_ENDPOINT's credentials kept out of logs, the
+model topologies the README promises, and the README's variable table staying equal to the code's.
+The table of bad inputs and their messages is tests/test_bad_inputs.py."""
+import json
 import re
 import subprocess
 import sys
@@ -57,25 +61,6 @@ def test_aliases_are_read():
     s = load(INPUT_DS="a/b", INST_DS="c/d")
     assert (s.input_dataset, s.instruct_dataset) == ("a/b", "c/d")
     assert s.sources["INPUT_DATASET"] == "environment (INPUT_DS)"
-
-
-BAD_INPUTS = [
-    ("BATCH_SIZE", "four"), ("BATCH_SIZE", "0"), ("BATCH_SIZE", "-2"), ("EPOCHS", "0"),
-    ("EPOCHS", "nan"), ("LEARNING_RATE", "fast"), ("LEARNING_RATE", "2"), ("MAX_LENGTH", "8"),
-    ("VOCAB_SIZE", "100"), ("VOCAB_SIZE", "300"), ("WEIGHT_DECAY", "-0.1"), ("GRADIENT_ACCUMULATION_STEPS", "0"),
-    ("SHARD_SIZE", "0"), ("INIT", "-1"), ("INST", "maybe"), ("USE_QUANT", "2"), ("PRECISION", "fp8"),
-    ("FACTOR", "10"), ("FACTOR", "1000000"), ("TARGET_PARAMETERS", "lots"), ("TARGET_PARAMETERS", "10"),
-    ("ZERO_STAGE", "4"), ("STARTUP_DURATION_TIMEOUT", "soon"), ("TIMEOUT_BUFFER", "400"),
-    ("SAVE_STEPS", "15"), ("OUTPUT_REPO", "a/b/c"), ("PRESET", "tiny"), ("MAX_RETRIES", "0"),
-    ("NUM_PROCESSES", "0"), ("SEED", "-5"),
-]
-
-
-@pytest.mark.parametrize("name,raw", BAD_INPUTS)
-def test_bad_input_names_the_variable(name, raw):
-    with pytest.raises(config.ConfigError) as err:
-        load(**{name: raw})
-    assert any(problem.startswith(name) for problem in err.value.problems), err.value.problems
 
 
 def test_every_problem_is_reported_at_once_with_exit_2(base_env, root):
@@ -172,10 +157,90 @@ def test_state_file_is_read_and_environment_overrides_it(tmp_path):
     assert (s.init, s.inst, s.sources["INIT"]) == (0, True, "environment")
 
 
-def test_corrupt_state_file_is_a_clear_error(tmp_path):
-    (tmp_path / "run_state.json").write_text("{not json")
-    with pytest.raises(config.ConfigError, match="run-state file is unreadable"):
+def test_a_damaged_state_file_is_not_read_when_init_and_inst_are_both_set(tmp_path):
+    (tmp_path / "run_state.json").write_text("")
+    with pytest.raises(config.ConfigError, match="set INIT and INST to the stage to run next"):
+        load(OUTPUT_DIR=tmp_path, INIT=2)
+    s = load(OUTPUT_DIR=tmp_path, INIT=2, INST="false")
+    assert (s.init, s.inst, s.sources["INIT"], s.sources["INST"]) == (2, False, "environment", "environment")
+
+
+def publish_record(output_dir, name, phase, init):
+    (output_dir / name).mkdir(parents=True)
+    (output_dir / name / "publish.json").write_text(json.dumps({"stage_key": {"phase": phase, "init": init}}))
+
+
+def test_published_models_without_a_state_file_are_not_trained_over(tmp_path):
+    """The rule: no run_state.json and no INIT/INST set means pretraining INIT 0, which replaces
+    OUTPUT_DIR/<name>. That is refused when a later stage published there (the state was lost, the
+    curriculum is not new); pretraining INIT 0's own model (stopped by the timer, or killed before
+    advancing) is resumed; setting INIT or INST says which stage to run."""
+    publish_record(tmp_path, "train-llama", "pretrain", 0)
+    assert load(OUTPUT_DIR=tmp_path).init == 0  # the stage's own model: a rerun of that stage
+    publish_record(tmp_path, "train-llama-it", "instruct", 1)
+    with pytest.raises(config.ConfigError) as err:
         load(OUTPUT_DIR=tmp_path)
+    assert err.value.problems == [
+        f"OUTPUT_DIR={tmp_path}: no run_state.json, but it holds published models of later stages: "
+        "train-llama-it (instruct INIT=1); set INIT and INST to the stage to run next (INIT=0 INST=false starts "
+        "over and replaces them), or use another OUTPUT_DIR"]
+    assert load(OUTPUT_DIR=tmp_path, INIT=0).init == 0  # asked for explicitly
+    assert load(OUTPUT_DIR=tmp_path, INST="true", INIT=2).inst is True
+    assert load(OUTPUT_DIR=tmp_path, OUTPUT_REPO="other", PRESET="demo").init == 0  # not this model's folders
+    (tmp_path / "train-llama-it" / "publish.json").write_text("{damaged")
+    with pytest.raises(config.ConfigError, match=r"train-llama-it \(unknown\)"):
+        load(OUTPUT_DIR=tmp_path)
+
+
+@pytest.mark.parametrize("spelling", ["absolute", "./", "../", "~"])
+def test_input_repo_takes_a_local_folder_in_every_spelling(tmp_path, monkeypatch, spelling):
+    folder = tmp_path / "models" / "base"
+    folder.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "models")
+    raw = {"absolute": str(folder), "./": "./base", "../": "../models/base", "~": "~/models/base"}[spelling]
+    s = load(INPUT_REPO=raw, INIT=1)
+    assert s.input_repo == str(folder) and s.input_repo_is_path
+    assert s.stage_key()["source_repo"] == str(folder)
+
+
+def test_input_repo_hub_ids_and_names_stay_as_they_are():
+    for raw in ("someone/base", "base", "me/my.model_v2"):
+        s = load(INPUT_REPO=raw)
+        assert s.input_repo == raw and not s.input_repo_is_path
+
+
+def test_equivalent_dataset_paths_give_one_stage(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.jsonl").write_text('{"text": "a"}\n')
+    monkeypatch.chdir(tmp_path)
+    spellings = ["data/x.jsonl", "./data/x.jsonl", str(tmp_path / "data" / "x.jsonl"), "data/../data/x.jsonl"]
+    keys = [load(INPUT_DATASET=value).stage_key() for value in spellings]
+    assert all(key == keys[0] for key in keys) and keys[0]["dataset"] == str(tmp_path / "data" / "x.jsonl")
+    instruct = [load(INPUT_DATASET="d/x", INSTRUCT_DATASET=value, INST="true").stage_key() for value in spellings[:2]]
+    assert instruct[0] == instruct[1]
+    assert load(INPUT_DATASET="someone/corpus").input_dataset == "someone/corpus"  # a Hub id
+
+
+def test_output_repo_leaves_room_for_every_published_suffix():
+    limit = config.HUB_NAME_LIMIT - len("-it-adapter")
+    assert limit == 85
+    assert load(OUTPUT_REPO="o" * 96 + "/" + "n" * limit, PRESET="demo").repo_name == "n" * limit
+    with pytest.raises(config.ConfigError, match="at most 85 characters, not 86"):
+        load(OUTPUT_REPO="n" * 86)
+    with pytest.raises(config.ConfigError, match="at most 96 characters each, not 97"):
+        load(OUTPUT_REPO="o" * 97 + "/name")
+    for bad in ("me/name-", "me/name.", "me/a--b", "-me/name"):
+        with pytest.raises(config.ConfigError, match="OUTPUT_REPO="):
+            load(OUTPUT_REPO=bad)
+
+
+def test_credentials_in_hf_endpoint_are_never_shown():
+    for endpoint in ("http://hf_secretvalue123@host:8080", "http://user:hf_secretvalue123@host:8080"):
+        s = load(HF_ENDPOINT=endpoint, HF_TOKEN="hf_secretvalue123")
+        assert s.hf_endpoint == endpoint  # used as given
+        assert "hf_secretvalue123" not in config.describe(s)
+        assert s.public_dict()["HF_ENDPOINT"] == "http://<credentials>@host:8080"
 
 
 def test_readme_table_lists_exactly_the_variables(root):

@@ -1,11 +1,14 @@
-"""Guards preflight.py: its verdicts on good and bad set-ups (dataset, input model, quantization,
-Hub token, Hub outage, memory) and the memory estimator's arithmetic and advice."""
+"""Guards preflight.py: its verdicts on good and bad set-ups (dataset, input model and its files,
+INPUT_REPO as a path, quantization, Hub token, Hub outage, a token inside HF_ENDPOINT, output folders,
+disk, GPU memory and RAM on CPU) and the memory estimator's arithmetic and advice. The table of bad
+inputs and their one-line messages is tests/test_bad_inputs.py."""
 import collections
 import json
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,10 +62,10 @@ def test_demo_passes_quickly(root, base_env):
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stdout + result.stderr
     assert "✗" not in result.stdout
-    assert "[1/8] ✓ configuration" in result.stdout
-    assert "[3/8] ⊘ GPU memory: skipped (no CUDA GPU" in result.stdout
-    assert "would need" in result.stdout  # the estimate is printed even on CPU
-    assert "preflight: 4 passed, 0 failed, 4 skipped" in result.stdout
+    assert "[1/9] ✓ configuration" in result.stdout
+    assert "[3/9] ✓ memory: training on CPU (1 process(es) at 32-bit) needs an estimated" in result.stdout
+    assert "[4/9] ✓ output folders: " in result.stdout
+    assert "preflight: 6 passed, 0 failed, 3 skipped" in result.stdout
     assert elapsed < 15, f"preflight took {elapsed:.1f} s"
 
 
@@ -126,6 +129,14 @@ def test_accepted_token_passes_and_read_only_token_fails(base_env, hub):
     assert TOKEN not in accepted.detail + refused.detail
 
 
+def test_a_token_inside_hf_endpoint_is_never_printed(base_env):
+    settings = settings_for(online_env(base_env, f"http://user:{TOKEN}@127.0.0.1:9"), HF_TOKEN=TOKEN)
+    assert preflight.hub_unreachable(settings, "connection refused") == (
+        "Hub unreachable at http://<credentials>@127.0.0.1:9 (connection refused)")
+    other = settings_for(online_env(base_env, "http://hf_othersecret@127.0.0.1:9"))
+    assert "hf_othersecret" not in preflight.hub_unreachable(other, "timed out")
+
+
 def test_unreachable_hub_is_one_line_without_traceback(root, base_env):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -161,18 +172,63 @@ def test_first_run_skips_the_input_model(base_env):
     assert preflight.check_input_model(settings_for(base_env, PRESET="demo")).status == preflight.SKIP
 
 
+LLAMA_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 256}
+
+
+def write_model_folder(folder, model_config=LLAMA_CONFIG):
+    """What check_input_model reads: a LLaMA config.json, a tokenizer and whole safetensors weights."""
+    from safetensors.numpy import save_file
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model_config))
+    (folder / "tokenizer.json").write_text("{}")
+    save_file({"w": np.zeros(4, dtype=np.float32)}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
 def test_local_input_model_must_be_complete(base_env, tmp_path):
     folder = tmp_path / "output" / "train-llama-it"
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{}")
+    (folder / "config.json").write_text(json.dumps(LLAMA_CONFIG))
     settings = settings_for(base_env, PRESET="demo", INST="true", INIT=3)
     incomplete = preflight.check_input_model(settings)
     assert incomplete.status == preflight.FAIL
     assert "lacks model weights (*.safetensors), tokenizer (tokenizer.json)" in incomplete.detail
     assert "this instruct run reads train-llama-it" in incomplete.detail
-    (folder / "model.safetensors").write_bytes(b"")
-    (folder / "tokenizer.json").write_text("{}")
+    write_model_folder(folder)
     assert preflight.check_input_model(settings).status == preflight.PASS
+
+
+@pytest.mark.parametrize("spelling", ["absolute", "./"])
+def test_input_repo_as_a_path_is_read_there_and_never_on_the_hub(base_env, tmp_path, monkeypatch, spelling):
+    folder = write_model_folder(tmp_path / "models" / "base")
+    write_model_folder(tmp_path / "output" / "base", {**LLAMA_CONFIG, "model_type": "gpt2"})  # same name: not used
+    monkeypatch.chdir(tmp_path)
+    raw = str(folder) if spelling == "absolute" else "./models/base"
+    result = preflight.check_input_model(settings_for(base_env, PRESET="demo", INIT=1, INPUT_REPO=raw))
+    assert result.status == preflight.PASS
+    assert result.detail == f"INPUT_REPO={folder}: local model and tokenizer in {folder}"
+    instruct = preflight.check_input_model(settings_for(base_env, PRESET="demo", INST="true", INIT=1, INPUT_REPO=raw))
+    assert instruct.status == preflight.FAIL
+    assert instruct.detail == (f"INPUT_REPO={folder} (this instruct run reads {folder}-it): no folder {folder}-it; "
+                               "point INPUT_REPO at a model folder (instruction runs after the first read "
+                               "INPUT_REPO-it)")
+
+
+def test_safetensors_framing_is_checked_from_the_header(tmp_path):
+    import prep
+
+    path = write_model_folder(tmp_path / "m") / "model.safetensors"
+    whole = path.read_bytes()
+    assert prep.safetensors_problem(path) is None
+    path.write_bytes(whole[:-1])
+    assert prep.safetensors_problem(path) == (f"is truncated: {len(whole) - 1:,} bytes, its header describes "
+                                              f"{len(whole):,}")
+    path.write_bytes(whole[:20])
+    assert prep.safetensors_problem(path) == "is not a safetensors file (no valid header), or is truncated to 20 bytes"
+    path.write_bytes((2).to_bytes(8, "little") + b"[]")
+    assert prep.safetensors_problem(path) == "is not a safetensors file (no valid header)"
 
 
 # The dataset.
@@ -395,14 +451,81 @@ def test_sanity_warnings_flag_odd_settings(base_env):
 
 def test_disk_check_counts_checkpoints_and_fails_when_full(base_env, monkeypatch):
     settings = settings_for(base_env, OUTPUT_REPO="me/model", INPUT_DATASET="me/data")
-    needs = preflight.disk_needs(settings)
     params = settings.topology.parameter_count()
-    assert needs[str(settings.work_dir)]["checkpoints"] == 3 * 16 * params
-    assert needs[str(settings.output_dir)]["published model"] == 2 * params
+    on_gpu = preflight.disk_needs(settings, on_gpu=True)
+    # Per checkpoint: 16-bit weights in the HF and the DeepSpeed files, fp32 master weights and two moments.
+    assert on_gpu[str(settings.work_dir)]["checkpoints"] == 3 * (2 + 2 + 12) * params  # 2 kept + 1 being written
+    assert on_gpu[str(settings.output_dir)] == {"published model": 2 * params}
+    on_cpu = preflight.disk_needs(settings, on_gpu=False)  # training in fp32
+    assert on_cpu[str(settings.work_dir)]["checkpoints"] == 3 * (4 + 4 + 12) * params
+    assert on_cpu[str(settings.output_dir)] == {"published model": 4 * params}
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage(100 * GIB, 99 * GIB, 1 * GIB))
     result = preflight.check_disk(settings)
     assert result.status == preflight.FAIL and "needs ~" in result.detail and "1.0 GiB is free" in result.detail
+
+
+def test_disk_check_counts_the_adapter_only_when_it_is_published(base_env):
+    quant = settings_for(base_env, OUTPUT_REPO="me/model", INPUT_DATASET="me/data", USE_QUANT="true")
+    adapter = settings_for(base_env, OUTPUT_REPO="me/model", INPUT_DATASET="me/data", USE_QUANT="true",
+                           SAVE_ADAPTER="true")
+    lora, params = preflight.lora_parameter_count(quant.topology), quant.topology.parameter_count()
+    assert preflight.disk_needs(quant, on_gpu=True)[str(quant.output_dir)] == {"published model": 2 * params}
+    needs = preflight.disk_needs(adapter, on_gpu=True)
+    assert needs[str(adapter.output_dir)] == {"published model": 2 * params, "published adapter": 4 * lora}
+    assert needs[str(adapter.work_dir)]["trained adapter"] == 4 * lora
+
+
+def test_output_folders_must_be_folders_this_user_can_write(base_env, tmp_path, monkeypatch):
+    settings = settings_for(base_env, PRESET="demo")
+    assert preflight.check_folders(settings).status == preflight.PASS  # missing folders are created later
+    (tmp_path / "output").write_text("a file")
+    monkeypatch.setattr(preflight.os, "access", lambda path, mode: Path(path) != tmp_path)
+    result = preflight.check_folders(settings)
+    assert result.status == preflight.FAIL
+    assert result.detail == (f"OUTPUT_DIR={tmp_path / 'output'}: is a file, not a folder; set OUTPUT_DIR to a "
+                             "folder (created if missing)")
+    assert result.notes == [f"WORK_DIR={tmp_path / 'work'}: {tmp_path} is not writable by this user; set WORK_DIR "
+                            "to a writable folder or change its permissions"]
+
+
+# Memory on CPU.
+
+def test_cpu_memory_counts_every_process_and_advises(base_env):
+    settings = settings_for(base_env, OUTPUT_REPO="me/model", INPUT_DATASET="me/data")  # the 1.02B full preset
+    one = preflight.estimate_for_settings(settings, 1, preflight.cpu_precision_bytes(settings))
+    assert one["precision_bytes"] == 4  # fp32: what train.py trains in on CPU
+    per_process = preflight.estimate_training_memory(**one, include_cuda_overhead=False)["total"]
+    need = per_process + preflight.CPU_PROCESS_BYTES
+    short = preflight.judge_cpu_memory(one, 23 * GIB)
+    assert need > 23 * GIB and short.status == preflight.FAIL
+    assert short.detail == (f"training on CPU (1 process(es) at 32-bit) needs an estimated {preflight.gib(need)} "
+                            "of RAM > 23.0 GiB available")
+    assert short.notes and all(note.startswith("would fit: ") for note in short.notes)
+    assert preflight.judge_cpu_memory(one, 2 * need).status == preflight.PASS
+    two = preflight.estimate_for_settings(settings, 2, 4)  # each process holds its own copy of the model
+    need_two = 2 * (preflight.estimate_training_memory(**two, include_cuda_overhead=False)["total"]
+                    + preflight.CPU_PROCESS_BYTES)
+    assert need_two > need  # ZeRO-2 shards the optimizer states, but weights and activations are per process
+    assert preflight.judge_cpu_memory(two, 0.95 * need_two).status == preflight.FAIL
+    assert preflight.judge_cpu_memory(two, 1.2 * need_two).detail.startswith(
+        f"training on CPU (2 process(es) at 32-bit) needs an estimated {preflight.gib(need_two)} of RAM;")
+    tight = preflight.judge_cpu_memory(one, 1.05 * need)
+    assert tight.status == preflight.PASS and "an out-of-memory kill is possible" in tight.warnings[0]
+
+
+def test_cpu_memory_check_reads_the_available_ram(base_env, monkeypatch):
+    import psutil
+    import torch
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=4 * GIB))
+    demo = preflight.check_gpu_memory(settings_for(base_env, PRESET="demo"))
+    assert demo.status == preflight.PASS and demo.detail.endswith("; 4.0 GiB available")
+    huge = preflight.check_gpu_memory(settings_for(base_env, PRESET="demo", FACTOR=98304))
+    assert huge.status == preflight.FAIL and huge.notes == [
+        "no single setting change fits: train on a GPU, or a smaller model (lower FACTOR or TARGET_PARAMETERS)"]
 
 
 def fake_gpus(monkeypatch, free_gib, bf16=True):

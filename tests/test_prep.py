@@ -1,5 +1,6 @@
 """Guards prep.py: every input form, shards, instruction parsing and assistant masks, tokenizer and model
-building, clear errors naming the variable, atomic and reusable preparation."""
+building, the source model checked before it is loaded (INPUT_REPO as a path, damaged weights), clear
+errors naming the variable, atomic and reusable preparation, leftovers of a killed run removed."""
 import json
 import shutil
 import subprocess
@@ -357,6 +358,50 @@ def test_the_source_model_is_found_or_named_in_a_clear_error(tmp_path, monkeypat
     monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_without_it)
     with pytest.raises(prep.PrepError, match=r"INPUT_REPO=someone/base: no model 'someone/base' in .*404"):
         prep.resolve_source(settings)
+
+
+def test_input_repo_as_a_path_prepares_from_that_folder(tmp_path, pretrained, monkeypatch):
+    folder, corpus = pretrained
+    monkeypatch.chdir(folder)
+    settings = settings_for(folder, INPUT_DATASET=corpus, INIT=1, INPUT_REPO="./output/train-llama",
+                            WORK_DIR=tmp_path / "work")
+    assert settings.input_repo == str(folder / "output" / "train-llama")
+    manifest = prep.prepare(settings)
+    assert manifest["model_source"] == settings.input_repo and manifest["tokenizer_trained"] is False
+
+
+def test_a_damaged_source_model_stops_before_reading_the_data(tmp_path, pretrained):
+    folder, corpus = pretrained
+    source = tmp_path / "copy"
+    shutil.copytree(folder / "output" / "train-llama", source)
+    weights = source / "model.safetensors"
+    whole = weights.read_bytes()
+    kept = 8 + int.from_bytes(whole[:8], "little") + 1000  # the header and 1,000 bytes of data
+    weights.write_bytes(whole[:kept])
+    settings = settings_for(tmp_path, INPUT_DATASET=corpus, INIT=1, INPUT_REPO=source)
+    with pytest.raises(prep.PrepError) as raised:
+        prep.prepare(settings)
+    assert str(raised.value) == (f"INPUT_REPO={source}: {weights} is truncated: {kept:,} bytes, its header describes "
+                                 f"{len(whole):,}; copy or download the model again, or publish it again with "
+                                 "`python3 util.py publish`")
+    assert not (tmp_path / "work").exists()
+
+
+def test_leftovers_of_a_killed_preparation_are_removed_at_the_next_start(tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    leftovers = [work / ".prep.tmp-k1ll3d", work / ".prep.old-4242"]
+    for leftover in leftovers:
+        (leftover / "dataset").mkdir(parents=True)
+    (work / "prep").mkdir()
+    for name in config.VARIABLE_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"OUTPUT_DIR": tmp_path / "output", "WORK_DIR": work, "PRESET": "demo",
+                        "INPUT_DATASET": tmp_path / "missing.jsonl"}.items():
+        monkeypatch.setenv(name, str(value))
+    assert prep.main() == 1  # the missing dataset stops it, after the clean-up
+    assert sorted(p.name for p in work.iterdir()) == ["prep"]
+    out = capsys.readouterr().out
+    assert all(f"removed a temporary folder left by an interrupted run: {leftover}" in out for leftover in leftovers)
 
 
 def test_errors_exit_with_status_1_and_one_line(tmp_path, base_env, root):
