@@ -68,6 +68,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def visible_gpus() -> str | None:
+    """CUDA_VISIBLE_DEVICES as this process was given it (None when unset)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
 def is_main_process() -> bool:
     return process_rank() == 0
 
@@ -844,7 +849,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.command == "launcher-devices":
         try:
-            print(" ".join(launcher_devices(args.processes, args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))))
+            print(" ".join(launcher_devices(args.processes, args.gpus, visible_gpus())))
         except StageError as err:
             print(f"launcher: error: {err}", file=sys.stderr)
             return 2

@@ -20,7 +20,6 @@ import importlib.metadata
 import io
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -332,7 +331,7 @@ def environment_fingerprint(settings: config.Settings) -> dict:
     return {"boot_id": BOOT_ID.read_text().strip() if BOOT_ID.is_file() else None,
             "python": [sys.executable, sys.version],
             "packages": {name: installed_version(name) for name in STACK.values()},
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "code_sha256": code,
+            "cuda_visible_devices": util.visible_gpus(), "code_sha256": code,
             "settings": [settings.use_quant, settings.zero_stage, settings.num_processes,
                          config.dataclasses.asdict(settings.topology)]}
 

@@ -21,16 +21,29 @@ def _our_variable_names():
     return _OURS
 
 
+def mapped_shared_memory() -> set[str]:
+    """The /dev/shm files that some live process has mapped."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split(None, 5)[5].strip() for line in maps.read_text().splitlines()
+                          if "/dev/shm/" in line)
+        except (OSError, IndexError):
+            continue  # the process ended meanwhile, or the line maps no file
+    return mapped
+
+
 @pytest.fixture(autouse=True)
 def remove_deepspeed_shared_memory():
     """DeepSpeed's CPU all-reduce leaves a ~67 MB /dev/shm file per process and master port, and the
     tests launch many processes on free ports: left alone they fill a machine's memory over a few suite
-    runs (21 GB here). A test's processes have ended when it returns, so its new files can go."""
-    shm = Path("/dev/shm")
-    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    runs (21 GB here). After each test the buffers that no live process maps go: those of this test's
+    ended processes, never those of a test running beside it (pytest -n)."""
     yield
-    for leftover in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
-        leftover.unlink(missing_ok=True)
+    in_use = mapped_shared_memory()
+    for leftover in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        if str(leftover) not in in_use:
+            leftover.unlink(missing_ok=True)
 
 
 @pytest.fixture

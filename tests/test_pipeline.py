@@ -132,7 +132,9 @@ def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
     assert resumed_losses[8] == pytest.approx(reference_losses[8], rel=1e-4), (reference_losses, resumed_losses)
 
     # One process cannot take over the two processes' ZeRO state: a one-line error before anything
-    # loads, and the checkpoints stay for a run with two.
+    # loads, and the checkpoints stay for a run with two. (Without the finished stage's trained model,
+    # which a rerun would go on to publish without training.)
+    shutil.rmtree(Path(env["WORK_DIR"]) / "trained")
     checkpoints = Path(env["WORK_DIR"]) / "checkpoints"
     before = sorted(p.name for p in checkpoints.iterdir())
     single = launch_training(root, env, processes=1)
