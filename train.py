@@ -288,8 +288,10 @@ def make_callbacks(settings: config.Settings, stop_file: Path):
                 dist.barrier()
             if is_main_process():
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                started = time.time()
                 util.sync_tree(folder)
                 write_json_atomic(folder / COMPLETE_MARKER, {"step": state.global_step, "processes": world_size()})
+                log(f"checkpoint: {folder.name} complete (flushed to disk in {time.time() - started:.1f}s)")
 
     return StepLog(), TimeAndSignalStop(), MarkCheckpointComplete()
 
