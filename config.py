@@ -800,6 +800,12 @@ def main() -> int:
         if args[1] == "hf_token":
             print("config.py: the token is never printed", file=sys.stderr)
             return 2
+        names = sorted(f.name for f in dataclasses.fields(Settings) if f.name not in ("hf_token", "sources"))
+        if args[1] not in names:
+            close = difflib.get_close_matches(args[1], names, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            print(f"config.py: --get {args[1]}: no such setting; {hint}one of {', '.join(names)}", file=sys.stderr)
+            return 2
         value = getattr(settings_or_exit(quiet=True), args[1])
         print(str(value).lower() if isinstance(value, bool) else value)
         return 0

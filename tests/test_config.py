@@ -259,3 +259,14 @@ def test_no_other_module_reads_the_environment(root):
         if re.search(r"os\.environ\[|os\.environ\.get|os\.getenv", text):
             offenders.append(path.name)
     assert offenders == []
+
+
+def test_get_prints_one_setting_and_names_an_unknown_one_in_one_line(root, base_env):
+    def get(name):
+        return subprocess.run([sys.executable, "config.py", "--get", name], cwd=root, env=base_env,
+                              capture_output=True, text=True)
+
+    assert get("batch_size").stdout.strip() == "16" and get("run_all").stdout.strip() == "true"
+    unknown = get("batchsize")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert unknown.stderr.startswith("config.py: --get batchsize: no such setting; did you mean batch_size?")
