@@ -492,7 +492,7 @@ class Settings:
 
 
 STATE_FILE_FORM = '{"init": <number>, "inst": <true or false>}'
-PUBLISH_MARKER = "publish.json"  # util.PUBLISH_MARKER: written last into every published folder
+PUBLISH_MARKER = "publish.json"  # written last into every published folder (util.publish_folder)
 
 
 def _read_state_file(output_dir: Path) -> dict[str, Any]:

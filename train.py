@@ -7,7 +7,6 @@ trainer.sh as `deepspeed --num_gpus=N train.py`; the launcher's `--local_rank` a
 """
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -112,7 +111,7 @@ def key_differences(old: Any, new: dict) -> str:
 
 def trained_stage_key(settings: config.Settings) -> Any:
     """The stage whose training finished last (WORK_DIR/trained), or None."""
-    summary = read_stage_key(settings.trained_dir / "summary.json")
+    summary = read_json(settings.trained_dir / "summary.json")
     return summary.get("stage_key") if isinstance(summary, dict) and summary.get("completed") else None
 
 
@@ -134,22 +133,27 @@ def clear_other_stage(settings: config.Settings, old_key: Any) -> None:
     shutil.rmtree(settings.checkpoint_dir, ignore_errors=True)
 
 
-def read_stage_key(stage_file: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """The JSON in `path`, or None where it is missing or half written."""
     try:
-        return json.loads(stage_file.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    return [path for path in stage_checkpoints(checkpoint_dir) if is_complete(path)]
 
 
 def resume_checkpoint(settings: config.Settings) -> str | None:
     """The newest complete checkpoint of this same stage, or None. Half-written checkpoints are removed,
     and the checkpoints of another stage set aside, by rank 0; every rank picks among complete ones."""
     stage_file = settings.checkpoint_dir / "stage.json"
-    old_key = read_stage_key(stage_file)
+    old_key = read_json(stage_file)
     if old_key == settings.stage_key():
         if is_main_process():
             discard_incomplete_checkpoints(settings.checkpoint_dir)
-        complete = [path for path in stage_checkpoints(settings.checkpoint_dir) if is_complete(path)]
+        complete = complete_checkpoints(settings.checkpoint_dir)
         return str(complete[-1]) if complete else None
     if is_main_process():
         # Clear before writing stage.json, so another rank never pairs the new key with old checkpoints.
@@ -161,10 +165,7 @@ def resume_checkpoint(settings: config.Settings) -> str | None:
 def finished_summary(settings: config.Settings) -> dict | None:
     """The summary of this stage's completed training, when a run was stopped after it (while
     publishing, say): the rerun goes on to publish instead of training again."""
-    try:
-        summary = json.loads((settings.trained_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    summary = read_json(settings.trained_dir / "summary.json")
     same = isinstance(summary, dict) and summary.get("stage_key") == settings.stage_key()
     return summary if same and summary.get("completed") else None
 
@@ -514,7 +515,7 @@ def disk_full(err: BaseException) -> bool:
     without errno ("unexpected pos ..."), so a failure with almost no space left counts too."""
     chained: BaseException | None = err
     while chained is not None:
-        if isinstance(chained, OSError) and chained.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(chained, OSError) and chained.errno in util.DISK_FULL_ERRORS:
             return True
         if "No space left on device" in str(chained):
             return True
@@ -534,7 +535,7 @@ def stop_on_full_disk(settings: config.Settings, err: BaseException) -> str:
     if is_main_process():
         discard_incomplete_checkpoints(settings.checkpoint_dir)
         shutil.rmtree(settings.work_dir / ".trained-staging", ignore_errors=True)
-    complete = [path for path in stage_checkpoints(settings.checkpoint_dir) if is_complete(path)]
+    complete = complete_checkpoints(settings.checkpoint_dir)
     kept = f"the last complete checkpoint, {complete[-1].name}, is kept" if complete else "no checkpoint is complete"
     return (f"train: the disk is full ({one_line(err, 160)}) while saving under WORK_DIR={settings.work_dir} "
             f"({free_bytes(settings) / 2**30:.2f} GiB free after removing what was half written); {kept} and "

@@ -34,7 +34,7 @@ import config
 T = TypeVar("T")
 
 EXIT_INCOMPLETE = 3
-PUBLISH_MARKER = "publish.json"
+PUBLISH_MARKER = config.PUBLISH_MARKER  # defined in config, which reads it before util can be imported
 NOT_COPIED = ("README.md", PUBLISH_MARKER, ".*")  # publish writes the first two itself; hidden files stay
 PUBLISHED_FILE_MODE, PUBLISHED_FOLDER_MODE = 0o644, 0o755
 DISK_FULL_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}
