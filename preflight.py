@@ -385,10 +385,9 @@ HUB_TIMEOUT_SECONDS, HUB_CONNECT_TIMEOUT_SECONDS = 20, 5
 def hub_api(settings: config.Settings):
     """An HfApi for HF_ENDPOINT whose requests time out: huggingface_hub's shared client waits forever
     by default, and a silently dropped connection must not hang the checks."""
-    import httpx
-    from huggingface_hub import HfApi, get_session
+    from huggingface_hub import HfApi
 
-    get_session().timeout = httpx.Timeout(HUB_TIMEOUT_SECONDS, connect=HUB_CONNECT_TIMEOUT_SECONDS)
+    util.set_hub_timeout(HUB_TIMEOUT_SECONDS, connect=HUB_CONNECT_TIMEOUT_SECONDS)
     return HfApi(endpoint=settings.hf_endpoint)
 
 

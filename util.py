@@ -351,23 +351,21 @@ def hub_timeout() -> float:
     return DEFAULT_HUB_TIMEOUT
 
 
+def set_hub_timeout(seconds: float, connect: float | None = None) -> None:
+    """Give huggingface_hub's shared HTTP client a timeout: it has none by default, so a stalled Hub
+    would hang the run for good."""
+    import httpx
+    from huggingface_hub import get_session
+
+    get_session().timeout = httpx.Timeout(seconds, connect=seconds if connect is None else connect)
+
+
 @functools.cache
 def prepare_hub_client(secret: str | None) -> None:
-    """Give huggingface_hub's shared HTTP client a timeout, and keep the secret out of its logs (once)."""
-    import httpx
-    from huggingface_hub import set_client_factory
+    """A timeout for the Hub requests of publishing, and the secret kept out of huggingface_hub's logs (once)."""
     from huggingface_hub.utils import logging as hub_logging
-    # The default factory (private) keeps huggingface_hub's request ids and debug hooks; only the
-    # timeout, None there, changes.
-    from huggingface_hub.utils._http import default_client_factory
 
-    timeout = httpx.Timeout(hub_timeout())
-
-    def client_with_timeout() -> httpx.Client:
-        client = default_client_factory()
-        client.timeout = timeout
-        return client
-    set_client_factory(client_with_timeout)
+    set_hub_timeout(hub_timeout())
     for handler in hub_logging.get_logger().handlers:
         handler.addFilter(RedactingFilter(secret))
 
