@@ -391,7 +391,7 @@ MEASURED_PEAKS = [
 
 
 # The same, measured through train.py with the buckets that config.deepspeed_buckets trims (H200,
-# 2026-11-28, third session: `gpu_benchmarks.sh nf4`; the embedded corpus gives 1,344 embedding rows).
+# 2026-11-28, BENCHMARKS.md section recorded with 6ca8aff: `gpu_benchmarks.sh nf4`; the embedded corpus gives 1,344 embedding rows).
 MEASURED_PEAKS_TRIMMED_BUCKETS = [
     (12288, 1344, 1, 1024, 2, True, True, 0.848),
     (12288, 1344, 1, 2048, 2, True, True, 1.047),
