@@ -452,8 +452,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     if is_main_process():
         stop_file.unlink(missing_ok=True)
         shutil.rmtree(settings.work_dir / ".trained-staging", ignore_errors=True)
-        for folder in (settings.work_dir, settings.checkpoint_dir):
-            util.remove_stale_temporaries(folder)
+        util.remove_stale_temporaries(settings.checkpoint_dir)  # prep.py has cleaned WORK_DIR itself
 
     tokenizer = AutoTokenizer.from_pretrained(settings.prep_dir / "tokenizer")
     dataset = datasets.load_from_disk(str(settings.prep_dir / "dataset"))
