@@ -186,6 +186,18 @@ def parse_parameter_count(raw: str) -> int:
     return int(value)
 
 
+def parse_or_auto(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`auto` (None: chosen at run time, see memory.plan_batch) or what `parse` accepts."""
+    def parse_auto(raw: str) -> Any:
+        if raw.strip().lower() == "auto":
+            return None
+        try:
+            return parse(raw)
+        except ValueError as err:
+            raise ValueError(f"auto or {err}") from None
+    return parse_auto
+
+
 def parse_process_count(raw: str) -> int:
     if raw.strip().lower() == "auto":
         return 0
@@ -206,6 +218,7 @@ class Variable:
     aliases: tuple[str, ...] = ()
     secret: bool = False
     shown_default: str | None = None  # how the README table shows a computed default
+    automatic: bool = False  # None means `auto`: chosen when the run starts
 
 
 VARIABLES: tuple[Variable, ...] = (
@@ -236,11 +249,20 @@ VARIABLES: tuple[Variable, ...] = (
              parse_parameter_count),
     Variable("VOCAB_SIZE", "vocab_size", 52000, "Tokenizer vocabulary size (byte-level BPE)", parse_int(512, 1_000_000), demo=2048),
     Variable("MAX_LENGTH", "max_length", 2048, "Tokens per training sequence", parse_int(16, 131_072), demo=256),
-    Variable("BATCH_SIZE", "batch_size", 4, "Sequences per GPU per micro-step", parse_int(1, 4096), demo=16),
-    Variable("GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps", 2, "Micro-steps per optimizer step", parse_int(1, 4096), demo=1),
+    Variable("GLOBAL_BATCH_SIZE", "global_batch_size", 32,
+             "Sequences per optimizer step over all processes (each `MAX_LENGTH` tokens): what the loss curve "
+             "depends on, so `auto` micro-batches never change it; with `BATCH_SIZE` and "
+             "`GRADIENT_ACCUMULATION_STEPS` both set it is their product times the processes",
+             parse_int(1, 1_000_000), demo=16),
+    Variable("BATCH_SIZE", "batch_size", None, "Sequences per GPU per micro-step; `auto`: the largest that fits "
+             "the GPU's memory (by the memory estimate) and divides the global batch, at most 4 on CPU",
+             parse_or_auto(parse_int(1, 4096)), demo=16, automatic=True),
+    Variable("GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps", None,
+             "Micro-steps per optimizer step; `auto`: what makes up `GLOBAL_BATCH_SIZE`",
+             parse_or_auto(parse_int(1, 4096)), demo=1, automatic=True),
     Variable("EPOCHS", "epochs", 3.0, "Passes over each shard (halved for INIT < 2)", parse_float(0, 1000), demo=1.0),
     Variable("INSTRUCT_EPOCHS", "instruct_epochs", None, "Passes over each instruction shard (halved for INIT < 2)",
-             parse_float(0, 1000), demo=6.0, shown_default="`EPOCHS`"),
+             parse_float(0, 1000), demo=4.0, shown_default="`EPOCHS`"),
     Variable("MAX_STEPS", "max_steps", -1, "Stop after this many optimizer steps (-1: run the epochs)", parse_int(-1, 10**9)),
     Variable("LEARNING_RATE", "learning_rate", 3e-4, "Peak learning rate (AdamW, cosine schedule, 10% warm-up)", parse_float(0, 1.0), demo=2e-3),
     Variable("WEIGHT_DECAY", "weight_decay", 0.01, "AdamW weight decay", parse_float(0, 1.0, exclusive_min=False)),
@@ -249,7 +271,13 @@ VARIABLES: tuple[Variable, ...] = (
              parse_choice("auto", "bf16", "fp16", "fp32")),
     Variable("ZERO_STAGE", "zero_stage", 2, "DeepSpeed ZeRO stage (2 runs as 1 with `USE_QUANT` on one process: "
              "same memory, a cheaper optimizer step)", parse_int(0, 3)),
-    Variable("GRADIENT_CHECKPOINTING", "gradient_checkpointing", True, "Recompute activations in the backward pass to save memory", parse_bool, demo=False),
+    Variable("GRADIENT_CHECKPOINTING", "gradient_checkpointing", None, "Recompute activations in the backward pass "
+             "to save memory; `auto`: only where no micro-batch fits without it", parse_or_auto(parse_bool), demo=False,
+             automatic=True),
+    Variable("USE_LIGER", "use_liger", None, "Liger's fused GPU kernels for RMSNorm, SwiGLU and rotary embeddings "
+             "(less memory, faster steps); `auto`: on a GPU", parse_or_auto(parse_bool), automatic=True),
+    Variable("TORCH_COMPILE", "torch_compile", False, "Compile the model with torch.compile (slower start; "
+             "measured slower with Liger's kernels, see BENCHMARKS.md)", parse_bool),
     Variable("SAVE_STEPS", "save_steps", 500, "Checkpoint every this many optimizer steps (the last two are kept)", parse_int(1, 10**9), demo=50),
     Variable("LOGGING_STEPS", "logging_steps", 10, "Log one line every this many optimizer steps", parse_int(1, 10**9), demo=10),
     Variable("SEED", "seed", 42, "Random seed (model and LoRA adapter initialisation, data order, dropout)", parse_int(0, 2**32 - 1)),
@@ -370,8 +398,9 @@ class Settings:
     target_parameters: int | None
     vocab_size: int
     max_length: int
-    batch_size: int
-    gradient_accumulation_steps: int
+    global_batch_size: int
+    batch_size: int | None  # None: auto (memory.plan_batch)
+    gradient_accumulation_steps: int | None
     epochs: float
     instruct_epochs: float | None
     max_steps: int
@@ -380,7 +409,9 @@ class Settings:
     shard_size: int
     precision: str
     zero_stage: int
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool | None
+    use_liger: bool | None
+    torch_compile: bool
     save_steps: int
     logging_steps: int
     seed: int
@@ -485,6 +516,8 @@ class Settings:
             value = getattr(self, var.attr)
             if var.secret:
                 value = "set" if value else "unset"
+            elif var.automatic and value is None:
+                value = "auto"
             elif var.name == "HF_ENDPOINT":  # a mirror's address may carry credentials (user:token@host)
                 value = util.redact(value, self.hf_token)
             out[var.name] = str(value) if isinstance(value, Path) else value
@@ -598,7 +631,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             values[var.attr] = var.parse(raw)
         except ValueError as err:
             shown = "(hidden)" if var.secret else repr(raw)
-            default = var.shown_default or ("unset" if var.default is None else var.default)
+            default = var.shown_default or ("auto" if var.automatic and var.default is None else
+                                            "unset" if var.default is None else var.default)
             problems.append(f"{name}={shown}: must be {err} (default {default})")
             values[var.attr] = var.default
     values["preset"] = preset
@@ -728,7 +762,8 @@ def markdown_table() -> str:
     rows = ["| Variable | Default | Demo | Meaning |", "| --- | --- | --- | --- |"]
     for var in VARIABLES:
         names = " / ".join(f"`{n}`" for n in (var.name, *var.aliases))
-        default = var.shown_default or ("unset" if var.default is None else f"`{var.default}`")
+        default = var.shown_default or ("`auto`" if var.automatic and var.default is None else
+                                        "unset" if var.default is None else f"`{var.default}`")
         demo = "" if var.demo is None else f"`{var.demo}`"
         rows.append(f"| {names} | {default} | {demo} | {var.meaning} |")
     return "\n".join(rows)

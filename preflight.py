@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import config
+import memory
 import util
+from memory import (CPU_PROCESS_BYTES, advice_to_fit, cpu_precision_bytes, describe_estimate,
+                    estimate_training_memory, gib, lora_parameter_count, training_precision_bytes)
 
-GIB = 2**30
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 SYMBOLS = {PASS: "✓", FAIL: "✗", SKIP: "⊘"}
 ROWS_TO_READ = 5
@@ -55,295 +57,6 @@ def failed(detail: str, notes: list[str] | None = None, warnings: list[str] | No
 def skipped(detail: str, notes: list[str] | None = None, warnings: list[str] | None = None) -> CheckResult:
     return CheckResult(SKIP, detail, notes or [], warnings or [])
 
-
-def gib(n_bytes: float) -> str:
-    """Sizes for people: GiB with one decimal, or MiB below 1 GiB."""
-    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB else f"{n_bytes / 2**20:.0f} MiB"
-
-
-# The memory estimator (pure: no torch, no settings object; bytes per GPU).
-#
-# It follows what train.py actually runs: TRL's SFTTrainer (whose fused LM head never builds the
-# (batch, length, vocab) logits) under DeepSpeed with config.deepspeed_config (contiguous gradients,
-# buckets from config.deepspeed_buckets), HF LLaMA with SDPA attention, and with USE_QUANT an
-# NF4 double-quantized base with r=16 LoRA on the 7 projections (quant_utils). The activation
-# terms were checked on CPU by summing the storages that autograd saves (saved_tensors_hooks) for
-# a small LlamaForCausalLM in bf16: they match to the byte.
-
-ZERO3_REUSE_DISTANCE = int(1e9)  # DeepSpeed's stage3_max_reuse_distance default (elements)
-FUSED_HEAD_TOKEN_TILE, FUSED_HEAD_VOCAB_TILE = 4096, 32768  # trl.kernels.chunked_logprob tile shape
-CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # context, kernels and cuBLAS/cuDNN handles outside the allocator
-NCCL_BYTES = int(0.3 * GIB)  # NCCL's communicator buffers, with more than one process
-ALLOCATOR_SLACK = 0.08  # reserved beyond allocated by PyTorch's caching allocator (measured 2-12%)
-NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
-ADAM_STATE_BYTES = 8  # exp_avg and exp_avg_sq in fp32
-
-
-def _linear_parameter_count(topology: config.Topology) -> int:
-    """Parameters of the 7 projections of all layers: what NF4 quantizes."""
-    h, kv, inter = topology.hidden_size, topology.num_kv_heads * topology.head_dim, topology.intermediate_size
-    return topology.num_layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
-
-
-def lora_parameter_count(topology: config.Topology, rank: int = config.LORA_R) -> int:
-    """r x (in + out) for q, k, v, o, gate, up and down in every layer."""
-    h, kv, inter = topology.hidden_size, topology.num_kv_heads * topology.head_dim, topology.intermediate_size
-    per_layer = 2 * (h + h) + 2 * (h + kv) + 3 * (h + inter)
-    return topology.num_layers * rank * per_layer
-
-
-def layer_activation_bytes(topology: config.Topology, precision_bytes: int, use_quant: bool) -> float:
-    """Bytes that autograd keeps per token for one decoder layer until its backward runs.
-
-    Full training: each RMSNorm keeps its fp32 input (4h) and 1/rms (4), its 16-bit normalized
-    value (p h, for the norm weight's gradient) and the weighted output that the next Linear keeps
-    (p h); SDPA (flash/efficient kernels, no L x L score matrix) keeps q (p h), k and v (p kv each,
-    not repeated: GQA runs inside the kernel) and its output, which o_proj reads without a copy
-    (p h), plus the fp32 log-sum-exp (4 per head); the MLP keeps gate and up outputs, SiLU(gate)
-    and their product for down_proj (4 p I). Rotary embeddings keep only cos/sin (shared).
-    With USE_QUANT the norms and the NF4 Linear keep nothing for frozen weights, but each of the 7
-    LoRA branches keeps its dropout output and bool mask ((p + 1) x its input) and its r-wide
-    lora_A output."""
-    p, h = precision_bytes, topology.hidden_size
-    kv, inter = topology.num_kv_heads * topology.head_dim, topology.intermediate_size
-    attention = p * h + 2 * p * kv + p * h + 4 * topology.num_heads
-    if not use_quant:
-        norms = 2 * (4 * h + 4 + 2 * p * h)
-        return norms + attention + 4 * p * inter
-    norms = 2 * (4 * h + 4)
-    lora_branches = 6 * (p + 1) * h + (p + 1) * inter + 7 * p * config.LORA_R
-    return norms + attention + 3 * p * inter + lora_branches
-
-
-def _layer_backward_work_bytes(topology: config.Topology, precision_bytes: int) -> float:
-    """Gradients of one layer's intermediates alive at once while its backward runs (per token):
-    the incoming gradient and those of down_proj's input, SiLU(gate) and up."""
-    return precision_bytes * (topology.hidden_size + 3 * topology.intermediate_size)
-
-
-def fused_head_bytes(topology: config.Topology, vocab: int, tokens: int, precision_bytes: int,
-                     train_head: bool) -> dict[str, float]:
-    """TRL's chunked log-prob head: it keeps a 16-bit copy of the scored hidden states and three fp32
-    numbers per token; backward allocates an fp32 hidden gradient, an fp32 head-weight gradient
-    (unless the head is frozen), a token x vocab tile and the 16-bit casts of both gradients."""
-    p, h = precision_bytes, topology.hidden_size
-    tile = min(tokens, FUSED_HEAD_TOKEN_TILE) * FUSED_HEAD_VOCAB_TILE * p
-    saved = tokens * (p * h + 12)
-    backward = tokens * h * (4 + p) + tile
-    if train_head:
-        backward += vocab * h * (4 + p)
-    return {"saved": saved, "backward": backward}
-
-
-def activation_bytes(topology: config.Topology, vocab: int, tokens: int, precision_bytes: int,
-                     use_quant: bool, gradient_checkpointing: bool, trains_token_rows: bool = False) -> dict[str, float]:
-    """Peak activation memory, at the start of backward (everything saved + the head's backward) or
-    during the first layer's backward, whichever is larger; with checkpointing only each layer's
-    16-bit input is kept and one layer at a time is recomputed. `trains_token_rows` (4-bit + LoRA
-    instruction tuning, which trains the chat markers' rows): peft builds an fp32 copy of the head with
-    the trained rows swapped in, which backward needs whole, and the head gets a full weight gradient
-    (derived from the code, not measured on a GPU)."""
-    p, layers = precision_bytes, topology.num_layers
-    per_layer = layer_activation_bytes(topology, p, use_quant) * tokens
-    final_norm = (4 * topology.hidden_size + 4 + (0 if use_quant else p * topology.hidden_size)) * tokens
-    head = fused_head_bytes(topology, vocab, tokens, p, train_head=not use_quant or trains_token_rows)
-    layer_work = _layer_backward_work_bytes(topology, p) * tokens
-    common = final_norm + head["saved"] + (4 * vocab * topology.hidden_size if trains_token_rows else 0)
-    full = layers * per_layer + common + max(head["backward"], layer_work)
-    checkpoints = layers * p * topology.hidden_size * tokens
-    recomputed = checkpoints + common + max(head["backward"], per_layer + layer_work)
-    return {"without_checkpointing": full, "with_checkpointing": recomputed,
-            "used": recomputed if gradient_checkpointing else full,
-            "loss_head": head["saved"] + head["backward"]}
-
-
-def training_states(params: int, p: int, zero_stage: int, world_size: int) -> dict[str, float]:
-    """Weights, gradients, AdamW states and the optimizer step's temporaries of the trained
-    parameters, as DeepSpeed holds them per GPU.
-
-    Mixed precision keeps 16-bit weights and gradients and an fp32 master copy with two fp32 Adam
-    moments (12 bytes/param); ZeRO-1 shards the 12, ZeRO-2 also the gradients, ZeRO-3 also the
-    weights. In fp32 the master copy exists only under ZeRO (it clones the partition). The step:
-    ZeRO-0 casts the gradients to one fp32 buffer (4 bytes/param, measured); ZeRO-1/2/3 flatten the
-    16-bit gradient partition into a copy and cast that to fp32 (p + 4 bytes per sharded param)."""
-    n = max(1, world_size)
-    master = 4 if (p < 4 or zero_stage > 0) else 0
-    return {"weights": p * params / (n if zero_stage == 3 else 1),
-            "gradients": p * params / (n if zero_stage >= 2 else 1),
-            "optimizer_states": (master + ADAM_STATE_BYTES) * params / (n if zero_stage >= 1 else 1),
-            "step": 4 * params if zero_stage == 0 else (p + 4) * params / n}
-
-
-def deepspeed_buffers(params: int, trainable: int, p: int, zero_stage: int, use_quant: bool, world_size: int,
-                      buckets: tuple[int, bool] | None = None) -> dict[str, float]:
-    """DeepSpeed's own allocations. `backward`: the gradient buckets, allocated whole when backward
-    starts and freed at its end: for ZeRO-1/2 one bucket, two with overlap_comm (double buffering);
-    one for ZeRO-3. `buckets` is (elements, overlap_comm), config.deepspeed_buckets' choice unless
-    given. `resident`: ZeRO-3 keeps gathered the 16-bit parameters that are reused within
-    stage3_max_reuse_distance (1e9 elements of forward+backward traversal), i.e. up to 5e8 of them."""
-    elements, overlap = buckets or config.deepspeed_buckets(trainable, world_size)
-    if zero_stage in (1, 2):
-        return {"backward": (2 if overlap else 1) * elements * p, "resident": 0.0}
-    if zero_stage == 3:
-        gathered = 0 if use_quant else min(params, ZERO3_REUSE_DISTANCE // 2) * p
-        return {"backward": elements * p, "resident": gathered}
-    return {"backward": 0.0, "resident": 0.0}
-
-
-def estimate_training_memory(topology: config.Topology, vocab_size: int, batch_size: int, max_length: int,
-                             precision_bytes: int, use_quant: bool, gradient_checkpointing: bool,
-                             zero_stage: int, world_size: int, *, gradient_accumulation_steps: int = 1,
-                             include_cuda_overhead: bool = True, trains_token_rows: bool = False,
-                             buckets: tuple[int, bool] | None = None) -> dict[str, float]:
-    """Peak GPU memory per process (bytes) for one training run, by term.
-
-    The peak is the larger of two moments. At the start of backward: weights, optimizer states,
-    DeepSpeed's reduce buckets and every saved activation, but no gradients yet (DeepSpeed frees
-    them at each step; with GRADIENT_ACCUMULATION_STEPS > 1 they persist between micro-steps).
-    At the optimizer step: weights, optimizer states, gradients and the step's fp32 temporaries
-    (activations and buckets are freed by then).
-
-    `allocated` is what torch.cuda.max_memory_allocated() measures (train.py logs it as `mem`);
-    `allocator_slack` is the caching allocator's reserve beyond it (measured 2-12%: 8%);
-    `total` adds the CUDA context and NCCL buffers outside PyTorch, and is what must fit in each
-    GPU's free memory. `buckets`: see deepspeed_buffers; `trains_token_rows`: see activation_bytes.
-    On an H200 (bf16, one GPU, SFTTrainer + DeepSpeed as train.py runs them) `allocated` was
-    0.92-1.08x the measured peak for the demo, ~300M and ~1B models, ZeRO-0/1/2, with and without
-    checkpointing, and 4-bit + LoRA pretraining (the 0.92: NF4 at 1x1024, a 0.85 GiB peak, where the
-    slack and context terms of `total` more than cover it)."""
-    p = precision_bytes
-    vocab = config.padded_vocab(vocab_size)
-    params = topology.parameter_count(vocab)
-    acts = activation_bytes(topology, vocab, batch_size * max_length, p, use_quant, gradient_checkpointing,
-                            trains_token_rows)
-    trainable = lora_parameter_count(topology) if use_quant else params
-    states = training_states(trainable, p, zero_stage, world_size)
-    buffers = deepspeed_buffers(params, trainable, p, zero_stage, use_quant, world_size, buckets)
-    if use_quant:
-        quantized = _linear_parameter_count(topology)
-        # NF4 projections; embeddings, head and norms stay frozen in 16 bit (DeepSpeed casts them).
-        weights = quantized * NF4_BYTES_PER_PARAM + (params - quantized) * p
-        terms = {"weights": weights, "gradients": 0.0, "optimizer_states": 0.0,
-                 "lora": states["weights"] + states["gradients"] + states["optimizer_states"]}
-    else:
-        terms = {"weights": states["weights"], "gradients": states["gradients"],
-                 "optimizer_states": states["optimizer_states"], "lora": 0.0}
-    static = terms["weights"] + states["optimizer_states"] + buffers["resident"] + (
-        states["weights"] if use_quant else 0.0)
-    gradients_in_backward = states["gradients"] if gradient_accumulation_steps > 1 else 0.0
-    backward_peak = static + buffers["backward"] + gradients_in_backward + acts["used"]
-    step_peak = static + states["gradients"] + states["step"]
-    allocated = max(backward_peak, step_peak)
-    slack = ALLOCATOR_SLACK * allocated
-    overhead = (CUDA_CONTEXT_BYTES + (NCCL_BYTES if world_size > 1 else 0)) if include_cuda_overhead else 0
-    return {
-        "parameters": params, "trainable_parameters": trainable, "tokens_per_micro_batch": batch_size * max_length,
-        **terms, "deepspeed_buffers": buffers["backward"] + buffers["resident"], "optimizer_step": states["step"],
-        "activations": acts["used"], "activations_without_checkpointing": acts["without_checkpointing"],
-        "activations_with_checkpointing": acts["with_checkpointing"], "loss_head": acts["loss_head"],
-        "static": static, "deepspeed_buckets": buffers["backward"], "trained_gradients": states["gradients"],
-        "gradients_in_backward": gradients_in_backward, "backward_peak": backward_peak, "step_peak": step_peak,
-        "allocated": allocated, "allocator_slack": slack, "cuda_overhead": overhead,
-        "total": allocated + slack + overhead,
-    }
-
-
-def describe_estimate(estimate: dict[str, float]) -> str:
-    """One line: the total and the terms of its peak moment (they add up to it)."""
-    if estimate["step_peak"] >= estimate["backward_peak"]:
-        moment = "at the optimizer step"
-        parts = [("gradients", estimate["trained_gradients"]), ("step temporaries", estimate["optimizer_step"])]
-    else:
-        moment = "at the start of backward"
-        parts = [("activations", estimate["activations"]), ("DeepSpeed buckets", estimate["deepspeed_buckets"]),
-                 ("gradients", estimate["gradients_in_backward"])]
-    parts = [("weights + optimizer states", estimate["static"]), *parts,
-             ("allocator reserve", estimate["allocator_slack"]), ("CUDA context", estimate["cuda_overhead"])]
-    shown = ", ".join(f"{label} {size / GIB:.1f}" for label, size in parts if size >= 0.05 * GIB)
-    return f"{gib(estimate['total'])} per GPU, peaking {moment} ({shown} GiB)"
-
-
-# Changes that reduce memory, in the order a user should try them; each maps the estimator's
-# keyword arguments to new ones, or to None where it does not apply.
-def _with_checkpointing(kw: dict) -> dict | None:
-    return None if kw["gradient_checkpointing"] else {**kw, "gradient_checkpointing": True}
-
-
-def _smaller_batches(kw: dict) -> list[dict]:
-    """Halve BATCH_SIZE, raising GRADIENT_ACCUMULATION_STEPS so the effective batch stays the same."""
-    out, batch, accumulation = [], kw["batch_size"], kw.get("gradient_accumulation_steps", 1)
-    while batch > 1:
-        batch //= 2
-        accumulation *= 2
-        out.append({**kw, "batch_size": batch, "gradient_accumulation_steps": accumulation})
-    return out
-
-
-def _zero_stages(kw: dict) -> list[dict]:
-    """Other ZeRO stages: higher ones shard more over several GPUs; on one GPU stage 0 avoids the
-    gradient bucket of stages 1 and 2."""
-    stages = range(kw["zero_stage"] + 1, 4) if kw["world_size"] > 1 else ([0] if kw["zero_stage"] else [])
-    return [{**kw, "zero_stage": s} for s in stages]
-
-
-def _with_quant(kw: dict) -> dict | None:
-    return None if kw["use_quant"] else {**kw, "use_quant": True, "precision_bytes": 2}
-
-
-def _shorter_sequences(kw: dict) -> list[dict]:
-    out, length = [], kw["max_length"]
-    while length > 256:
-        length //= 2
-        out.append({**kw, "max_length": length})
-    return out
-
-
-def _change_text(before: dict, after: dict) -> str:
-    names = {"gradient_checkpointing": "GRADIENT_CHECKPOINTING", "batch_size": "BATCH_SIZE",
-             "gradient_accumulation_steps": "GRADIENT_ACCUMULATION_STEPS", "zero_stage": "ZERO_STAGE",
-             "use_quant": "USE_QUANT", "max_length": "MAX_LENGTH"}
-    parts = []
-    for key, name in names.items():
-        if after.get(key) != before.get(key):
-            value = after[key]
-            parts.append(f"{name}={str(value).lower() if isinstance(value, bool) else value}")
-    return " ".join(parts)
-
-
-def advice_to_fit(estimate_kwargs: dict[str, Any], free_bytes: float) -> list[str]:
-    """The settings changes whose estimate fits in `free_bytes`, each as `VAR=value ... (estimate)`.
-
-    Each single change that fits is listed (for batch size and sequence length, the largest value
-    that fits); if none does alone, the changes are combined in order (checkpointing, smaller
-    batches, ZeRO stage, 4-bit + LoRA, shorter sequences) and the first combination that fits is
-    given. An empty list means nothing tried fits."""
-    def total(kw: dict) -> float:
-        return estimate_training_memory(**kw)["total"]
-
-    def first_fitting(candidates: list[dict]) -> dict | None:
-        return next((c for c in candidates if total(c) <= free_bytes), None)
-
-    kw = dict(estimate_kwargs)
-    groups = [[c] if c else [] for c in (_with_checkpointing(kw),)]
-    groups += [_smaller_batches(kw), _zero_stages(kw), [c] if (c := _with_quant(kw)) else [],
-               _shorter_sequences(kw)]
-    advice = []
-    for group in groups:
-        found = first_fitting(group)
-        if found:
-            advice.append(f"{_change_text(kw, found)} (estimate {gib(total(found))})")
-    if advice:
-        return advice
-    combined = kw
-    for step in (_with_checkpointing, _smaller_batches, _zero_stages, _with_quant, _shorter_sequences):
-        options = step(combined)
-        options = options if isinstance(options, list) else ([options] if options else [])
-        if not options:
-            continue
-        combined = first_fitting(options) or options[-1]
-        if total(combined) <= free_bytes:
-            return [f"{_change_text(kw, combined)} (estimate {gib(total(combined))})"]
-    return []
 
 
 # Reporting Hub failures in one line.
@@ -457,21 +170,6 @@ def _judge_token(settings: config.Settings, who: dict, warnings: list[str]) -> C
                   warnings=warnings)
 
 
-def training_precision_bytes(settings: config.Settings) -> int:
-    """Bytes of the 16-bit (bf16 or fp16: train.py's choice on a GPU) or fp32 weights."""
-    return 4 if settings.precision == "fp32" and not settings.use_quant else 2
-
-
-def estimate_for_settings(settings: config.Settings, world_size: int, precision_bytes: int) -> dict[str, Any]:
-    """The estimator's keyword arguments for these settings (instruct tokenizers add 3 chat tokens)."""
-    vocab = settings.vocab_size + (len(config.CHAT_TOKENS) if settings.inst else 0)
-    return dict(topology=settings.topology, vocab_size=vocab, batch_size=settings.batch_size,
-                max_length=settings.max_length, precision_bytes=precision_bytes, use_quant=settings.use_quant,
-                gradient_checkpointing=settings.gradient_checkpointing, zero_stage=settings.zero_stage,
-                world_size=world_size, gradient_accumulation_steps=settings.gradient_accumulation_steps,
-                trains_token_rows=settings.use_quant and settings.inst)
-
-
 def judge_memory(estimate_kwargs: dict[str, Any], free_by_gpu: dict[str, float]) -> CheckResult:
     """Compare the estimate with the free memory of each GPU; on a shortfall, say what would fit."""
     estimate = estimate_training_memory(**estimate_kwargs)
@@ -489,17 +187,6 @@ def judge_memory(estimate_kwargs: dict[str, Any], free_by_gpu: dict[str, float])
                         "memory; an out-of-memory error is possible")
     return passed(f"estimated {describe_estimate(estimate)}; {gib(tightest_free)} free on {tightest_name}",
                   warnings=warnings)
-
-
-# A CPU training process's own memory beside the estimate's terms: 0.43 GiB resident after importing
-# torch, transformers, datasets, TRL and DeepSpeed (measured on CPU with the pinned versions), rounded up.
-CPU_PROCESS_BYTES = int(0.5 * GIB)
-
-
-def cpu_precision_bytes(settings: config.Settings) -> int:
-    """What train.py trains in on CPU (train.resolve_precision): bf16 when asked for or with USE_QUANT,
-    else fp32."""
-    return 2 if settings.precision == "bf16" or settings.use_quant else 4
 
 
 def judge_cpu_memory(estimate_kwargs: dict[str, Any], available_bytes: float) -> CheckResult:
@@ -524,26 +211,35 @@ def judge_cpu_memory(estimate_kwargs: dict[str, Any], available_bytes: float) ->
 
 
 def check_gpu_memory(settings: config.Settings) -> CheckResult:
-    """The estimate against each GPU's free memory, or against the available RAM when training runs on CPU."""
+    """The batch plan (memory.plan_batch, what train.py will run) and its estimate against each GPU's
+    free memory, or against the available RAM when training runs on CPU."""
     import torch
 
-    if not torch.cuda.is_available():
-        import psutil
-
-        kwargs = estimate_for_settings(settings, settings.num_processes or 1, cpu_precision_bytes(settings))
-        return judge_cpu_memory(kwargs, psutil.virtual_memory().available)
-    count = torch.cuda.device_count()
+    on_gpu = torch.cuda.is_available()
+    count = torch.cuda.device_count() if on_gpu else 1
     world = settings.num_processes or count
-    if world > count:
+    if on_gpu and world > count:
         return failed(f"NUM_PROCESSES={settings.num_processes} but only {count} GPU(s) are visible; "
                       "set NUM_PROCESSES=auto or at most the GPU count")
-    if settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
+    if on_gpu and settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
         return failed(f"PRECISION=bf16 but GPU 0 ({torch.cuda.get_device_name(0)}) has no bf16 support; "
                       "use PRECISION=auto (fp16 there)")
-    free_by_gpu = {f"GPU {i} ({torch.cuda.get_device_name(i)})": torch.cuda.mem_get_info(i)[0]
-                   for i in range(world)}
-    precision = training_precision_bytes(settings)
-    return judge_memory(estimate_for_settings(settings, world, precision), free_by_gpu)
+    if settings.use_liger and not on_gpu:
+        return failed("USE_LIGER=true needs a CUDA GPU (Liger's kernels have no CPU path); set USE_LIGER=auto or false")
+    try:
+        plan = memory.plan_batch(settings, memory.machine_for(settings, world))
+    except memory.BatchError as err:
+        return failed(str(err))
+    if on_gpu:
+        free_by_gpu = {f"GPU {i} ({torch.cuda.get_device_name(i)})": torch.cuda.mem_get_info(i)[0]
+                       for i in range(world)}
+        result = judge_memory(plan.estimate_kwargs, free_by_gpu)
+    else:
+        import psutil
+
+        result = judge_cpu_memory(plan.estimate_kwargs, psutil.virtual_memory().available)
+    result.notes.insert(0, memory.describe_plan(plan, settings.max_length))
+    return result
 
 
 # Disk.
@@ -808,14 +504,14 @@ def _check_hub_dataset(settings: config.Settings, repo_id: str, variable: str) -
 def sanity_warnings(settings: config.Settings, world_size: int) -> list[str]:
     """The original's warnings on settings that are legal but probably not meant."""
     warnings = []
-    effective = settings.batch_size * settings.gradient_accumulation_steps * world_size
+    effective = memory.global_batch_for(settings, world_size)
     tokens = effective * settings.max_length
     if effective < 8:
-        warnings.append(f"effective batch is {effective} sequences (BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS x "
-                        f"{world_size} process(es)): very noisy gradients; raise GRADIENT_ACCUMULATION_STEPS")
+        warnings.append(f"the global batch is {effective} sequences per optimizer step: very noisy gradients; "
+                        "raise GLOBAL_BATCH_SIZE (or GRADIENT_ACCUMULATION_STEPS)")
     if tokens > 8 * 2**20:
-        warnings.append(f"effective batch is {tokens:,} tokens per optimizer step: few steps per shard; "
-                        "lower BATCH_SIZE or GRADIENT_ACCUMULATION_STEPS")
+        warnings.append(f"the global batch is {tokens:,} tokens per optimizer step: few steps per shard; "
+                        "lower GLOBAL_BATCH_SIZE (or BATCH_SIZE and GRADIENT_ACCUMULATION_STEPS)")
     if not 1e-5 <= settings.learning_rate <= 1e-2:
         warnings.append(f"LEARNING_RATE={settings.learning_rate:g} is outside the usual 1e-5..1e-2")
     if settings.max_length & (settings.max_length - 1):
@@ -842,9 +538,12 @@ def sanity_warnings(settings: config.Settings, world_size: int) -> list[str]:
 
 def check_sanity(settings: config.Settings) -> CheckResult:
     world = settings.num_processes or _gpu_count() or 1
+    try:
+        effective = memory.global_batch_for(settings, world)
+    except memory.BatchError:
+        return skipped("the batch settings disagree (the memory check says how)")
     warnings = sanity_warnings(settings, world)
-    effective = settings.batch_size * settings.gradient_accumulation_steps * world
-    return passed(f"effective batch {effective} sequences x {settings.max_length} tokens, "
+    return passed(f"global batch {effective} sequences x {settings.max_length} tokens, "
                   f"learning rate {settings.learning_rate:g}, {settings.run_epochs:g} epochs", warnings=warnings)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import config
+import memory
 import util
 from util import is_main_process, local_rank, log, one_line, replace_directory, world_size, write_json_atomic
 
@@ -188,6 +189,26 @@ def sanity_forward(model, dataset) -> None:
         f"(mean |logit| {logits.float().abs().mean().item():.3f})")
 
 
+# Dense 16-bit tensor-core peak of the cards MFU is reported for (FLOP/s; the vendors' data sheets).
+PEAK_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
+              ("L40S", 362e12), ("L4", 121e12))
+
+
+def peak_flops(card: str) -> float | None:
+    """The card's 16-bit peak, matched by name; None for a card not listed (no MFU is shown)."""
+    return next((flops for name, flops in PEAK_FLOPS if name in card), None)
+
+
+def flops_per_token(topology: config.Topology, vocab_rows: int, max_length: int) -> float:
+    """What training must compute per token, forward and backward, not counting recomputation:
+    6 x the non-embedding parameters (the matmuls), 6 x vocab x hidden (the LM head) and
+    12 x layers x hidden x MAX_LENGTH (attention scores and their weighted sum, causal mask ignored),
+    PaLM's accounting; the basis of the MFU in the step line and the summary."""
+    non_embedding = topology.parameter_count(vocab_rows) - 2 * vocab_rows * topology.hidden_size
+    return (6 * non_embedding + 6 * vocab_rows * topology.hidden_size
+            + 12 * topology.num_layers * topology.hidden_size * max_length)
+
+
 def peak_memory_gib() -> float:
     import torch
 
@@ -207,9 +228,10 @@ def logged_losses(log_history: list[dict]) -> list[tuple[int, float]]:
     return [(entry["step"], float(entry["loss"])) for entry in log_history if "loss" in entry and "step" in entry]
 
 
-def make_callbacks(settings: config.Settings, stop_file: Path):
+def make_callbacks(settings: config.Settings, stop_file: Path, flops_per_second_per_token: float | None):
     """The step logger, the NaN guard, the timer/SIGTERM stop and the checkpoint completion marker,
-    as TrainerCallbacks."""
+    as TrainerCallbacks. `flops_per_second_per_token`: flops_per_token over the processes' combined
+    peak, which turns tokens/s into MFU (None: not shown)."""
     import torch
     import torch.distributed as dist
     from transformers import TrainerCallback
@@ -242,8 +264,9 @@ def make_callbacks(settings: config.Settings, stop_file: Path):
             tokens_per_s = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
             self.last_time, self.last_tokens = now, state.num_input_tokens_seen
             per_step = (now - self.start_time) / max(step - self.start_step, 1)
+            mfu = f"mfu {100 * tokens_per_s * flops_per_second_per_token:5.1f}% | " if flops_per_second_per_token else ""
             log(f"step {step:>6}/{state.max_steps} | loss {loss:8.4f} | lr {logs.get('learning_rate', 0):.3e} | "
-                f"{tokens_per_s:>9,.0f} tok/s | mem {peak_memory_gib():6.2f} GiB | "
+                f"{tokens_per_s:>9,.0f} tok/s | {mfu}mem {peak_memory_gib():6.2f} GiB | "
                 f"eta {format_duration(per_step * (state.max_steps - step))}")
             if not math.isfinite(loss):
                 # Stop before this step's checkpoint is written: the last good checkpoint stays.
@@ -297,15 +320,16 @@ def make_callbacks(settings: config.Settings, stop_file: Path):
     return StepLog(), TimeAndSignalStop(), MarkCheckpointComplete()
 
 
-def training_arguments(settings: config.Settings, precision: str, use_cpu: bool, trainable_parameters: int):
+def training_arguments(settings: config.Settings, plan, precision: str, use_cpu: bool, fused_kernels: bool,
+                       trainable_parameters: int):
     from trl import SFTConfig
 
     import quant_utils
 
     return SFTConfig(
         output_dir=str(settings.checkpoint_dir),
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        per_device_train_batch_size=plan.batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
         num_train_epochs=settings.run_epochs,
         max_steps=settings.max_steps,
         learning_rate=settings.learning_rate,
@@ -317,8 +341,11 @@ def training_arguments(settings: config.Settings, precision: str, use_cpu: bool,
         warmup_steps=0.1,  # a float below 1 is a fraction of the run's steps: the original's 10%
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing=plan.gradient_checkpointing,
         gradient_checkpointing_kwargs=quant_utils.CHECKPOINTING_KWARGS,
+        # Liger's RMSNorm, SwiGLU and RoPE kernels; TRL keeps its own fused LM head for the loss.
+        use_liger_kernel=fused_kernels,
+        torch_compile=settings.torch_compile,
         deepspeed=config.deepspeed_config(settings, precision, trainable_parameters, world_size()),
         use_cpu=use_cpu,
         seed=settings.seed,
@@ -341,6 +368,19 @@ def training_arguments(settings: config.Settings, precision: str, use_cpu: bool,
         # step's batch the same at any world size (the same global batch gives the same loss curve).
         dataloader_drop_last=True,
     )
+
+
+def batch_plan(settings: config.Settings):
+    """The micro-batch, accumulation and checkpointing of this run (memory.plan_batch; every process
+    computes the same), and the machine it was planned for."""
+    machine = memory.machine_for(settings, world_size())
+    if machine.fused_kernels and not machine.on_gpu:
+        raise SystemExit("train: USE_LIGER=true needs a CUDA GPU (Liger's kernels have no CPU path); "
+                         "set USE_LIGER=auto or false")
+    try:
+        return memory.plan_batch(settings, machine), machine
+    except memory.BatchError as err:
+        raise SystemExit(f"train: {err}") from None
 
 
 def zero_setup(settings: config.Settings, trainable: int) -> tuple[int, tuple[int, bool] | None]:
@@ -369,7 +409,7 @@ def chat_token_ids(tokenizer) -> list[int]:
     return sorted(vocabulary[token] for token in config.CHAT_TOKENS if token in vocabulary)
 
 
-def load_model(settings: config.Settings, precision: str, local_rank: int, chat_tokens: list[int]):
+def load_model(settings: config.Settings, checkpointing: bool, local_rank: int, chat_tokens: list[int]):
     """The prepared model: full weights, or (USE_QUANT) an NF4-quantized base with LoRA adapters and
     trainable embedding and LM-head rows for the chat markers."""
     import torch
@@ -383,7 +423,7 @@ def load_model(settings: config.Settings, precision: str, local_rank: int, chat_
         device_map = {"": local_rank} if torch.cuda.is_available() else None
         model, trainable, total = quant_utils.load_for_training(
             model_dir, True, dtype=torch.bfloat16, device_map=device_map,
-            gradient_checkpointing=settings.gradient_checkpointing, trained_tokens=chat_tokens)
+            gradient_checkpointing=checkpointing, trained_tokens=chat_tokens)
     else:
         # fp32 weights: DeepSpeed keeps fp32 master weights and casts the model for bf16/fp16 itself.
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
@@ -420,8 +460,10 @@ def print_summary(summary: dict) -> None:
     log(f"  steps          {summary['steps']}/{summary['total_steps']}")
     log(f"  tokens seen    {summary['tokens_seen']:,}")
     log(f"  loss           {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
-    log(f"  wall time      {format_duration(summary['wall_seconds'])} ({summary['tokens_per_second']:,.0f} tok/s)")
-    log(f"  peak memory    {summary['peak_memory_gib']:.2f} GiB per process, {summary['world_size']} process(es)")
+    mfu = f", MFU {100 * summary['mfu']:.1f}%" if summary["mfu"] is not None else ""
+    log(f"  wall time      {format_duration(summary['wall_seconds'])} ({summary['tokens_per_second']:,.0f} tok/s{mfu})")
+    log(f"  peak memory    {summary['peak_memory_gib']:.2f} GiB per process (estimated {summary['estimated_peak_gib']:.2f}), "
+        f"{summary['world_size']} process(es)")
     log("=" * 72)
 
 
@@ -445,6 +487,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         # cuDNN's SDPA kernel plans per sequence length (~150 ms each); flash/efficient kernels do not.
         torch.backends.cuda.enable_cudnn_sdp(False)
     precision = resolve_precision(settings)
+    plan, machine = batch_plan(settings)
     stop_file = settings.work_dir / "STOP"
     resume = resume_checkpoint(settings)
     if resume:
@@ -459,25 +502,29 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     # LoRA's adapters are drawn when load_model attaches them, before the Trainer seeds, and torch
     # seeds itself randomly at start-up: without this SEED would not repeat a USE_QUANT run.
     transformers.set_seed(settings.seed)
-    model, trainable, total = load_model(settings, precision, rank, chat_token_ids(tokenizer))
+    model, trainable, total = load_model(settings, plan.gradient_checkpointing, rank, chat_token_ids(tokenizer))
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     if not use_cpu and not settings.use_quant:
         model.to(f"cuda:{rank}")  # DeepSpeed would move it anyway; the sanity check then runs on the GPU
     if is_main_process():
         sanity_forward(model, dataset)
 
-    args = training_arguments(settings, precision, use_cpu, trainable)
+    args = training_arguments(settings, plan, precision, use_cpu, machine.fused_kernels, trainable)
     zero_stage, buckets = zero_setup(settings, trainable)
-    step_log, stopper, marker = make_callbacks(settings, stop_file)
+    card = "CPU" if use_cpu else torch.cuda.get_device_name()
+    token_flops = flops_per_token(settings.topology, vocab_rows, settings.max_length)
+    card_flops = peak_flops(card)
+    step_log, stopper, marker = make_callbacks(
+        settings, stop_file, token_flops / (card_flops * world_size()) if card_flops else None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[step_log, stopper, marker])
     trainer.remove_callback(PrinterCallback)  # StepLog prints the one fixed-format line instead
     processes = trainer.accelerator.num_processes
-    log(f"training: {len(dataset):,} sequences, {settings.run_epochs:g} epochs, global batch "
-        f"{settings.batch_size * settings.gradient_accumulation_steps * processes} sequences "
-        f"({processes} process(es) x {settings.batch_size} x {settings.gradient_accumulation_steps}), "
-        f"{precision}, ZeRO-{zero_stage}{bucket_note(buckets)}"
-        + (f", resuming from {resume}" if resume else ""))
+    log(memory.describe_plan(plan, settings.max_length))
+    log(f"training: {len(dataset):,} sequences, {settings.run_epochs:g} epochs, {precision}, "
+        f"ZeRO-{zero_stage}{bucket_note(buckets)}, {'Liger kernels' if machine.fused_kernels else 'no fused kernels'}"
+        f"{', torch.compile' if settings.torch_compile else ''}; estimated peak "
+        f"{memory.gib(plan.estimate['allocated'])} allocated per process" + (f", resuming from {resume}" if resume else ""))
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
@@ -487,6 +534,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
                               f"the last good checkpoint in {settings.checkpoint_dir} is kept and nothing is "
                               "published (lower LEARNING_RATE, or use PRECISION=bf16 instead of fp16)")
     wall = time.time() - started
+    tokens_per_second = (state.num_input_tokens_seen - step_log.start_tokens) / max(wall, 1e-9)
     summary = {
         "stage_key": settings.stage_key(), "phase": settings.phase,
         "completed": stopper.stopped_by is None, "stopped_by": stopper.stopped_by,
@@ -494,15 +542,18 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         "tokens_seen": int(state.num_input_tokens_seen),
         "first_loss": losses[0][1] if losses else math.nan, "final_loss": losses[-1][1] if losses else math.nan,
         "losses": losses, "wall_seconds": wall,
-        "tokens_per_second": (state.num_input_tokens_seen - step_log.start_tokens) / max(wall, 1e-9),
-        "peak_memory_gib": peak_memory_gib(), "parameters": total, "trainable_parameters": trainable,
+        "tokens_per_second": tokens_per_second,
+        "mfu": tokens_per_second * token_flops / (card_flops * processes) if card_flops else None,
+        "flops_per_token": token_flops,
+        "peak_memory_gib": peak_memory_gib(), "estimated_peak_gib": plan.estimate["allocated"] / memory.GIB,
+        "parameters": total, "trainable_parameters": trainable,
         "precision": precision, "world_size": processes, "use_quant": settings.use_quant,
         "is_last_shard": manifest["is_last_shard"], "topology": settings.stage_key()["topology"],
-        "vocab_rows": vocab_rows, "batch_size": settings.batch_size, "max_length": settings.max_length,
-        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
-        "gradient_checkpointing": settings.gradient_checkpointing, "zero_stage": zero_stage,
-        "deepspeed_buckets": buckets,
-        "card": "CPU" if use_cpu else torch.cuda.get_device_name(),
+        "vocab_rows": vocab_rows, "batch_size": plan.batch_size, "max_length": settings.max_length,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps, "global_batch_size": plan.global_batch,
+        "gradient_checkpointing": plan.gradient_checkpointing, "zero_stage": zero_stage,
+        "deepspeed_buckets": buckets, "fused_kernels": machine.fused_kernels, "torch_compile": settings.torch_compile,
+        "card": card,
     }
     save_trained(settings, trainer, tokenizer, summary)
     print_summary(summary)

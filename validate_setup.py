@@ -130,13 +130,14 @@ def check_lora() -> CheckResult:
     """LoRA adapters (config.LORA_*) on the 7 projections of a tiny LLaMA: only they train."""
     from peft import LoraConfig, get_peft_model
 
-    import preflight
+    import memory
+
     model, topology = tiny_llama()
     lora = LoraConfig(r=config.LORA_R, lora_alpha=config.LORA_ALPHA, lora_dropout=config.LORA_DROPOUT,
                       target_modules=list(config.LORA_TARGETS), task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    expected = preflight.lora_parameter_count(topology)
+    expected = memory.lora_parameter_count(topology)
     if trainable != expected:
         return failed(f"peft LoRA trains {trainable:,} parameters on the tiny model, expected {expected:,} "
                       f"(r={config.LORA_R} on {', '.join(config.LORA_TARGETS)})")

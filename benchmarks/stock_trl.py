@@ -37,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--logging-steps", type=int, default=2, help="as LOGGING_STEPS in gpu_benchmarks.sh")
     parser.add_argument("--quant", action="store_true", help="NF4 base + LoRA instead of full bf16")
     parser.add_argument("--checkpointing", action="store_true", help="activation (gradient) checkpointing")
+    parser.add_argument("--liger", action="store_true", help="Liger's kernels through TRL's use_liger_kernel")
     parser.add_argument("--cpu", action="store_true", help="run on CPU (a smoke test of the script)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     return parser.parse_args()
@@ -131,7 +132,8 @@ def main() -> int:
                              learning_rate=2e-4, lr_scheduler_type="constant", bf16=not args.cpu,
                              use_cpu=args.cpu, gradient_checkpointing=args.checkpointing,
                              max_length=args.length, packing=False, logging_steps=args.logging_steps, save_strategy="no",
-                             report_to="none", dataloader_drop_last=True, disable_tqdm=True)
+                             report_to="none", dataloader_drop_last=True, disable_tqdm=True,
+                             use_liger_kernel=args.liger)
         timer = step_timer()
         trainer = SFTTrainer(model=model, args=training, train_dataset=packed_rows(args),
                              processing_class=word_tokenizer(args.vocab_rows), callbacks=[timer])
@@ -142,7 +144,7 @@ def main() -> int:
     median_seconds = median_window_seconds(timer.durations, args.warmup, args.logging_steps)
     result = {
         "card": "CPU" if args.cpu else torch.cuda.get_device_name(),
-        "mode": "NF4+LoRA (stock)" if args.quant else "bf16 (stock)",
+        "mode": ("NF4+LoRA (stock)" if args.quant else "bf16 (stock)") + (" + Liger" if args.liger else ""),
         "batch": args.batch, "length": args.length, "accumulation": args.accumulation,
         "checkpointing": args.checkpointing, "steps": len(timer.durations),
         "tokens_per_second": tokens_per_step / median_seconds,

@@ -130,9 +130,18 @@ ON_THE_HUB = {"HF_ENDPOINT": "{hub}", "HF_TOKEN": "{token}"}
 
 CASES = [
     # ---- variables ----
-    variable("BATCH_SIZE", "four", "must be a whole number from 1 to 4096"),
-    variable("BATCH_SIZE", "0", "must be a whole number from 1 to 4096"),
-    variable("BATCH_SIZE", "-2", "must be a whole number from 1 to 4096"),
+    variable("BATCH_SIZE", "four", "must be auto or a whole number from 1 to 4096"),
+    variable("BATCH_SIZE", "0", "must be auto or a whole number from 1 to 4096"),
+    variable("BATCH_SIZE", "-2", "must be auto or a whole number from 1 to 4096"),
+    variable("GLOBAL_BATCH_SIZE", "0", "must be a whole number from 1 to 1000000"),
+    variable("GRADIENT_CHECKPOINTING", "sometimes", "must be auto or true or false"),
+    variable("USE_LIGER", "yes please", "must be auto or true or false"),
+    Case("BATCH_SIZE not dividing the global batch", "preflight", {"BATCH_SIZE": "5", "GRADIENT_ACCUMULATION_STEPS": "auto"},
+         "must divide the 16 sequences per process (GLOBAL_BATCH_SIZE=16 over 1 process(es))", ("BATCH_SIZE=5",)),
+    Case("GLOBAL_BATCH_SIZE against BATCH_SIZE x GRADIENT_ACCUMULATION_STEPS", "preflight", {"GLOBAL_BATCH_SIZE": "64"},
+         "BATCH_SIZE=16 x GRADIENT_ACCUMULATION_STEPS=1 x 1 process(es) is 16", ("GLOBAL_BATCH_SIZE=64",)),
+    Case("USE_LIGER without a GPU", "preflight", {"USE_LIGER": "true"},
+         "needs a CUDA GPU (Liger's kernels have no CPU path)", ("USE_LIGER=true",)),
     variable("EPOCHS", "0", "must be a number > 0 and <= 1000"),
     variable("EPOCHS", "nan", "must be a number > 0 and <= 1000"),
     variable("LEARNING_RATE", "fast", "must be a number > 0 and <= 1"),
@@ -141,7 +150,7 @@ CASES = [
     variable("VOCAB_SIZE", "100", "must be a whole number from 512 to 1000000"),
     variable("VOCAB_SIZE", "300", "must be a whole number from 512 to 1000000"),
     variable("WEIGHT_DECAY", "-0.1", "must be a number >= 0 and <= 1"),
-    variable("GRADIENT_ACCUMULATION_STEPS", "0", "must be a whole number from 1 to 4096"),
+    variable("GRADIENT_ACCUMULATION_STEPS", "0", "must be auto or a whole number from 1 to 4096"),
     variable("SHARD_SIZE", "0", "must be a whole number from 1 to 10000000000"),
     variable("INIT", "-1", "must be a whole number from 0 to 100000"),
     variable("INST", "maybe", "must be true or false (also 1/0, yes/no, on/off)"),
@@ -350,7 +359,7 @@ def fake_cpu_machine(monkeypatch) -> None:
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=RAM_GIB * GIB))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=RAM_GIB * GIB, total=RAM_GIB * GIB))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

@@ -24,13 +24,24 @@ def test_demo_preset_when_no_data_is_named():
     assert 1e6 < s.topology.parameter_count() < 10e6
 
 
-def test_full_preset_uses_original_defaults():
+def test_full_preset_uses_original_defaults_and_chooses_the_batch_at_run_time():
     s = load(INPUT_DATASET="some/dataset")
     assert s.preset == "full"
-    assert (s.batch_size, s.epochs, s.learning_rate, s.max_length, s.vocab_size) == (4, 3.0, 3e-4, 2048, 52000)
-    assert (s.weight_decay, s.gradient_accumulation_steps, s.shard_size, s.factor) == (0.01, 2, 131072, 12288)
+    assert (s.epochs, s.learning_rate, s.max_length, s.vocab_size) == (3.0, 3e-4, 2048, 52000)
+    assert (s.weight_decay, s.shard_size, s.factor) == (0.01, 131072, 12288)
+    assert (s.batch_size, s.gradient_accumulation_steps, s.gradient_checkpointing, s.use_liger) == (None,) * 4
+    assert s.global_batch_size == 32 and s.public_dict()["BATCH_SIZE"] == "auto"
     assert (s.startup_duration_timeout, s.timeout_buffer, s.init, s.inst, s.use_quant) == (350, 20, 0, False, False)
     assert s.output_repo == "train-llama" and s.input_repo == "train-llama"
+
+
+def test_auto_is_accepted_where_the_run_chooses_and_refused_elsewhere():
+    s = load(PRESET="demo", BATCH_SIZE="auto", GRADIENT_CHECKPOINTING="AUTO", USE_LIGER="false")
+    assert (s.batch_size, s.gradient_checkpointing, s.use_liger) == (None, None, False)
+    with pytest.raises(config.ConfigError) as err:
+        load(BATCH_SIZE="lots", EPOCHS="auto")
+    assert err.value.problems[0] == "BATCH_SIZE='lots': must be auto or a whole number from 1 to 4096 (default auto)"
+    assert err.value.problems[1].startswith("EPOCHS='auto': must be a number > 0")
 
 
 def test_explicit_variable_wins_over_demo():

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import config
+import memory
 import preflight
 from hub_server import HubStandIn, Repo
 
@@ -51,7 +53,7 @@ def topology_1b():
 def estimate(**overrides):
     kwargs = dict(topology=topology_1b(), vocab_size=52000, batch_size=4, max_length=2048, precision_bytes=2,
                   use_quant=False, gradient_checkpointing=True, zero_stage=2, world_size=1)
-    return preflight.estimate_training_memory(**{**kwargs, **overrides}), {**kwargs, **overrides}
+    return memory.estimate_training_memory(**{**kwargs, **overrides}), {**kwargs, **overrides}
 
 
 # The whole script.
@@ -305,7 +307,7 @@ def test_enough_memory_passes_and_tight_memory_warns():
 def test_advice_prefers_checkpointing_then_smaller_batches():
     full, kwargs = estimate(gradient_checkpointing=False, batch_size=8, gradient_accumulation_steps=2)
     checkpointed, _ = estimate(gradient_checkpointing=True, batch_size=8, gradient_accumulation_steps=2)
-    advice = preflight.advice_to_fit(kwargs, (full["total"] + checkpointed["total"]) / 2)
+    advice = memory.advice_to_fit(kwargs, (full["total"] + checkpointed["total"]) / 2)
     assert advice[0].startswith("GRADIENT_CHECKPOINTING=true")
     batch_advice = [a for a in advice if a.startswith("BATCH_SIZE=")]
     assert batch_advice and "GRADIENT_ACCUMULATION_STEPS=" in batch_advice[0]
@@ -315,7 +317,7 @@ def test_advice_prefers_checkpointing_then_smaller_batches():
 
 def test_advice_is_empty_when_nothing_fits():
     _, kwargs = estimate()
-    assert preflight.advice_to_fit(kwargs, 1 * GIB) == []
+    assert memory.advice_to_fit(kwargs, 1 * GIB) == []
 
 
 def test_zero_stages_shard_what_they_promise():
@@ -363,8 +365,13 @@ def test_trained_chat_rows_cost_a_head_copy_and_gradient_only_in_quantized_instr
     assert rows["allocated"] < estimate(use_quant=False)[0]["allocated"] / 4
     for inst, expected in (("false", False), ("true", True)):
         settings = settings_for(base_env, USE_QUANT="true", INST=inst)
-        assert preflight.estimate_for_settings(settings, 1, 2)["trains_token_rows"] is expected
-    assert not preflight.estimate_for_settings(settings_for(base_env, INST="true"), 1, 2)["trains_token_rows"]
+        assert gpu_estimate_kwargs(settings)["trains_token_rows"] is expected
+    assert not gpu_estimate_kwargs(settings_for(base_env, INST="true"))["trains_token_rows"]
+
+
+def gpu_estimate_kwargs(settings):
+    machine = memory.Machine(1, True, 2, False, 80 * GIB, "test")
+    return memory.estimate_kwargs(settings, machine, 4, 2, True)
 
 
 def test_one_billion_parameter_numbers_are_plausible():
@@ -405,7 +412,7 @@ MEASURED_PEAKS_TRIMMED_BUCKETS = [
                          [(*row, (config.ORIGINAL_BUCKET_ELEMENTS, True)) for row in MEASURED_PEAKS]
                          + [(*row, None) for row in MEASURED_PEAKS_TRIMMED_BUCKETS])
 def test_estimate_matches_measured_gpu_peaks(factor, vocab, batch, length, zero, ckpt, quant, measured_gib, buckets):
-    result = preflight.estimate_training_memory(config.topology_for_factor(factor, vocab), vocab, batch, length, 2,
+    result = memory.estimate_training_memory(config.topology_for_factor(factor, vocab), vocab, batch, length, 2,
                                                 quant, ckpt, zero, 1, buckets=buckets)
     assert result["allocated"] / GIB == pytest.approx(measured_gib, rel=0.10)
 
@@ -434,7 +441,7 @@ def test_layer_activations_match_what_autograd_saves():
     shared = tokens * 8 + 2 * length * topology.head_dim * 2  # input ids; rotary cos and sin
     final_norm = tokens * (4 * 128 + 4 + 2 * 128)
     per_layer = (sum(saved.values()) - shared - final_norm) / topology.num_layers
-    assert per_layer == pytest.approx(preflight.layer_activation_bytes(topology, 2, False) * tokens, rel=0.01)
+    assert per_layer == pytest.approx(memory.layer_activation_bytes(topology, 2, False) * tokens, rel=0.01)
 
 
 # Sanity warnings and disk.
@@ -444,7 +451,7 @@ def test_sanity_warnings_flag_odd_settings(base_env):
                             BATCH_SIZE="1")
     warnings = " | ".join(preflight.sanity_warnings(settings, world_size=1))
     for expected in ("LEARNING_RATE=0.5 is outside", "MAX_LENGTH=1000 is not a power of two", "EPOCHS=20 > 10",
-                     "effective batch is 1 sequences"):
+                     "the global batch is 1 sequences"):
         assert expected in warnings
     assert preflight.check_sanity(settings).status == preflight.PASS  # warnings do not fail
 
@@ -491,25 +498,31 @@ def test_output_folders_must_be_folders_this_user_can_write(base_env, tmp_path, 
 
 # Memory on CPU.
 
+def cpu_estimate_kwargs(settings, processes):
+    """The estimate's arguments for a CPU run of the original's shape (micro-batch 4 x 2, checkpointing)."""
+    machine = memory.Machine(processes, False, memory.cpu_precision_bytes(settings), False, 0.0, "test")
+    return memory.estimate_kwargs(settings, machine, 4, 2, True)
+
+
 def test_cpu_memory_counts_every_process_and_advises(base_env):
     settings = settings_for(base_env, OUTPUT_REPO="me/model", INPUT_DATASET="me/data")  # the 1.02B full preset
-    one = preflight.estimate_for_settings(settings, 1, preflight.cpu_precision_bytes(settings))
-    assert one["precision_bytes"] == 4  # fp32: what train.py trains in on CPU
-    per_process = preflight.estimate_training_memory(**one, include_cuda_overhead=False)["total"]
-    need = per_process + preflight.CPU_PROCESS_BYTES
+    one = cpu_estimate_kwargs(settings, 1)
+    assert one["precision_bytes"] == 4 and not one["include_cuda_overhead"]  # fp32: what train.py trains in on CPU
+    per_process = memory.estimate_training_memory(**one)["total"]
+    need = per_process + memory.CPU_PROCESS_BYTES
     short = preflight.judge_cpu_memory(one, 23 * GIB)
     assert need > 23 * GIB and short.status == preflight.FAIL
-    assert short.detail == (f"training on CPU (1 process(es) at 32-bit) needs an estimated {preflight.gib(need)} "
+    assert short.detail == (f"training on CPU (1 process(es) at 32-bit) needs an estimated {memory.gib(need)} "
                             "of RAM > 23.0 GiB available")
     assert short.notes and all(note.startswith("would fit: ") for note in short.notes)
     assert preflight.judge_cpu_memory(one, 2 * need).status == preflight.PASS
-    two = preflight.estimate_for_settings(settings, 2, 4)  # each process holds its own copy of the model
-    need_two = 2 * (preflight.estimate_training_memory(**two, include_cuda_overhead=False)["total"]
-                    + preflight.CPU_PROCESS_BYTES)
+    two = cpu_estimate_kwargs(settings, 2)  # each process holds its own copy of the model
+    need_two = 2 * (memory.estimate_training_memory(**two)["total"]
+                    + memory.CPU_PROCESS_BYTES)
     assert need_two > need  # ZeRO-2 shards the optimizer states, but weights and activations are per process
     assert preflight.judge_cpu_memory(two, 0.95 * need_two).status == preflight.FAIL
     assert preflight.judge_cpu_memory(two, 1.2 * need_two).detail.startswith(
-        f"training on CPU (2 process(es) at 32-bit) needs an estimated {preflight.gib(need_two)} of RAM;")
+        f"training on CPU (2 process(es) at 32-bit) needs an estimated {memory.gib(need_two)} of RAM;")
     tight = preflight.judge_cpu_memory(one, 1.05 * need)
     assert tight.status == preflight.PASS and "an out-of-memory kill is possible" in tight.warnings[0]
 
@@ -517,14 +530,14 @@ def test_cpu_memory_counts_every_process_and_advises(base_env):
 def test_cpu_memory_check_reads_the_available_ram(base_env, monkeypatch):
     import psutil
     import torch
-    from types import SimpleNamespace
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=4 * GIB))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=4 * GIB, total=4 * GIB))
     demo = preflight.check_gpu_memory(settings_for(base_env, PRESET="demo"))
     assert demo.status == preflight.PASS and demo.detail.endswith("; 4.0 GiB available")
     huge = preflight.check_gpu_memory(settings_for(base_env, PRESET="demo", FACTOR=98304))
-    assert huge.status == preflight.FAIL and huge.notes == [
+    assert huge.notes[0].startswith("batch: 16 sequences (4,096 tokens) per optimizer step") and "(as set)" in huge.notes[0]
+    assert huge.status == preflight.FAIL and huge.notes[1:] == [
         "no single setting change fits: train on a GPU, or a smaller model (lower FACTOR or TARGET_PARAMETERS)"]
 
 
@@ -537,6 +550,8 @@ def fake_gpus(monkeypatch, free_gib, bf16=True):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: f"Fake GPU {index}")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (free_gib[index] * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda index=0: SimpleNamespace(name=f"Fake GPU {index}", total_memory=80 * GIB))
 
 
 def test_gpu_check_uses_every_gpus_free_memory(monkeypatch, base_env):

@@ -8,6 +8,7 @@ configuration keeps the original's settings (with its gradient buckets trimmed t
 and ZeRO-2 run as ZeRO-1 only for 4-bit + LoRA on one process), and precision follows the device."""
 import json
 import math
+import re
 import signal
 
 import pytest
@@ -36,7 +37,7 @@ def settings(tmp_path):
 
 def test_nan_loss_stops_training_and_skips_the_checkpoint(settings, tmp_path, capsys):
     pytest_handler = signal.getsignal(signal.SIGTERM)
-    step_log, *_ = train.make_callbacks(settings, tmp_path / "STOP")  # installs train.py's SIGTERM handler
+    step_log, *_ = train.make_callbacks(settings, tmp_path / "STOP", None)  # installs train.py's SIGTERM handler
     signal.signal(signal.SIGTERM, pytest_handler)
     step_log.on_train_begin(None, State(), Control())
     control = Control()
@@ -46,11 +47,22 @@ def test_nan_loss_stops_training_and_skips_the_checkpoint(settings, tmp_path, ca
     assert not control.should_save and control.should_training_stop
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("step     20/100 | loss   2.5000 | lr 1.000e-03 |") and "tok/s" in line and "eta" in line
+    assert "mfu" not in line  # no peak known for the card (CPU)
+
+
+def test_the_step_line_shows_mfu_where_the_cards_peak_is_known(settings, tmp_path, capsys):
+    pytest_handler = signal.getsignal(signal.SIGTERM)
+    step_log, *_ = train.make_callbacks(settings, tmp_path / "STOP", 1e-6)  # 1e6 tokens/s would be 100%
+    signal.signal(signal.SIGTERM, pytest_handler)
+    step_log.on_train_begin(None, State(), Control())
+    step_log.on_log(None, State(), Control(), logs={"loss": 2.5, "learning_rate": 1e-3})
+    line = capsys.readouterr().out.splitlines()[0]
+    assert re.search(r" tok/s \| mfu +\d+\.\d% \| mem ", line), line
 
 
 def test_the_last_step_is_always_logged(settings, tmp_path):
     pytest_handler = signal.getsignal(signal.SIGTERM)
-    step_log, *_ = train.make_callbacks(settings, tmp_path / "STOP")
+    step_log, *_ = train.make_callbacks(settings, tmp_path / "STOP", None)
     signal.signal(signal.SIGTERM, pytest_handler)
     last, middle = Control(), Control()
     last.should_log = middle.should_log = False
