@@ -276,8 +276,6 @@ VARIABLES: tuple[Variable, ...] = (
              automatic=True),
     Variable("USE_LIGER", "use_liger", None, "Liger's fused GPU kernels for RMSNorm, SwiGLU and rotary embeddings "
              "(less memory, faster steps); `auto`: on a GPU", parse_or_auto(parse_bool), automatic=True),
-    Variable("TORCH_COMPILE", "torch_compile", False, "Compile the model with torch.compile (slower start; "
-             "measured slower with Liger's kernels, see BENCHMARKS.md)", parse_bool),
     Variable("SAVE_STEPS", "save_steps", 500, "Checkpoint every this many optimizer steps (the last two are kept)", parse_int(1, 10**9), demo=50),
     Variable("LOGGING_STEPS", "logging_steps", 10, "Log one line every this many optimizer steps", parse_int(1, 10**9), demo=10),
     Variable("SEED", "seed", 42, "Random seed (model and LoRA adapter initialisation, data order, dropout)", parse_int(0, 2**32 - 1)),
@@ -411,7 +409,6 @@ class Settings:
     zero_stage: int
     gradient_checkpointing: bool | None
     use_liger: bool | None
-    torch_compile: bool
     save_steps: int
     logging_steps: int
     seed: int

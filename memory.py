@@ -420,9 +420,9 @@ def global_batch_for(settings: config.Settings, world_size: int) -> int:
         return settings.global_batch_size
     product = batch * accumulation * world_size
     if settings.sources.get("GLOBAL_BATCH_SIZE", "").startswith("environment") and settings.global_batch_size != product:
-        raise BatchError(f"GLOBAL_BATCH_SIZE={settings.global_batch_size}: BATCH_SIZE={batch} x GRADIENT_ACCUMULATION_"
-                         f"STEPS={accumulation} x {world_size} process(es) is {product}; set BATCH_SIZE or "
-                         "GRADIENT_ACCUMULATION_STEPS to auto, or unset GLOBAL_BATCH_SIZE")
+        raise BatchError(f"GLOBAL_BATCH_SIZE={settings.global_batch_size}: BATCH_SIZE={batch} x "
+                         f"GRADIENT_ACCUMULATION_STEPS={accumulation} x {world_size} process(es) is {product}; "
+                         "set BATCH_SIZE or GRADIENT_ACCUMULATION_STEPS to auto, or unset GLOBAL_BATCH_SIZE")
     return product
 
 

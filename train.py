@@ -345,7 +345,6 @@ def training_arguments(settings: config.Settings, plan, precision: str, use_cpu:
         gradient_checkpointing_kwargs=quant_utils.CHECKPOINTING_KWARGS,
         # Liger's RMSNorm, SwiGLU and RoPE kernels; TRL keeps its own fused LM head for the loss.
         use_liger_kernel=fused_kernels,
-        torch_compile=settings.torch_compile,
         deepspeed=config.deepspeed_config(settings, precision, trainable_parameters, world_size()),
         use_cpu=use_cpu,
         seed=settings.seed,
@@ -523,7 +522,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     log(memory.describe_plan(plan, settings.max_length))
     log(f"training: {len(dataset):,} sequences, {settings.run_epochs:g} epochs, {precision}, "
         f"ZeRO-{zero_stage}{bucket_note(buckets)}, {'Liger kernels' if machine.fused_kernels else 'no fused kernels'}"
-        f"{', torch.compile' if settings.torch_compile else ''}; estimated peak "
+        f"; estimated peak "
         f"{memory.gib(plan.estimate['allocated'])} allocated per process" + (f", resuming from {resume}" if resume else ""))
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
@@ -552,7 +551,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         "vocab_rows": vocab_rows, "batch_size": plan.batch_size, "max_length": settings.max_length,
         "gradient_accumulation_steps": plan.gradient_accumulation_steps, "global_batch_size": plan.global_batch,
         "gradient_checkpointing": plan.gradient_checkpointing, "zero_stage": zero_stage,
-        "deepspeed_buckets": buckets, "fused_kernels": machine.fused_kernels, "torch_compile": settings.torch_compile,
+        "deepspeed_buckets": buckets, "fused_kernels": machine.fused_kernels,
         "card": card,
     }
     save_trained(settings, trainer, tokenizer, summary)

@@ -7,7 +7,7 @@ trainer.sh does (no settings but FACTOR, the data and the step count), trains st
 (benchmarks/stock_trl.py) on the same shape in the same call, and prints one table: tokens/s, MFU,
 peak memory against preflight's estimate, and the ratio to stock. Runs and logs stay in --out.
 
-    python3 benchmarks/speed.py --out /tmp/speed                  # every run below but 1b-compile
+    python3 benchmarks/speed.py --out /tmp/speed                  # every run below
     python3 benchmarks/speed.py --runs 1b,1b-stock-liger           # some of them
     python3 benchmarks/speed.py --loss-check                       # fast path against plain, 200 steps
     python3 benchmarks/speed.py --smoke                            # CPU, tiny shapes: the script itself
@@ -59,14 +59,14 @@ RUNS = {
     "300m": Run(6144),
     "300m-stock-liger": Run(6144, stock_of="300m", liger=True),
     "1b-nf4": Run(12288, {"USE_QUANT": "true"}),
+    "1b-nf4-b4": Run(12288, {"USE_QUANT": "true", "BATCH_SIZE": "4", "GRADIENT_CHECKPOINTING": "true"}),
     "1b-nf4-stock": Run(12288, stock_shape=(4, 1, True), quant=True),
     "1b-nf4-stock-liger": Run(12288, stock_shape=(4, 1, True), quant=True, liger=True),
-    "1b-compile": Run(12288, {"TORCH_COMPILE": "true"}),
 }
-DEFAULT_RUNS = [name for name in RUNS if name != "1b-compile"]
+DEFAULT_RUNS = list(RUNS)
 # Each run is compared with the stock run of its own shape.
 STOCK_PAIR = {"1b": "1b-stock-liger", "1b-no-liger": "1b-stock", "300m": "300m-stock-liger",
-              "1b-nf4": "1b-nf4-stock", "1b-compile": "1b-stock-liger"}
+              "1b-nf4": "1b-nf4-stock", "1b-nf4-b4": "1b-nf4-stock"}
 
 
 def parse_args() -> argparse.Namespace:

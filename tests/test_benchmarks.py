@@ -1,7 +1,8 @@
 """Guards the benchmark scripts that BENCHMARKS.md's numbers come from, so that device time is not
 lost to a broken script: the stock baseline, the step profiler and the ZeRO host-cost timer run (on
 CPU, tiny shapes), the profiler's switch to the stage as set reaches the DeepSpeed config, and the
-report computes its ratios from a results folder."""
+report computes its ratios from a results folder, and benchmarks/speed.py runs the pipeline and stock TRL on
+one shape and prints its table."""
 import importlib.util
 import json
 import os
@@ -88,3 +89,17 @@ def test_zero_host_cost_times_a_deepspeed_step_against_backward_alone(root, tmp_
     # A ZeRO step does the backward and then the optimizer's work on top of it.
     assert 0 < measured["ms_per_step"]["backward"] < measured["ms_per_step"]["zero2"]
     assert "zero2" in result.stdout and "ms over forward and backward" in result.stdout
+
+
+def test_speed_benchmark_runs_the_pipeline_and_stock_on_one_shape_and_prints_the_table(root, tmp_path):
+    out = tmp_path / "speed"
+    result = subprocess.run([sys.executable, "benchmarks/speed.py", "--smoke", "--out", str(out),
+                             "--runs", "1b,1b-stock-liger"], cwd=root, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    pipeline, stock = results["1b"], results["1b-stock-liger"]
+    assert (stock["batch"], stock["accumulation"]) == (pipeline["batch"], pipeline["accumulation"])
+    assert pipeline["tokens_per_second"] > 0 and pipeline["estimate_gib"] > 0 and len(pipeline["losses"]) == 2
+    table = result.stdout.split("| run |")[1]
+    assert "| 1b | 3M | this pipeline |" in table and "| 1b-stock-liger |" in table

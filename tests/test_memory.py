@@ -106,3 +106,24 @@ def test_flops_per_token_counts_matmuls_head_and_attention():
     # The issue's arithmetic: 77k tokens/s of the 1B model is about half of an H200's 989 TFLOP/s.
     assert 77_000 * expected / train.peak_flops("NVIDIA H200") == pytest.approx(0.5, abs=0.02)
     assert train.peak_flops("NVIDIA H100 PCIe") == 756e12 and train.peak_flops("Tesla T4") is None
+
+
+# Peaks measured on an NVIDIA H200 (2026-12-03, `benchmarks/speed.py`, BENCHMARKS.md): train.py with the
+# plans that `auto` chose and with the plain path, a 52,000-token vocabulary, 2048-token rows, one GPU.
+# (FACTOR, micro-batch, accumulation, checkpointing, USE_QUANT, Liger, ZeRO stage run, GiB allocated)
+MEASURED_PEAKS_52K = [
+    (12288, 32, 1, False, False, True, 2, 81.98),
+    (6144, 32, 1, False, False, True, 2, 34.55),
+    (12288, 32, 1, False, True, True, 1, 106.70),
+    (12288, 4, 8, True, True, True, 1, 2.51),
+    (6144, 4, 8, True, False, False, 2, 5.95),
+]
+
+
+@pytest.mark.parametrize("factor, batch, accumulation, checkpointing, quant, liger, zero, measured_gib", MEASURED_PEAKS_52K)
+def test_the_estimate_of_the_chosen_plans_matches_measured_peaks(factor, batch, accumulation, checkpointing, quant,
+                                                                 liger, zero, measured_gib):
+    estimate = memory.estimate_training_memory(
+        config.topology_for_factor(factor, 52000), 52000, batch, 2048, 2, quant, checkpointing, zero, 1,
+        gradient_accumulation_steps=accumulation, fused_kernels=liger)
+    assert estimate["allocated"] / GIB == pytest.approx(measured_gib, rel=0.05)
