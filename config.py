@@ -198,6 +198,52 @@ def parse_or_auto(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse_auto
 
 
+# What a dataset value may add after '?': `owner/name?config=en&split=train&column=content`.
+DATASET_OPTIONS = ("config", "split", "column", "data_dir", "data_files")
+LOCAL_DATASET_OPTIONS = ("column",)  # the others select among a Hub dataset's files
+
+
+def split_dataset_spec(value: str) -> tuple[str, dict[str, str]]:
+    """'owner/name?config=en&split=train' as ('owner/name', {'config': 'en', 'split': 'train'});
+    a value without '?' as (value, {}). Raises ValueError saying what is allowed."""
+    base, marked, query = value.partition("?")
+    options: dict[str, str] = {}
+    for part in query.split("&") if marked else []:
+        key, equals, option = part.partition("=")
+        if key not in DATASET_OPTIONS or not equals or not option.strip() or key in options:
+            raise ValueError(f"a dataset, optionally followed by ?option=value&... with the options "
+                             f"{', '.join(DATASET_OPTIONS)} (e.g. owner/name?config=en&split=train); "
+                             f"{part!r} is not one of them, empty or repeated")
+        options[key] = option.strip()
+    return base.strip(), options
+
+
+def parse_dataset(raw: str) -> str:
+    """A local file or folder, or a Hub dataset id, each with the options split_dataset_spec reads; a
+    local path takes only `column`."""
+    base, options = split_dataset_spec(raw)
+    if not base:
+        raise ValueError("a local file or folder, or a Hub dataset id such as owner/name")
+    hub_only = sorted(set(options) - set(LOCAL_DATASET_OPTIONS))
+    if hub_only and Path(base).expanduser().exists():
+        raise ValueError(f"only ?column= for a local file or folder ({', '.join(hub_only)} select a Hub "
+                         "dataset's files)")
+    return raw.strip()
+
+
+def parse_character_count(raw: str) -> int:
+    """'200M', '1G', '5e8' or a plain number of characters."""
+    text = raw.strip().lower().replace("_", "")
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:], 1.0)
+    try:
+        value = float(text[:-1] if scale != 1.0 else text) * scale
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 1e5 or value > 1e12:
+        raise ValueError("a number of characters from 100k to 1000G, such as 200M or 1G")
+    return int(value)
+
+
 def parse_process_count(raw: str) -> int:
     if raw.strip().lower() == "auto":
         return 0
@@ -224,10 +270,16 @@ class Variable:
 VARIABLES: tuple[Variable, ...] = (
     Variable("PRESET", "preset", "auto", "`demo` trains on the embedded corpora with a tiny model; `full` uses the defaults below; `auto` is `demo` when neither a dataset nor `OUTPUT_REPO` is named",
              parse_choice("auto", "demo", "full")),
-    Variable("INPUT_DATASET", "input_dataset", None, "Pretraining data: a Hub dataset id (streamed) or a local `.txt`/`.jsonl`/`.json`/`.parquet`/`.csv` file or folder, with a `text` column",
-             aliases=("INPUT_DS",), shown_default="embedded demo corpus (demo)"),
-    Variable("INSTRUCT_DATASET", "instruct_dataset", None, "Instruction data, same forms; a `text` column in the `<|user|>…<|end|><|bot|>…<|end|>` format or a `messages` column of `{role, content}`",
-             aliases=("INST_DS",), shown_default="embedded demo corpus (demo)"),
+    Variable("INPUT_DATASET", "input_dataset", None, "Pretraining data: a Hub dataset id (streamed) or a local "
+             "`.txt`/`.jsonl`/`.json`/`.parquet`/`.csv` file or folder, with a `text` column; options after `?`: "
+             "`config`, `split` (default `train`), `column` (read as `text`), `data_dir`, `data_files`, e.g. "
+             "`owner/name?config=en&split=train&column=content`",
+             parse_dataset, aliases=("INPUT_DS",), shown_default="embedded demo corpus (demo)"),
+    Variable("INSTRUCT_DATASET", "instruct_dataset", None, "Instruction data, same forms, in any of these formats, detected per row by its columns: `messages` "
+             "(`{role, content}` turns), ShareGPT `conversations` (`{from, value}`), Alpaca `instruction`/`input`/`output`, "
+             "`prompt`/`completion` (text or message lists), or `text` in the `<|user|>…<|end|><|bot|>…<|end|>` format; "
+             "only the answers are trained on",
+             parse_dataset, aliases=("INST_DS",), shown_default="embedded demo corpus (demo)"),
     Variable("OUTPUT_REPO", "output_repo", "train-llama",
              "Name of the published model: `name` (local only) or `owner/name` (also pushed to the Hub when "
              "`HF_TOKEN` is set); instruction runs publish `<name>-it`; the name has at most "
@@ -248,6 +300,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("TARGET_PARAMETERS", "target_parameters", None, "Alternative to FACTOR: the topology whose parameter count is closest (e.g. `300M`, `1B`)",
              parse_parameter_count),
     Variable("VOCAB_SIZE", "vocab_size", 52000, "Tokenizer vocabulary size (byte-level BPE)", parse_int(512, 1_000_000), demo=2048),
+    Variable("TOKENIZER_SAMPLE", "tokenizer_sample", 200_000_000, "Characters at the start of `INPUT_DATASET` that the "
+             "first run trains the tokenizer on (e.g. `200M`, `1G`): a couple of minutes on a 16-core host",
+             parse_character_count, shown_default="`200M`"),
     Variable("MAX_LENGTH", "max_length", 2048, "Tokens per training sequence", parse_int(16, 131_072), demo=256),
     Variable("GLOBAL_BATCH_SIZE", "global_batch_size", 32,
              "Sequences per optimizer step over all processes (each `MAX_LENGTH` tokens): what the loss curve "
@@ -395,6 +450,7 @@ class Settings:
     factor: int
     target_parameters: int | None
     vocab_size: int
+    tokenizer_sample: int
     max_length: int
     global_batch_size: int
     batch_size: int | None  # None: auto (memory.plan_batch)
@@ -502,6 +558,7 @@ class Settings:
                 "dataset": self.stage_dataset, "shard_size": self.shard_size,
                 "max_length": self.max_length, "source_repo": None if self.first_run else self.source_repo,
                 "use_quant": self.use_quant, "vocab_size": self.vocab_size,
+                "tokenizer_sample": self.tokenizer_sample if self.first_run else None,
                 "topology": dataclasses.asdict(self.topology), "seed": self.seed}
 
     def public_dict(self) -> dict[str, Any]:
@@ -691,8 +748,9 @@ def _resolved_local_dataset(value: str | None) -> str | None:
     and `/abs/data/x` are one stage (the stage key holds it); a Hub id (no such local path) unchanged."""
     if value is None:
         return None
-    path = Path(value).expanduser()
-    return str(path.resolve()) if path.exists() else value
+    base, marked, query = value.partition("?")
+    path = Path(base).expanduser()
+    return str(path.resolve()) + marked + query if path.exists() else value
 
 
 def _check_combinations(values: dict, problems: list[str]) -> None:

@@ -288,7 +288,7 @@ def disk_needs(settings: config.Settings, on_gpu: bool) -> dict[str, dict[str, f
     lora = lora_parameter_count(settings.topology)
     trained = lora if settings.use_quant else params
     weight_bytes = training_precision_bytes(settings) if on_gpu else cpu_precision_bytes(settings)
-    source = _local_dataset(settings.stage_dataset)
+    source = _local_dataset(config.split_dataset_spec(settings.stage_dataset)[0])
     # Text of one shard: the local data itself, or ~2 KB a row from the Hub; the prepared tokens
     # take about the same bytes (4-byte ids, ~4 characters a token), twice with assistant masks.
     text = min(_folder_bytes(source), settings.shard_size * 2048) if source else settings.shard_size * 2048
@@ -427,16 +427,17 @@ def _local_dataset(value: str | None) -> Path | None:
 
 
 def judge_rows(rows: list[Any], instruct: bool, var: str, where: str) -> CheckResult:
-    """The first rows need a `text` column (instruct: a conversation) or, for instruct, `messages`;
-    each row is checked by prep.py's own row checks, so what passes here is what preparation takes."""
+    """The first rows need a `text` column, or for instruct one of prep.INSTRUCT_COLUMNS; each row is
+    checked by prep.py's own row checks, so what passes here is what preparation takes."""
     import prep
 
     if not rows:
         return failed(f"{var}: {where} has no rows")
     columns = sorted({str(key) for row in rows for key in row})
-    if not any(name in columns for name in (("text", "messages") if instruct else ("text",))):
-        wanted = "`text` or `messages`" if instruct else "`text`"
-        return failed(f"{var}: {where} has no {wanted} column (columns: {', '.join(columns) or 'none'})")
+    if not any(name in columns for name in (prep.INSTRUCT_COLUMNS if instruct else ("text",))):
+        wanted = "instruction" if instruct else "`text`"
+        needs = f"; it needs one of {prep.INSTRUCT_FORMS}" if instruct else ""
+        return failed(f"{var}: {where} has no {wanted} column (columns: {', '.join(columns) or 'none'}){needs}")
     row_check = prep.conversation_messages if instruct else prep.pretrain_text
     problems = []
     for number, row in enumerate(rows, 1):
@@ -452,11 +453,11 @@ def judge_rows(rows: list[Any], instruct: bool, var: str, where: str) -> CheckRe
 def check_dataset(settings: config.Settings) -> CheckResult:
     import prep
 
-    value = settings.stage_dataset
     variable = prep.dataset_variable(settings)
-    if _local_dataset(value) is not None or not prep.looks_like_hub_id(value):
+    base, _ = config.split_dataset_spec(settings.stage_dataset)
+    if _local_dataset(base) is not None or not prep.looks_like_hub_id(base):
         return _check_local_dataset(settings, variable)
-    return _check_hub_dataset(settings, value, variable)
+    return _check_hub_dataset(settings, base, variable)
 
 
 def _check_local_dataset(settings: config.Settings, variable: str) -> CheckResult:
@@ -466,6 +467,8 @@ def _check_local_dataset(settings: config.Settings, variable: str) -> CheckResul
     var = f"{variable}={settings.stage_dataset}"
     try:
         source = prep.open_data_source(settings.stage_dataset, variable, settings.hf_token)
+        if source.column is not None:
+            prep.check_columns(source, settings.phase)
         rows = list(itertools.islice(prep.iter_rows(source), ROWS_TO_READ))
     except prep.PrepError as err:
         return failed(str(err))
@@ -477,7 +480,7 @@ def _check_hub_dataset(settings: config.Settings, repo_id: str, variable: str) -
     """Existence through the Hub API (clear errors), then the first rows through datasets streaming."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    var = f"{variable}={repo_id}"
+    var = f"{variable}={settings.stage_dataset}"
     try:
         hub_api(settings).dataset_info(repo_id, token=settings.hf_token)
     except GatedRepoError:
@@ -492,10 +495,12 @@ def _check_hub_dataset(settings: config.Settings, repo_id: str, variable: str) -
     import prep
 
     try:
-        train_split = prep.open_hub_dataset(repo_id, variable, settings.hf_token)
+        source = prep.open_data_source(settings.stage_dataset, variable, settings.hf_token)
+        if source.column is not None:
+            prep.check_columns(source, settings.phase)
+        rows = list(itertools.islice(prep.iter_rows(source), ROWS_TO_READ))
     except prep.PrepError as err:
         return failed(str(err))
-    rows = list(train_split.take(ROWS_TO_READ))
     return judge_rows(rows, settings.inst, var, f"Hub dataset {repo_id} (streamed)")
 
 

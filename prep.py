@@ -1,16 +1,20 @@
 """Stage 1 of every run: the tokenizer, the tokenized shard and the model, written to WORK_DIR/prep.
 
 The shard of this run (rows shard_index*SHARD_SIZE onwards, SHARD_SIZE of them) is streamed from a Hub
-dataset or local files, checked row by row and spooled to disk, so bad data stops the run before any
-expensive work and no corpus is held in memory. The first run trains a byte-level BPE tokenizer on the
-whole input dataset and builds the model from scratch; later runs load both from INPUT_REPO.
-Instruction runs add the chat tokens and a chat template, and record which tokens are the assistant's.
+dataset (a configuration, split and column as the dataset value's options name) or local files,
+checked row by row and spooled to disk, so bad data stops the run before any expensive work and no
+corpus is held in memory. The first run trains a byte-level BPE tokenizer on the first
+TOKENIZER_SAMPLE characters of the input dataset and builds the model from scratch; later runs load
+both from INPUT_REPO. Instruction rows in any supported format (INSTRUCT_COLUMNS) become one
+conversation each; instruction runs add the chat tokens and a chat template, and record which tokens
+are the assistant's. Reading stops with a line when the job's time limit passes.
 Everything is written into a temporary folder that replaces WORK_DIR/prep only when complete; a rerun
 for the same stage (after a crash further on) reuses the finished preparation.
 
 What other stages import: `resolve_source(settings) -> Path`, `local_model_candidates`, `source_label`,
 `check_source_model(settings, folder)`, `PrepError`, `CHAT_TEMPLATE`,
 `parse_text_conversation(text)`, `check_messages(messages)`, `conversation_messages(row)`,
+`INSTRUCT_COLUMNS`, `INSTRUCT_FORMS`, `open_data_source`, `iter_rows`, `check_columns`,
 `add_chat_tokens(tokenizer) -> int`.
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ ALLOWED_FORMS = ("a Hub dataset id or a local .txt, .jsonl, .json, .parquet or .
 UNUSABLE_LIMIT = 0.01  # more than 1% unusable rows in a shard stops the run
 EXAMPLES_SHOWN = 3
 BATCH_ROWS = 1000
+PREP_STARTED = time.time()  # the time limit's start when trainer.sh did not set TRAINER_STARTED_AT
 MARKER = re.compile(r"<\|user\|>|<\|bot\|>|<\|end\|>")
 TURN = re.compile(r"\s*<\|user\|>(?P<user>.*?)<\|end\|>\s*<\|bot\|>(?P<bot>.*?)<\|end\|>", re.DOTALL)
 TRAILING_USER_TURN = re.compile(r"\s*<\|user\|>(?:(?!<\|(?:user|bot|end)\|>).)*<\|end\|>\s*", re.DOTALL)
@@ -83,6 +88,7 @@ class DataSource:
     spec: str  # as configured
     files: list[Path] | None  # local files in order, or None for a Hub dataset
     hub_dataset: Any = field(default=None, repr=False)  # a streamed datasets.IterableDataset
+    column: str | None = None  # the column read as `text` (the spec's ?column=)
 
     @property
     def label(self) -> str:
@@ -99,18 +105,24 @@ def looks_like_hub_id(spec: str) -> bool:
 
 
 def open_data_source(spec: str, variable: str, token: str | None) -> DataSource:
-    """A local file or folder, else a Hub dataset id; missing or unsupported input is a PrepError."""
-    path = Path(spec).expanduser()
+    """A local file or folder, else a Hub dataset id (each with config.split_dataset_spec's options);
+    missing or unsupported input is a PrepError."""
+    try:
+        base, options = config.split_dataset_spec(spec)
+    except ValueError as err:
+        raise PrepError(f"{variable}={spec}: must be {err}") from None
+    path = Path(base).expanduser()
+    column = options.get("column")
     if path.is_file():
         if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
             raise PrepError(f"{variable}={spec}: unsupported file type {path.suffix or '(none)'!r}; "
                             f"allowed: {ALLOWED_FORMS}")
-        return DataSource(variable, spec, [path])
+        return DataSource(variable, spec, [path], column=column)
     if path.is_dir():
-        return DataSource(variable, spec, folder_files(path, variable, spec))
-    if not looks_like_hub_id(spec):
+        return DataSource(variable, spec, folder_files(path, variable, spec), column=column)
+    if not looks_like_hub_id(base):
         raise PrepError(f"{variable}={spec}: no such file or folder; allowed: {ALLOWED_FORMS}")
-    return DataSource(variable, spec, None, open_hub_dataset(spec, variable, token))
+    return DataSource(variable, spec, None, open_hub_dataset(spec, variable, token), column=column)
 
 
 def folder_files(folder: Path, variable: str, spec: str) -> list[Path]:
@@ -129,22 +141,36 @@ def folder_files(folder: Path, variable: str, spec: str) -> list[Path]:
 
 
 def open_hub_dataset(spec: str, variable: str, token: str | None):
+    """The spec's split (default `train`) of a Hub dataset, streamed, in the configuration and files
+    that the spec's options name."""
     import datasets
 
+    repo_id, options = config.split_dataset_spec(spec)
+    split = options.get("split", "train")
     try:
-        loaded = datasets.load_dataset(spec, streaming=True, token=token)
+        loaded = datasets.load_dataset(repo_id, name=options.get("config"), data_dir=options.get("data_dir"),
+                                       data_files=options.get("data_files"), streaming=True, token=token)
     except Exception as err:  # datasets raises many types for a missing or unreachable dataset
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise PrepError(f"{variable}={spec}: not a local file or folder, and opening it as a Hub dataset failed "
                         f"({first_line}); allowed: {ALLOWED_FORMS}") from err
-    if "train" not in loaded:
-        raise PrepError(f"{variable}={spec}: the Hub dataset has no 'train' split (splits: {', '.join(loaded)}); "
-                        "name a dataset with a train split")
-    return loaded["train"]
+    if split not in loaded:
+        raise PrepError(f"{variable}={spec}: the Hub dataset has no {split!r} split (splits: {', '.join(loaded)}); "
+                        "name one with ?split=")
+    return loaded[split]
 
 
 def iter_rows(source: DataSource, skip: int = 0) -> Iterator[dict]:
-    """The dataset's rows as dicts from row `skip` on, streamed."""
+    """The dataset's rows as dicts from row `skip` on, streamed; the spec's ?column= read as `text`."""
+    rows = _source_rows(source, skip)
+    if source.column is None:
+        yield from rows
+        return
+    for row in rows:
+        yield {**row, "text": row.get(source.column)}
+
+
+def _source_rows(source: DataSource, skip: int) -> Iterator[dict]:
     if source.files is None:
         yield from (source.hub_dataset.skip(skip) if skip else source.hub_dataset)
         return
@@ -292,11 +318,23 @@ def column_names(source: DataSource) -> list[str]:
     return list(first)
 
 
+# The columns that name an instruction format, in the order a row is read by (conversation_messages).
+INSTRUCT_COLUMNS = ("messages", "conversations", "instruction", "prompt", "text")
+INSTRUCT_FORMS = ("`messages` ({role, content} turns), `conversations` (ShareGPT {from, value} turns), "
+                  "`instruction` + `output` (Alpaca, with optional `input`), `prompt` + `completion`, or `text` "
+                  "in the <|user|>…<|end|><|bot|>…<|end|> format")
+
+
 def check_columns(source: DataSource, phase: str) -> None:
     columns = column_names(source)
-    needed = ["text"] if phase == "pretrain" else ["text", "messages"]
+    if source.column is not None:
+        if source.column not in columns:
+            raise PrepError(f"{source.label}: no column {source.column!r} (columns found: "
+                            f"{', '.join(map(str, columns)) or 'none'}); name one of them with ?column=")
+        columns = [*columns, "text"]
+    needed = ["text"] if phase == "pretrain" else list(INSTRUCT_COLUMNS)
     if not any(name in columns for name in needed):
-        wanted = "a `text` column" if phase == "pretrain" else "a `text` or `messages` column"
+        wanted = "a `text` column" if phase == "pretrain" else f"one of {INSTRUCT_FORMS}"
         raise PrepError(f"{source.label}: no {' or '.join(f'`{n}`' for n in needed)} column "
                         f"(columns found: {', '.join(map(str, columns)) or 'none'}); the data needs {wanted}")
 
@@ -368,17 +406,73 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
     return clean
 
 
+# ShareGPT's speaker names and the roles they stand for.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+def json_cell(value: Any) -> Any:
+    """A list or object kept as JSON text (CSV cells), decoded; other values unchanged."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def sharegpt_messages(turns: Any) -> list[dict[str, Any]]:
+    """ShareGPT `conversations` ([{from, value}, ...]) as {role, content} messages."""
+    turns = json_cell(turns)
+    if not isinstance(turns, list) or not turns:
+        raise UnusableRow("`conversations` is not a non-empty list of {from, value}")
+    messages = []
+    for index, turn in enumerate(turns):
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        if speaker not in SHAREGPT_ROLES:
+            raise UnusableRow(f"conversation turn {index} is from {speaker!r}; allowed: {', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+    return messages
+
+
+def alpaca_messages(row: dict) -> list[dict[str, Any]]:
+    """Alpaca's instruction, optional input and output as one user turn and the answer."""
+    instruction, extra, output = row.get("instruction"), row.get("input"), row.get("output")
+    if not isinstance(instruction, str) or not isinstance(output, str):
+        raise UnusableRow("an Alpaca row needs text `instruction` and `output` values")
+    prompt = instruction if not isinstance(extra, str) or not extra.strip() else f"{instruction}\n\n{extra}"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+
+def prompt_completion_messages(row: dict) -> list[dict[str, Any]]:
+    """`prompt` and `completion` as text (one user turn and the answer) or as lists of messages, TRL's
+    conversational prompt-completion form."""
+    prompt, completion = json_cell(row.get("prompt")), json_cell(row.get("completion"))
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return prompt + completion
+    raise UnusableRow("`prompt` and `completion` must both be text, or both lists of {role, content}")
+
+
 def conversation_messages(row: dict) -> list[dict[str, str]]:
-    """An instruction row's conversation, from its `messages` column if present, else its `text`."""
+    """An instruction row's conversation, in the first format its columns name (INSTRUCT_COLUMNS);
+    every format is checked as `messages` are, so the masks cover exactly the answers."""
     if row.get("messages") is not None:
         return check_messages(row["messages"])
-    if "text" not in row and "messages" not in row:
-        raise UnusableRow("no `text` or `messages` value")
+    if row.get("conversations") is not None:
+        return check_messages(sharegpt_messages(row["conversations"]))
+    if row.get("instruction") is not None:
+        return check_messages(alpaca_messages(row))
+    if row.get("prompt") is not None:
+        return check_messages(prompt_completion_messages(row))
+    if "text" not in row:
+        raise UnusableRow(f"no {', '.join(f'`{name}`' for name in INSTRUCT_COLUMNS)} value")
     return parse_text_conversation(row.get("text"))
 
 
 def row_snippet(row: dict, limit: int = 80) -> str:
-    value = row.get("messages") if row.get("messages") is not None else row.get("text", row)
+    value = next((row[name] for name in INSTRUCT_COLUMNS if row.get(name) is not None), row)
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
@@ -429,6 +523,8 @@ def spool_shard(settings: config.Settings, source: DataSource, spool: Path) -> S
                 report.is_last_shard = False
                 break
             report.rows += 1
+            if position % BATCH_ROWS == 0:
+                check_time_left(settings, f"reading shard {settings.shard_index}")
             try:
                 out.write(json.dumps(validate(row), ensure_ascii=False) + "\n")
             except UnusableRow as err:
@@ -459,25 +555,56 @@ def read_spool(spool: Path, batch_rows: int = BATCH_ROWS) -> Iterator[list]:
 
 # ---- the tokenizer ----
 
-def training_texts(source: DataSource, total_rows: int | None, skipped: list[int]) -> Iterator[list[str]]:
-    """Batches of usable texts of the whole dataset, with a progress bar; counts unusable rows in `skipped`."""
+@dataclass
+class SampleReport:
+    rows: int = 0
+    characters: int = 0
+    unusable: int = 0
+    complete: bool = True  # the whole dataset fit in the sample
+
+
+def training_texts(settings: config.Settings, source: DataSource, report: SampleReport) -> Iterator[list[str]]:
+    """Batches of the usable texts at the start of the dataset, up to TOKENIZER_SAMPLE characters, with
+    a progress bar; counts what was read in `report`, and stops at the run's time limit."""
     from tqdm import tqdm
 
     batch: list[str] = []
-    for row in tqdm(iter_rows(source), total=total_rows, desc="tokenizer corpus", unit=" rows", mininterval=2):
-        try:
-            batch.append(pretrain_text(row))
-        except UnusableRow:
-            skipped[0] += 1
-        if len(batch) == BATCH_ROWS:
-            yield batch
-            batch = []
+    with tqdm(total=settings.tokenizer_sample, desc="tokenizer sample", unit=" chars", unit_scale=True,
+              mininterval=2) as progress:
+        for row in iter_rows(source):
+            if report.characters >= settings.tokenizer_sample:
+                report.complete = False
+                break
+            report.rows += 1
+            try:
+                text = pretrain_text(row)
+            except UnusableRow:
+                report.unusable += 1
+                continue
+            batch.append(text)
+            report.characters += len(text)
+            progress.update(len(text))
+            if len(batch) == BATCH_ROWS:
+                check_time_left(settings, "reading the tokenizer's sample")
+                yield batch
+                batch = []
     if batch:
         yield batch
 
 
-def train_tokenizer(settings: config.Settings, source: DataSource, total_rows: int | None):
-    """A byte-level BPE of VOCAB_SIZE trained on the whole input dataset, as a PreTrainedTokenizerFast."""
+def check_time_left(settings: config.Settings, doing: str) -> None:
+    """Preparation counts toward the job's time limit (STARTUP_DURATION_TIMEOUT less TIMEOUT_BUFFER, from
+    the job's start): past it, stop with a line instead of being killed later."""
+    started = settings.started_at or PREP_STARTED
+    if time.time() > started + settings.time_limit_minutes * 60:
+        raise PrepError(f"prep: the time limit (STARTUP_DURATION_TIMEOUT={settings.startup_duration_timeout:g}m less "
+                        f"TIMEOUT_BUFFER={settings.timeout_buffer:g}m) passed while {doing}; lower TOKENIZER_SAMPLE "
+                        "or SHARD_SIZE, or raise STARTUP_DURATION_TIMEOUT")
+
+
+def train_tokenizer(settings: config.Settings, source: DataSource):
+    """A byte-level BPE of VOCAB_SIZE trained on the first TOKENIZER_SAMPLE characters of the input
+    dataset, as a PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -486,18 +613,20 @@ def train_tokenizer(settings: config.Settings, source: DataSource, total_rows: i
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=settings.vocab_size, special_tokens=list(config.SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    skipped = [0]
+    sample = SampleReport()
     started = time.monotonic()
-    bpe.train_from_iterator(training_texts(source, total_rows, skipped), trainer)
+    bpe.train_from_iterator(training_texts(settings, source, sample), trainer)
     bos, pad, eos, unk, mask = config.SPECIAL_TOKENS
     # Plain `tokenizer(text)` starts with <s>, as every training document does.
     bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                        special_tokens=[(bos, bpe.token_to_id(bos))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=pad,
                                         unk_token=unk, mask_token=mask)
-    note = f" ({skipped[0]:,} unusable rows ignored)" if skipped[0] else ""
+    note = f", {sample.unusable:,} unusable rows ignored" if sample.unusable else ""
+    read = ("the whole dataset" if sample.complete else
+            f"the first {sample.characters:,} characters (TOKENIZER_SAMPLE={settings.tokenizer_sample:,})")
     util.log(f"tokenizer: trained a byte-level BPE of {len(tokenizer):,} tokens (VOCAB_SIZE {settings.vocab_size:,}) "
-             f"in {time.monotonic() - started:.1f}s{note}")
+             f"in {time.monotonic() - started:.1f}s on {read}: {sample.rows:,} rows{note}")
     return tokenizer
 
 
@@ -830,11 +959,10 @@ def finished_preparation(settings: config.Settings) -> bool:
     return isinstance(manifest, dict) and manifest.get("stage_key") == settings.stage_key()
 
 
-def prepare_tokenizer_and_model(settings: config.Settings, source: DataSource, total_rows: int | None,
-                                source_dir: Path | None):
+def prepare_tokenizer_and_model(settings: config.Settings, source: DataSource, source_dir: Path | None):
     """(tokenizer, model): trained and built from scratch on the first run, else loaded from the source."""
     if source_dir is None:
-        tokenizer = train_tokenizer(settings, source, total_rows)
+        tokenizer = train_tokenizer(settings, source)
         model = build_model(settings, tokenizer)
         return tokenizer, model
     tokenizer = load_tokenizer(settings, source_dir)
@@ -865,7 +993,7 @@ def prepare(settings: config.Settings) -> dict[str, Any]:
         spool = work / "shard.jsonl"
         report = spool_shard(settings, source, spool)
         check_unusable(report, source)
-        tokenizer, model = prepare_tokenizer_and_model(settings, source, total_rows, source_dir)
+        tokenizer, model = prepare_tokenizer_and_model(settings, source, source_dir)
         counts = tokenize_shard(settings, tokenizer, spool, report, work / "dataset")
         spool.unlink()
         # Set after tokenizing: longer rows were counted above, without a warning for each.

@@ -3,6 +3,15 @@
 It answers what huggingface_hub 1.33 sends for whoami, create_repo, repo_info, upload_folder (README
 validation, preupload answering "regular" for every file so nothing goes through LFS or Xet, the tree
 listing behind delete_patterns, and the NDJSON commit), Space variables and pausing a Space.
+It also serves dataset repositories that a test adds with `add_dataset`, enough for
+`datasets.load_dataset(repo, name=..., split=..., streaming=True)` (datasets 5.2) to stream them:
+  GET       /api/datasets/{repo}[/revision/{rev}]      dataset_info: sha, siblings, cardData
+  GET       /api/datasets/{repo}/tree/{rev}[/{path}]    list_repo_tree (?recursive=true), behind HfFileSystem
+  POST      /api/datasets/{repo}/paths-info/{rev}       get_paths_info (form field `paths`, repeated)
+  GET, HEAD /datasets/{repo}/resolve/{rev}/{path}       the file, with ETag, X-Repo-Commit and
+                                                        Content-Length; a Range header gets 206
+{rev} is "main" or the repository's head commit. Errors carry the Hub's X-Error-Code (RepoNotFound,
+RevisionNotFound, EntryNotFound), from which huggingface_hub picks its exception class.
 It records every request and keeps the committed files, and it can fail requests on demand: answer an
 HTTP error (with headers such as Retry-After), reset the connection halfway through reading a request's
 body, or stall without answering.
@@ -26,6 +35,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 _REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
 _REV = r"(?P<rev>[^/]+)"
+_PATH = r"(?P<path>.+)"
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
 @dataclass
@@ -73,6 +84,7 @@ class HubStandIn:
         self.requests: list[Recorded] = []
         self.repos: dict[str, Repo] = {}
         self.spaces: dict[str, Space] = {}
+        self.datasets: dict[str, Repo] = {}
         self.token_rejected = False
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
@@ -109,6 +121,18 @@ class HubStandIn:
     # --- what tests ask for ---
     def add_space(self, space_id: str) -> Space:
         return self.spaces.setdefault(space_id, Space())
+
+    def add_dataset(self, repo_id: str, files: dict[str, bytes]) -> Repo:
+        """A dataset repository holding `files` (path in the repository -> content) in one commit.
+        Configs go in README.md's YAML front matter, as on the Hub. Adding it again replaces its files
+        with a new commit, so a cached copy of the old head is never taken for the new one."""
+        stored = self.datasets.setdefault(repo_id, Repo())
+        stored.files = dict(files)
+        digest = hashlib.sha1(repr(len(stored.commits)).encode())
+        for path, data in sorted(files.items()):
+            digest.update(path.encode() + b"\0" + data)
+        stored.commits.append({"oid": digest.hexdigest(), "summary": "add_dataset", "description": ""})
+        return stored
 
     def fail_next(self, count: int, status: int = 503, path_contains: str | None = None,
                   headers: dict[str, str] | None = None) -> None:
@@ -201,6 +225,11 @@ class HubStandIn:
             ("POST", rf"/api/models/{_REPO}/commit/{_REV}", self._commit),
             ("POST", rf"/api/spaces/{_REPO}/variables", self._space_variable),
             ("POST", rf"/api/spaces/{_REPO}/pause", self._pause),
+            ("GET", rf"/api/datasets/{_REPO}(?:/revision/{_REV})?", self._dataset_info),
+            ("GET", rf"/api/datasets/{_REPO}/tree/{_REV}(?:/{_PATH})?", self._dataset_tree),
+            ("POST", rf"/api/datasets/{_REPO}/paths-info/{_REV}", self._dataset_paths_info),
+            ("GET", rf"/datasets/{_REPO}/resolve/{_REV}/{_PATH}", self._dataset_file),
+            ("HEAD", rf"/datasets/{_REPO}/resolve/{_REV}/{_PATH}", self._dataset_file),
         )
 
     def _whoami(self, request: Recorded):
@@ -279,6 +308,118 @@ class HubStandIn:
         self.spaces[repo].stage = "PAUSED"
         return 200, {}, {"stage": "PAUSED", "hardware": {"current": None, "requested": "cpu-basic"}}
 
+    # --- dataset repositories ---
+    def _dataset_at(self, repo: str, rev: str | None) -> tuple[Repo | None, tuple | None]:
+        """The dataset and None, or None and the Hub's 404 for a missing repository or revision."""
+        if repo not in self.datasets:
+            return None, self._missing_repo(repo)
+        stored = self.datasets[repo]
+        if rev not in (None, "main", stored.head):
+            message = f"Invalid rev id: {rev}"
+            return None, (404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": message}, {"error": message})
+        return stored, None
+
+    @staticmethod
+    def _missing_entry(path: str):
+        return 404, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"}, {
+            "error": f"Entry not found: {path}"}
+
+    def _dataset_info(self, request: Recorded, repo: str, rev: str | None = None):
+        stored, error = self._dataset_at(repo, rev)
+        if error:
+            return error
+        return 200, {}, {"id": repo, "sha": stored.head, "private": True, "disabled": False, "gated": False,
+                         "downloads": 0, "likes": 0, "tags": [], "cardData": _card_data(stored.files),
+                         "lastModified": "2025-01-01T00:00:00.000Z",
+                         "siblings": [{"rfilename": path} for path in sorted(stored.files)]}
+
+    def _dataset_tree(self, request: Recorded, repo: str, rev: str, path: str | None = None):
+        """The entries under `path` (the root when None): its children, or with ?recursive=true every
+        file and folder below it. The Hub pages long listings; this one answers in one page."""
+        stored, error = self._dataset_at(repo, rev)
+        if error:
+            return error
+        entries = _entries(stored.files)
+        folder = (path or "").strip("/")
+        if folder and entries.get(folder, {}).get("type") != "directory":
+            return self._missing_entry(folder)
+        recursive = request.query.get("recursive", ["false"])[0].lower() == "true"
+        prefix = f"{folder}/" if folder else ""
+        return 200, {}, [entry for name, entry in sorted(entries.items()) if name.startswith(prefix)
+                         and (recursive or "/" not in name[len(prefix):])]
+
+    def _dataset_paths_info(self, request: Recorded, repo: str, rev: str):
+        """The entries of the asked `paths` (a form field, repeated) that exist; the others are left
+        out, as the Hub does, and the client takes a missing one as not found."""
+        stored, error = self._dataset_at(repo, rev)
+        if error:
+            return error
+        entries = _entries(stored.files)
+        asked = parse_qs(request.body.decode()).get("paths", [])
+        return 200, {}, [entries[path.strip("/")] for path in asked if path.strip("/") in entries]
+
+    def _dataset_file(self, request: Recorded, repo: str, rev: str, path: str):
+        """A file's bytes, or with a Range header the asked part (206): pyarrow reads a parquet file
+        through HfFileSystem by ranges, its footer first. ETag and X-Repo-Commit are what
+        hf_hub_download keys its cache on."""
+        stored, error = self._dataset_at(repo, rev)
+        if error:
+            return error
+        if path not in stored.files:
+            return self._missing_entry(path)
+        data = stored.files[path]
+        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
+                   "ETag": f'"{_git_oid(data)}"', "X-Repo-Commit": stored.head}
+        wanted = _byte_range(request.headers.get("range"), len(data))
+        if wanted is None:
+            return 200, headers, data
+        if wanted == ():
+            return 416, {**headers, "Content-Range": f"bytes */{len(data)}"}, b""
+        start, end = wanted
+        return 206, {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}, data[start:end + 1]
+
+
+def _git_oid(data: bytes) -> str:
+    """The git blob id of `data`: the oid that the Hub gives a file that is not stored in LFS."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _entries(files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """Every file and every folder of a repository, by path, as the Hub's tree and paths-info give them."""
+    entries: dict[str, dict[str, Any]] = {}
+    for path, data in files.items():
+        entries[path] = {"type": "file", "path": path, "size": len(data), "oid": _git_oid(data)}
+        parts = path.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            folder = "/".join(parts[:depth])
+            entries[folder] = {"type": "directory", "path": folder, "size": 0,
+                               "oid": hashlib.sha1(folder.encode()).hexdigest()}
+    return entries
+
+
+def _card_data(files: dict[str, bytes]) -> dict[str, Any]:
+    """README.md's YAML front matter, which the Hub returns as cardData (the `configs` among it)."""
+    import yaml  # only dataset repositories need it
+
+    match = re.match(rb"---\r?\n(.*?)\r?\n---", files.get("README.md", b""), re.S)
+    return (yaml.safe_load(match.group(1)) or {}) if match else {}
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | tuple[()] | None:
+    """The inclusive (start, end) that a `Range: bytes=...` header asks of `size` bytes; None to send
+    the whole file (no header, or one the Hub would ignore too); () when it starts past the end (416)."""
+    match = _RANGE.fullmatch((header or "").strip())
+    if not match or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if first == "":  # "bytes=-N": the last N bytes
+        return (max(size - int(last), 0), size - 1) if int(last) and size else ()
+    start = int(first)
+    end = min(int(last), size - 1) if last else size - 1
+    if start >= size or end < start:
+        return ()
+    return start, end
+
 
 def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
@@ -298,13 +439,15 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
                 self._fail_connection(fault)
                 return
             status, headers, payload = hub.handle(request, fault)
-            data = json.dumps(payload).encode()
+            # Bytes are a file's content, sent as they are; anything else is the Hub's JSON.
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             self.send_response(status)
             for name, value in {"Content-Type": "application/json", **headers}.items():
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":  # HEAD: the headers of the GET, Content-Length included, no body
+                self.wfile.write(data)
 
         def _fail_connection(self, fault: Fault) -> None:
             self.close_connection = True
@@ -313,7 +456,7 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             else:  # linger 0: closing sends a TCP reset, as a dropped connection or proxy does
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
-        do_GET = do_POST = do_PUT = do_DELETE = _serve
+        do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _serve
 
         def log_message(self, format: str, *args: Any) -> None:
             """Quiet: tests read `hub.requests` instead."""

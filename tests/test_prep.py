@@ -1,7 +1,8 @@
-"""Guards prep.py: every input form, shards, instruction parsing and assistant masks, tokenizer and model
+"""Guards prep.py: every input form, shards, instruction formats (text, messages, ShareGPT, Alpaca, prompt/completion) and the labels their masks give the trainer, tokenizer and model
 building, the source model checked before it is loaded (INPUT_REPO as a path, damaged weights), clear
 errors naming the variable, atomic and reusable preparation, leftovers of a killed run removed."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -121,7 +122,7 @@ def test_a_hub_dataset_is_streamed_and_sharded(tmp_path, monkeypatch):
         return datasets.IterableDatasetDict({"train": datasets.IterableDataset.from_generator(
             lambda: ({"text": t, "url": f"u{i}"} for i, t in enumerate(DOCUMENTS)))})
 
-    monkeypatch.setattr(datasets, "load_dataset", lambda spec, streaming, token: stream() if streaming else None)
+    monkeypatch.setattr(datasets, "load_dataset", lambda spec, streaming, token, **options: stream() if streaming else None)
     source = prep.open_data_source("someone/corpus", "INPUT_DATASET", None)
     assert source.files is None and [r["text"] for r in prep.iter_rows(source, skip=25)] == DOCUMENTS[25:]
     manifest = prep.prepare(settings_for(tmp_path, INPUT_DATASET="someone/corpus", SHARD_SIZE=20))
@@ -287,6 +288,80 @@ def test_a_messages_column_is_used_with_its_system_turn(tmp_path, pretrained):
     first = dataset[3]
     assert tokenizer.decode(first["input_ids"]).replace(" ", "") == "<s>Bebrief.<|user|>Add:3+2<|end|><|bot|>5<|end|>"
     assert tokenizer.decode([t for t, m in zip(first["input_ids"], first["assistant_masks"]) if m]).strip() == "5<|end|>"
+
+
+def test_a_column_named_in_the_dataset_value_is_read_as_text(tmp_path):
+    corpus = write_format(tmp_path / "corpus", ".parquet", [{"id": n, "body": text} for n, text in enumerate(DOCUMENTS)])
+    settings = settings_for(tmp_path, INPUT_DATASET=f"{corpus}?column=body", SHARD_SIZE=20)
+    assert settings.input_dataset == f"{corpus.resolve()}?column=body"
+    manifest = prep.prepare(settings)
+    _, tokenizer, dataset = load_prep(settings)
+    assert manifest["rows"] == 20 and "Mira has 0 red foxes" in tokenizer.decode(dataset[0]["input_ids"])
+
+
+def test_the_tokenizer_reads_only_its_sample_of_a_large_dataset(tmp_path, capsys):
+    documents = [f"Document {n}: " + " ".join(f"word{(n * 7 + k) % 500}" for k in range(120)) for n in range(400)]
+    corpus = write_jsonl(tmp_path / "big.jsonl", [{"text": t} for t in documents])  # about 400k characters
+    settings = settings_for(tmp_path, INPUT_DATASET=corpus, TOKENIZER_SAMPLE="100k", SHARD_SIZE=20)
+    source = prep.open_data_source(str(corpus), "INPUT_DATASET", None)
+    tokenizer = prep.train_tokenizer(settings, source)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("tokenizer: trained"))
+    read = int(re.search(r"on the first ([\d,]+) characters \(TOKENIZER_SAMPLE=100,000\)", line)[1].replace(",", ""))
+    rows = int(re.search(r": ([\d,]+) rows", line)[1].replace(",", ""))
+    assert 100_000 <= read < 100_000 + max(map(len, documents)) and rows < 130
+    assert len(tokenizer) == 512  # a full vocabulary from the sample
+    whole = settings_for(tmp_path, INPUT_DATASET=corpus, TOKENIZER_SAMPLE="1M", SHARD_SIZE=20)
+    prep.train_tokenizer(whole, source)
+    assert "on the whole dataset: 400 rows" in capsys.readouterr().out
+
+
+def test_sharegpt_alpaca_and_prompt_completion_rows_give_the_trainer_labels_on_the_answers_only(tmp_path, pretrained):
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    folder, corpus = pretrained
+    data = tmp_path / "mixed"
+    data.mkdir()
+    write_jsonl(data / "a_sharegpt.jsonl", [{"conversations": [
+        {"from": "system", "value": "Be brief."}, {"from": "human", "value": f"Add: {n} + 1"},
+        {"from": "gpt", "value": str(n + 1)}, {"from": "human", "value": "Again"}, {"from": "gpt", "value": "ok"}]}
+        for n in range(5)])
+    write_format(data / "b_alpaca", ".parquet", [{"instruction": "Reverse the word", "input": f"cat{n}",
+                                                  "output": f"{n}tac"} for n in range(5)])
+    write_format(data / "c_prompt_completion", ".csv", [{"prompt": f"Double: {n}", "completion": str(2 * n)}
+                                                        for n in range(5)])
+    settings = settings_for(folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", WORK_DIR=tmp_path / "work")
+    manifest = prep.prepare(settings)
+    _, tokenizer, dataset = load_prep(settings)
+    assert manifest["sequences"] == 15 and manifest["skipped_rows"] == 0
+    texts = [tokenizer.decode(row["input_ids"]).replace(" ", "") for row in dataset]
+    assert texts[0] == "<s>Bebrief.<|user|>Add:0+1<|end|><|bot|>1<|end|><|user|>Again<|end|><|bot|>ok<|end|>"
+    assert texts[5] == "<s><|user|>Reversetheword\n\ncat0<|end|><|bot|>0tac<|end|>"
+    assert texts[10] == "<s><|user|>Double:0<|end|><|bot|>0<|end|>"
+    # The labels SFTTrainer gives the model for the prepared rows: the answers and their <|end|>, nothing else.
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(settings.prep_dir / "model"),
+                         train_dataset=dataset, processing_class=tokenizer,
+                         args=SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none",
+                                        max_length=64, packing=False, dataset_num_proc=None))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        trained = [position for position, label in enumerate(labels) if label != -100]
+        length = ids.index(tokenizer.pad_token_id) if tokenizer.pad_token_id in ids else len(ids)
+        assert trained == answer_positions(tokenizer, ids[:length]) and trained
+        assert all(labels[p] == ids[p] for p in trained)
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"conversations": [{"from": "narrator", "value": "x"}]}, "conversation turn 0 is from 'narrator'"),
+    ({"instruction": "Say hi", "output": 3}, "an Alpaca row needs text `instruction` and `output` values"),
+    ({"prompt": "Hi", "completion": [{"role": "assistant", "content": "x"}]}, "`prompt` and `completion` must both be text, or both lists"),
+    ({"conversations": [{"from": "gpt", "value": "first"}]}, "roles do not alternate user/assistant"),
+    ({"id": 3}, "no `messages`, `conversations`, `instruction`, `prompt`, `text` value"),
+])
+def test_a_malformed_row_of_each_format_says_what_is_wrong(row, reason):
+    with pytest.raises(prep.UnusableRow) as err:
+        prep.conversation_messages(row)
+    assert str(err.value).startswith(reason)
 
 
 def test_more_than_one_percent_malformed_rows_stops_before_writing(tmp_path, pretrained):
