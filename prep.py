@@ -204,38 +204,72 @@ def first_character(path: Path) -> str:
     return ""
 
 
+# Every ROW_INDEX_STEP-th row's place in a text or JSON Lines file, recorded while counting its rows
+# (file_row_count), so that reading shard k seeks near its first row instead of reading the
+# k*SHARD_SIZE rows before it again: {(path, size, mtime): [(byte offset, lines before it), ...]}.
+ROW_INDEX_STEP = 4096
+ROW_OFFSETS: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
+
+
+def index_key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+def count_and_index_lines(path: Path) -> int:
+    """Non-blank lines of a text or JSON Lines file, recording ROW_OFFSETS on the way."""
+    offsets, rows, position = [], 0, 0
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle):
+            if line.strip():
+                if rows % ROW_INDEX_STEP == 0:
+                    offsets.append((position, number))
+                rows += 1
+            position += len(line)
+    ROW_OFFSETS[index_key(path)] = offsets
+    return rows
+
+
+def lines_from_row(path: Path, skip: int) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, line, skipped) for each line of the file, starting at the indexed row nearest before
+    non-blank row `skip` (from the start where the file has no index: changed, or never counted);
+    `skipped` marks the non-blank lines before row `skip`."""
+    offsets = ROW_OFFSETS.get(index_key(path), [])
+    block = min(skip // ROW_INDEX_STEP, len(offsets) - 1) if offsets else 0
+    position, before = offsets[block] if block > 0 else (0, 0)
+    skip -= block * ROW_INDEX_STEP
+    with open(path, "rb") as handle:
+        handle.seek(position)
+        for number, line in enumerate(handle, before + 1):
+            blank = not line.strip()
+            yield number, line, skip > 0 and not blank
+            if skip and not blank:
+                skip -= 1
+
+
 def read_txt(path: Path, skip: int) -> Iterator[dict]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                text = line.rstrip("\r\n")
-                if not text.strip():
-                    continue
-                if skip:
-                    skip -= 1
-                    continue
-                yield {"text": text}
-    except UnicodeDecodeError as err:
-        raise UnreadableData(f"{path}: not UTF-8 text ({err}); save the file as UTF-8") from None
+    for _, line, skipped in lines_from_row(path, skip):
+        if skipped or not line.strip():
+            continue
+        try:
+            yield {"text": line.decode("utf-8").rstrip("\r\n")}
+        except UnicodeDecodeError as err:
+            raise UnreadableData(f"{path}: not UTF-8 text ({err}); save the file as UTF-8") from None
 
 
 def read_jsonl(path: Path, skip: int) -> Iterator[dict]:
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            if skip:
-                skip -= 1
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
-                raise UnreadableData(f"{path} line {number}: not valid JSON ({err}); each line must be one "
-                                     "JSON object such as {\"text\": \"...\"}") from None
-            if not isinstance(row, dict):
-                raise UnreadableData(f"{path} line {number}: a JSON {type(row).__name__}, not an object; each line "
-                                     "must be one JSON object such as {\"text\": \"...\"}")
-            yield row
+    for number, line, skipped in lines_from_row(path, skip):
+        if skipped or not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+            raise UnreadableData(f"{path} line {number}: not valid JSON ({err}); each line must be one "
+                                 "JSON object such as {\"text\": \"...\"}") from None
+        if not isinstance(row, dict):
+            raise UnreadableData(f"{path} line {number}: a JSON {type(row).__name__}, not an object; each line "
+                                 "must be one JSON object such as {\"text\": \"...\"}")
+        yield row
 
 
 def read_json_array(path: Path, skip: int) -> Iterator[dict]:
@@ -292,8 +326,7 @@ def file_row_count(path: Path) -> int:
     if kind == ".parquet":
         return parquet_file(path).metadata.num_rows
     if kind in (".txt", ".jsonl"):
-        with open(path, "rb") as handle:
-            return sum(1 for line in handle if line.strip())
+        return count_and_index_lines(path)
     return sum(1 for _ in READERS[kind](path, 0))
 
 

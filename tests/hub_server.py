@@ -11,10 +11,12 @@ It also serves dataset repositories that a test adds with `add_dataset`, enough 
   GET, HEAD /datasets/{repo}/resolve/{rev}/{path}       the file, with ETag, X-Repo-Commit and
                                                         Content-Length; a Range header gets 206
 {rev} is "main" or the repository's head commit. Errors carry the Hub's X-Error-Code (RepoNotFound,
-RevisionNotFound, EntryNotFound), from which huggingface_hub picks its exception class.
-It records every request and keeps the committed files, and it can fail requests on demand: answer an
-HTTP error (with headers such as Retry-After), reset the connection halfway through reading a request's
-body, or stall without answering.
+RevisionNotFound, EntryNotFound), from which huggingface_hub picks its exception class. Like every route,
+these want the token. `point_datasets_at` points both libraries in the test's process at the stand-in.
+GET /api/agent-harnesses, which huggingface_hub fetches without a token, answers an empty registry.
+It records every request (and in `unrouted` those no route answered) and keeps the committed files, and
+it can fail requests on demand: answer an HTTP error (with headers such as Retry-After), reset the
+connection halfway through reading a request's body, or stall without answering.
 Run it alone with `python tests/hub_server.py [TOKEN]` to point HF_ENDPOINT at it by hand.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -82,6 +85,8 @@ class HubStandIn:
     def __init__(self, token: str = "hf_standin_token", user: str = "tester", role: str = "write"):
         self.token, self.user, self.role = token, user, role
         self.requests: list[Recorded] = []
+        # Requests that no route answered: what a newer client asks that the stand-in does not know yet.
+        self.unrouted: list[Recorded] = []
         self.repos: dict[str, Repo] = {}
         self.spaces: dict[str, Space] = {}
         self.datasets: dict[str, Repo] = {}
@@ -178,6 +183,10 @@ class HubStandIn:
             if fault is not None:
                 return fault.status, {"X-Error-Message": "stand-in failure", **fault.headers}, {
                     "error": "stand-in failure"}
+            if request.method == "GET" and request.path == "/api/agent-harnesses":
+                # huggingface_hub fetches this registry once a day, with no token, to name the AI agent
+                # in its User-Agent; the Hub serves it to anyone. Empty: no agent is detected.
+                return 200, {}, {"standardEnvVars": [], "harnesses": {}}
             if self.token_rejected or not self._authorized(request.headers.get("authorization", "")):
                 message = "Invalid credentials in Authorization header"
                 return 401, {"X-Error-Message": message}, {"error": message}
@@ -212,6 +221,7 @@ class HubStandIn:
             match = re.fullmatch(pattern, request.path)
             if match and method == request.method:
                 return handler(request, **match.groupdict())
+        self.unrouted.append(request)
         return 404, {"X-Error-Message": "no such route in the stand-in"}, {"error": "not found"}
 
     def _routes(self):
@@ -419,6 +429,38 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | tuple[()] | 
     if start >= size or end < start:
         return ()
     return start, end
+
+
+def point_datasets_at(hub: HubStandIn, monkeypatch: Any, home: Path) -> None:
+    """Point huggingface_hub and datasets, in this process, at `hub`, online, with their caches under
+    `home`. Both read HF_ENDPOINT, the offline switches and the cache folders once, when imported, so
+    the variables are set for what reads them later and the constants they were read into are patched."""
+    import datasets
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",  # hf_hub_download's URLs
+                        hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / ".agent_harnesses.json"))
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(datasets.config, "HUB_DATASETS_URL",
+                        hub.endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
+    # Otherwise load_dataset counts a download with a HEAD to s3.amazonaws.com, outside the stand-in.
+    monkeypatch.setenv("HF_UPDATE_DOWNLOAD_COUNTS", "false")
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
+    # Otherwise load_dataset asks the dataset viewer at datasets-server.<HF_ENDPOINT's host> for the
+    # configs' infos: a host name outside the stand-in, looked up in DNS.
+    monkeypatch.setattr(datasets.config, "USE_PARQUET_EXPORT", False)
 
 
 def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:

@@ -290,6 +290,25 @@ def test_a_messages_column_is_used_with_its_system_turn(tmp_path, pretrained):
     assert tokenizer.decode([t for t, m in zip(first["input_ids"], first["assistant_masks"]) if m]).strip() == "5<|end|>"
 
 
+def test_a_late_shard_of_a_text_file_is_read_from_a_seek_not_from_the_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "ROW_INDEX_STEP", 10)
+    lines = [json.dumps({"text": f"row {n}"}) + ("\n\n" if n % 7 == 0 else "\n") for n in range(95)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(lines) + "{broken\n")
+    plain = tmp_path / "rows.txt"
+    plain.write_text("".join(f"line {n}\n" + ("\n" if n % 3 == 0 else "") for n in range(95)))
+    assert prep.file_row_count(path) == 96 and prep.file_row_count(plain) == 95  # counting builds the index
+    first_line = next(prep.lines_from_row(path, 57))[0]
+    assert 50 < first_line <= 57 + 57 // 7  # started at the indexed row 50, not at line 1
+    rows = prep.read_jsonl(path, 57)
+    assert [next(rows)["text"] for _ in range(38)] == [f"row {n}" for n in range(57, 95)]
+    with pytest.raises(prep.UnreadableData, match=r"line 110: not valid JSON"):  # numbered from the file's start
+        next(rows)
+    assert [row["text"] for row in prep.read_txt(plain, 83)] == [f"line {n}" for n in range(83, 95)]
+    path.write_text("".join(lines))  # changed since it was counted: read from the start, still right
+    assert next(prep.read_jsonl(path, 57))["text"] == "row 57"
+
+
 def test_a_column_named_in_the_dataset_value_is_read_as_text(tmp_path):
     corpus = write_format(tmp_path / "corpus", ".parquet", [{"id": n, "body": text} for n, text in enumerate(DOCUMENTS)])
     settings = settings_for(tmp_path, INPUT_DATASET=f"{corpus}?column=body", SHARD_SIZE=20)
