@@ -199,8 +199,9 @@ def parse_or_auto(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 # What a dataset value may add after '?': `owner/name?config=en&split=train&column=content`.
-DATASET_OPTIONS = ("config", "split", "column", "data_dir", "data_files")
-LOCAL_DATASET_OPTIONS = ("column",)  # the others select among a Hub dataset's files
+DATASET_OPTIONS = ("config", "split", "column", "data_dir", "data_files", "weight")
+LOCAL_DATASET_OPTIONS = ("column", "weight")  # the others select among a Hub dataset's files
+MIXTURE_SEPARATOR = "|"  # `a/b?weight=3|./more.jsonl`: rows drawn from both, 3 to 1
 
 
 def split_dataset_spec(value: str) -> tuple[str, dict[str, str]]:
@@ -219,15 +220,22 @@ def split_dataset_spec(value: str) -> tuple[str, dict[str, str]]:
 
 
 def parse_dataset(raw: str) -> str:
-    """A local file or folder, or a Hub dataset id, each with the options split_dataset_spec reads; a
-    local path takes only `column`."""
-    base, options = split_dataset_spec(raw)
-    if not base:
-        raise ValueError("a local file or folder, or a Hub dataset id such as owner/name")
-    hub_only = sorted(set(options) - set(LOCAL_DATASET_OPTIONS))
-    if hub_only and Path(base).expanduser().exists():
-        raise ValueError(f"only ?column= for a local file or folder ({', '.join(hub_only)} select a Hub "
-                         "dataset's files)")
+    """A local file or folder, or a Hub dataset id, each with the options split_dataset_spec reads (a
+    local path takes only `column` and `weight`); several joined by '|' are a mixture."""
+    for part in raw.split(MIXTURE_SEPARATOR):
+        base, options = split_dataset_spec(part)
+        if not base:
+            raise ValueError("a local file or folder, or a Hub dataset id such as owner/name (several "
+                             f"joined by {MIXTURE_SEPARATOR!r})")
+        hub_only = sorted(set(options) - set(LOCAL_DATASET_OPTIONS))
+        if hub_only and Path(base).expanduser().exists():
+            raise ValueError(f"only ?column= and ?weight= for a local file or folder ({', '.join(hub_only)} "
+                             "select a Hub dataset's files)")
+        if "weight" in options:
+            try:
+                parse_float(0, 1e6)(options["weight"])
+            except ValueError:
+                raise ValueError(f"a ?weight= above 0, not {options['weight']!r}") from None
     return raw.strip()
 
 
@@ -273,7 +281,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("INPUT_DATASET", "input_dataset", None, "Pretraining data: a Hub dataset id (streamed) or a local "
              "`.txt`/`.jsonl`/`.json`/`.parquet`/`.csv` file or folder, with a `text` column; options after `?`: "
              "`config`, `split` (default `train`), `column` (read as `text`), `data_dir`, `data_files`, e.g. "
-             "`owner/name?config=en&split=train&column=content`",
+             "`owner/name?config=en&split=train&column=content`; several joined by `|` are mixed, each with an "
+             "optional `weight` (default 1), e.g. `a/b?weight=3|./more.jsonl`",
              parse_dataset, aliases=("INPUT_DS",), shown_default="embedded demo corpus (demo)"),
     Variable("INSTRUCT_DATASET", "instruct_dataset", None, "Instruction data, same forms, in any of these formats, detected per row by its columns: `messages` "
              "(`{role, content}` turns), ShareGPT `conversations` (`{from, value}`), Alpaca `instruction`/`input`/`output`, "
@@ -748,9 +757,12 @@ def _resolved_local_dataset(value: str | None) -> str | None:
     and `/abs/data/x` are one stage (the stage key holds it); a Hub id (no such local path) unchanged."""
     if value is None:
         return None
-    base, marked, query = value.partition("?")
-    path = Path(base).expanduser()
-    return str(path.resolve()) + marked + query if path.exists() else value
+    parts = []
+    for part in value.split(MIXTURE_SEPARATOR):
+        base, marked, query = part.strip().partition("?")
+        path = Path(base).expanduser()
+        parts.append(str(path.resolve()) + marked + query if path.exists() else part.strip())
+    return MIXTURE_SEPARATOR.join(parts)
 
 
 def _check_combinations(values: dict, problems: list[str]) -> None:

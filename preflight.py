@@ -454,6 +454,8 @@ def check_dataset(settings: config.Settings) -> CheckResult:
     import prep
 
     variable = prep.dataset_variable(settings)
+    if config.MIXTURE_SEPARATOR in settings.stage_dataset:
+        return _check_local_dataset(settings, variable)  # prep's reader opens every part, Hub ones too
     base, _ = config.split_dataset_spec(settings.stage_dataset)
     if _local_dataset(base) is not None or not prep.looks_like_hub_id(base):
         return _check_local_dataset(settings, variable)
@@ -467,12 +469,12 @@ def _check_local_dataset(settings: config.Settings, variable: str) -> CheckResul
     var = f"{variable}={settings.stage_dataset}"
     try:
         source = prep.open_data_source(settings.stage_dataset, variable, settings.hf_token)
-        if source.column is not None:
+        if source.column is not None or source.parts:
             prep.check_columns(source, settings.phase)
         rows = list(itertools.islice(prep.iter_rows(source), ROWS_TO_READ))
     except prep.PrepError as err:
         return failed(str(err))
-    where = f"{len(source.files)} file(s)"
+    where = f"a mixture of {len(source.parts)} datasets" if source.parts else f"{len(source.files)} file(s)"
     return judge_rows(rows, settings.inst, var, where)
 
 

@@ -89,6 +89,9 @@ class DataSource:
     files: list[Path] | None  # local files in order, or None for a Hub dataset
     hub_dataset: Any = field(default=None, repr=False)  # a streamed datasets.IterableDataset
     column: str | None = None  # the column read as `text` (the spec's ?column=)
+    split: str = "train"  # of a Hub dataset
+    weight: float = 1.0  # its share of a mixture
+    parts: list[DataSource] | None = None  # a mixture's datasets (then `files` is empty)
 
     @property
     def label(self) -> str:
@@ -105,24 +108,32 @@ def looks_like_hub_id(spec: str) -> bool:
 
 
 def open_data_source(spec: str, variable: str, token: str | None) -> DataSource:
-    """A local file or folder, else a Hub dataset id (each with config.split_dataset_spec's options);
-    missing or unsupported input is a PrepError."""
+    """A local file or folder, else a Hub dataset id (each with config.split_dataset_spec's options),
+    or a mixture of them joined by '|'; missing or unsupported input is a PrepError."""
+    if config.MIXTURE_SEPARATOR in spec:
+        parts = [open_one_source(part.strip(), variable, token) for part in spec.split(config.MIXTURE_SEPARATOR)]
+        return DataSource(variable, spec, [], parts=parts)
+    return open_one_source(spec, variable, token)
+
+
+def open_one_source(spec: str, variable: str, token: str | None) -> DataSource:
     try:
         base, options = config.split_dataset_spec(spec)
     except ValueError as err:
         raise PrepError(f"{variable}={spec}: must be {err}") from None
     path = Path(base).expanduser()
-    column = options.get("column")
+    chosen = dict(column=options.get("column"), weight=float(options.get("weight", 1.0)),
+                  split=options.get("split", "train"))
     if path.is_file():
         if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
             raise PrepError(f"{variable}={spec}: unsupported file type {path.suffix or '(none)'!r}; "
                             f"allowed: {ALLOWED_FORMS}")
-        return DataSource(variable, spec, [path], column=column)
+        return DataSource(variable, spec, [path], **chosen)
     if path.is_dir():
-        return DataSource(variable, spec, folder_files(path, variable, spec), column=column)
+        return DataSource(variable, spec, folder_files(path, variable, spec), **chosen)
     if not looks_like_hub_id(base):
         raise PrepError(f"{variable}={spec}: no such file or folder; allowed: {ALLOWED_FORMS}")
-    return DataSource(variable, spec, None, open_hub_dataset(spec, variable, token), column=column)
+    return DataSource(variable, spec, None, open_hub_dataset(spec, variable, token), **chosen)
 
 
 def folder_files(folder: Path, variable: str, spec: str) -> list[Path]:
@@ -162,12 +173,48 @@ def open_hub_dataset(spec: str, variable: str, token: str | None):
 
 def iter_rows(source: DataSource, skip: int = 0) -> Iterator[dict]:
     """The dataset's rows as dicts from row `skip` on, streamed; the spec's ?column= read as `text`."""
+    if source.parts is not None:
+        yield from mixture_rows(source.parts, skip)
+        return
     rows = _source_rows(source, skip)
     if source.column is None:
         yield from rows
         return
     for row in rows:
         yield {**row, "text": row.get(source.column)}
+
+
+# The draws that interleave a mixture's datasets: fixed, so that every run (and every shard) sees the
+# same order, and drawn in blocks by numpy so that skipping to a late shard costs little.
+MIXTURE_SEED, MIXTURE_BLOCK = 0, 65536
+
+
+def mixture_draws() -> Iterator[float]:
+    import numpy as np
+
+    generator = np.random.default_rng(MIXTURE_SEED)
+    while True:
+        yield from generator.random(MIXTURE_BLOCK).tolist()
+
+
+def mixture_rows(parts: list[DataSource], skip: int) -> Iterator[dict]:
+    """Rows of several datasets interleaved at random in proportion to their weights, until the first
+    one runs out (datasets.interleave_datasets' `first_exhausted`, with a fixed seed). Row `skip` is
+    reached by replaying the draws and skipping that many rows in each dataset, not by reading them."""
+    import numpy as np
+
+    weights = np.array([part.weight for part in parts])
+    bounds = np.cumsum(weights / weights.sum())
+    draws = mixture_draws()
+    skipped = [0] * len(parts)
+    for _ in range(skip):
+        skipped[min(int(np.searchsorted(bounds, next(draws), side="right")), len(parts) - 1)] += 1
+    streams = [iter_rows(part, count) for part, count in zip(parts, skipped)]
+    for draw in draws:
+        row = next(streams[min(int(np.searchsorted(bounds, draw, side="right")), len(parts) - 1)], None)
+        if row is None:
+            return
+        yield row
 
 
 def _source_rows(source: DataSource, skip: int) -> Iterator[dict]:
@@ -331,11 +378,16 @@ def file_row_count(path: Path) -> int:
 
 
 def count_rows(source: DataSource) -> int | None:
-    """All rows of the dataset when that is cheap to know: local files, or the Hub's split metadata."""
+    """All rows of the dataset when that is cheap to know: local files, or the Hub's split metadata
+    (a mixture's length depends on the draws: not counted)."""
+    if source.parts is not None:
+        for part in source.parts:
+            count_rows(part)  # indexes the local files for seeking
+        return None
     if source.files is None:
         splits = getattr(source.hub_dataset.info, "splits", None) or {}
-        train = splits.get("train")
-        return train.num_examples if train is not None and train.num_examples else None
+        split = splits.get(source.split)
+        return split.num_examples if split is not None and split.num_examples else None
     try:
         return sum(file_row_count(path) for path in source.files)
     except UnreadableData as err:
@@ -359,6 +411,10 @@ INSTRUCT_FORMS = ("`messages` ({role, content} turns), `conversations` (ShareGPT
 
 
 def check_columns(source: DataSource, phase: str) -> None:
+    if source.parts is not None:
+        for part in source.parts:
+            check_columns(part, phase)
+        return
     columns = column_names(source)
     if source.column is not None:
         if source.column not in columns:

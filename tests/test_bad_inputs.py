@@ -151,7 +151,7 @@ CASES = [
     variable("TOKENIZER_SAMPLE", "a lot", "must be a number of characters from 100k to 1000G"),
     variable("INPUT_DATASET", "me/corpus?lang=en", "must be a dataset, optionally followed by ?option=value&... with "
              "the options config, split, column, data_dir, data_files"),
-    variable("INPUT_DATASET", DEMO_CORPUS + "?config=en", "must be only ?column= for a local file or folder"),
+    variable("INPUT_DATASET", DEMO_CORPUS + "?config=en", "must be only ?column= and ?weight= for a local file or folder"),
     Case("dataset column named with ?column= missing", "preflight", {"INPUT_DATASET": DEMO_CORPUS + "?column=body"},
          "no column 'body' (columns found: text); name one of them with ?column=", ("INPUT_DATASET=",)),
     variable("VOCAB_SIZE", "300", "must be a whole number from 512 to 1000000"),

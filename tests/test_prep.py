@@ -1,6 +1,7 @@
 """Guards prep.py: every input form, shards, instruction formats (text, messages, ShareGPT, Alpaca, prompt/completion) and the labels their masks give the trainer, tokenizer and model
 building, the source model checked before it is loaded (INPUT_REPO as a path, damaged weights), clear
 errors naming the variable, atomic and reusable preparation, leftovers of a killed run removed."""
+import itertools
 import json
 import re
 import shutil
@@ -534,3 +535,34 @@ def test_demo_preparation_end_to_end_then_reused_then_instruction(tmp_path, base
     assert tokenizer.chat_template == prep.CHAT_TEMPLATE and manifest["model_source"].endswith("train-llama")
     import evaluate
     assert evaluate.heldout_accuracy(config.load_settings(instruct_env).prep_dir, limit=8) == 0.0  # untrained
+
+
+def test_a_mixture_draws_rows_by_weight_and_a_late_shard_starts_where_the_draws_say(tmp_path):
+    first = write_jsonl(tmp_path / "first.jsonl", [{"text": f"first {n}"} for n in range(3000)])
+    second = write_format(tmp_path / "second", ".parquet", [{"body": f"second {n}"} for n in range(3000)])
+    spec = f"{first}?weight=3|{second}?column=body"
+    settings = settings_for(tmp_path, INPUT_DATASET=spec, SHARD_SIZE=500)
+    source = prep.open_data_source(settings.input_dataset, "INPUT_DATASET", None)
+    prep.check_columns(source, "pretrain")
+    assert prep.count_rows(source) is None
+    rows = [row["text"] for row in prep.iter_rows(source)]
+    from_first = sum(text.startswith("first") for text in rows)
+    assert from_first == 3000 and 3800 < len(rows) < 4200  # it stops when the first dataset runs out
+    assert 0.72 < from_first / len(rows) < 0.78  # 3 to 1
+    assert [r for r in rows if r.startswith("second")][:3] == ["second 0", "second 1", "second 2"]  # each in order
+    late = list(itertools.islice(prep.iter_rows(source, 1500), 200))
+    assert [row["text"] for row in late] == rows[1500:1700]
+    import preflight
+
+    check = preflight.check_dataset(settings)
+    assert check.status == preflight.PASS and "a mixture of 2 datasets; first 5 rows usable" in check.detail
+
+
+@pytest.mark.parametrize("value, message", [
+    ("a/b?weight=0|c/d", "a ?weight= above 0, not '0'"),
+    ("a/b||c/d", "a local file or folder, or a Hub dataset id such as owner/name"),
+])
+def test_a_malformed_mixture_is_a_configuration_error(tmp_path, value, message):
+    with pytest.raises(config.ConfigError) as err:
+        settings_for(tmp_path, INPUT_DATASET=value)
+    assert message in err.value.problems[0]
