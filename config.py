@@ -326,7 +326,7 @@ VARIABLES: tuple[Variable, ...] = (
              parse_or_auto(parse_int(1, 4096)), demo=1, automatic=True),
     Variable("EPOCHS", "epochs", 3.0, "Passes over each shard (halved for INIT < 2)", parse_float(0, 1000), demo=1.0),
     Variable("INSTRUCT_EPOCHS", "instruct_epochs", None, "Passes over each instruction shard (halved for INIT < 2)",
-             parse_float(0, 1000), demo=4.0, shown_default="`EPOCHS`"),
+             parse_float(0, 1000), demo=3.0, shown_default="`EPOCHS`"),
     Variable("MAX_STEPS", "max_steps", -1, "Stop after this many optimizer steps (-1: run the epochs)", parse_int(-1, 10**9)),
     Variable("LEARNING_RATE", "learning_rate", 3e-4, "Peak learning rate (AdamW, cosine schedule, 10% warm-up)", parse_float(0, 1.0), demo=2e-3),
     Variable("WEIGHT_DECAY", "weight_decay", 0.01, "AdamW weight decay", parse_float(0, 1.0, exclusive_min=False)),
@@ -854,7 +854,7 @@ def zero_stage_for(settings: Settings, world_size: int) -> int:
     """The ZeRO stage a run uses: ZERO_STAGE, except that ZeRO-2 runs as ZeRO-1 for 4-bit + LoRA on one
     process. One process has nothing to partition, so both stages hold the same memory, but ZeRO-2
     runs a Python hook per trained tensor in every backward: for LoRA's 252 adapter tensors that
-    doubled the host time of an optimizer step on an H200 (BENCHMARKS.md, zero_host_cost.py). Full
+    doubled the host time of an optimizer step on an H200 (BENCHMARKS.md). Full
     training keeps ZeRO-2, whose cost per tensor is small beside a full model's step (not measured)."""
     if settings.zero_stage == 2 and settings.use_quant and world_size == 1:
         return 1

@@ -14,8 +14,6 @@
 #   checks2  ~1B NF4 + LoRA on 2 GPUs, 10 steps with the fused ZeRO checks and 10 with DeepSpeed's own
 #   stages   ~1B NF4 + LoRA on one GPU under ZeRO-2 and ZeRO-1 against stock TRL, alternating, at
 #            STAGES_SHAPE_GPU0 ("1 1024") and STAGES_SHAPE_GPU1 ("4 2048") side by side
-#   hostcost one GPU (HOSTCOST_GPU): host time of an optimizer step, ZeRO against torch's AdamW, for
-#            LoRA's adapters alone (benchmarks/zero_host_cost.py)
 #   buckets  NF4 + LoRA with the trimmed gradient buckets against the original's two of 5e8 elements
 #   fused    NF4 + LoRA with and without Liger's fused kernels, against stock TRL with and without
 #            them; FUSED_SHAPES_GPU0/1 on two GPUs side by side
@@ -278,7 +276,7 @@ zerocheck_runs() {
 
 # ~1B NF4 + LoRA at one "BATCH LENGTH" shape on one GPU: ZeRO-2, ZeRO-1, stock TRL, ZeRO-1, ZeRO-2
 # (symmetric, like zerocheck_runs). One process partitions nothing at either stage; ZeRO-1 without
-# overlapped communication has no per-parameter gradient hooks (hostcost: 26 ms less host time a step).
+# overlapped communication has no per-parameter gradient hooks.
 stage_runs() {
   local gpu=$1 batch length variant round=0
   read -r batch length <<< "$2"
@@ -327,11 +325,6 @@ case "$suite" in
     { pin_to_half_of_cores 1; stage_runs 1 "${STAGES_SHAPE_GPU1:-4 2048}"; } > "$results/gpu1.log" 2>&1 &
     wait
     ;;
-  hostcost)
-    mkdir -p "$results/hostcost"
-    CUDA_VISIBLE_DEVICES=${HOSTCOST_GPU:-0} python3 benchmarks/zero_host_cost.py --json "$results/hostcost/hostcost.json" \
-      2>&1 | tee "$results/hostcost/out.txt"
-    ;;
   versus)
     { pin_to_half_of_cores 0; versus_runs 0 "${VERSUS_SHAPES_GPU0:-4 2048,1 1024}"; } > "$results/gpu0.log" 2>&1 &
     { pin_to_half_of_cores 1; versus_runs 1 "${VERSUS_SHAPES_GPU1:-4 1024,1 2048}"; } > "$results/gpu1.log" 2>&1 &
@@ -356,6 +349,6 @@ case "$suite" in
     qlora_2gpu
     demo_run demo-2gpu 0,1
     ;;
-  *) echo "usage: $0 scaling|quant|nf4|qlora2|profile|buckets|fused|zerochecks|versus|checks2|stages|hostcost|demo|zero|all RESULTS_DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 scaling|quant|nf4|qlora2|profile|buckets|fused|zerochecks|versus|checks2|stages|demo|zero|all RESULTS_DIR" >&2; exit 2 ;;
 esac
 touch "$results/done"

@@ -102,7 +102,7 @@ def launch_training(root, env, processes=2, script=("train.py",)):
 
 def kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes):
     """An uninterrupted 8-step run, and one killed (-9) once checkpoint-4 exists and then resumed:
-    the step losses of both and the resumed run's log."""
+    the step losses of the uninterrupted run, of the resumed one and of the killed one before the kill."""
     uninterrupted_env = prepare_twice(root, env, tmp_path)
     reference = launch_training(root, uninterrupted_env, processes)
     reference_log = reference.communicate(timeout=600)[0]
@@ -115,19 +115,19 @@ def kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes):
         assert time.time() < deadline and crashing.poll() is None, "no checkpoint-4 was written"
         time.sleep(0.2)
     os.killpg(crashing.pid, signal.SIGKILL)
-    crashing.wait()
+    crashed_log = crashing.communicate()[0]
 
     resumed = launch_training(root, env, processes)
     resumed_log = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, resumed_log[-4000:]
     assert "resuming from" in resumed_log and "checkpoint-" in resumed_log
-    return step_losses(reference_log), step_losses(resumed_log)
+    return step_losses(reference_log), step_losses(resumed_log), step_losses(crashed_log)
 
 
 def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
     env = {**base_env, "MAX_STEPS": "8", "SAVE_STEPS": "4", "LOGGING_STEPS": "2", "BATCH_SIZE": "4",
            "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
-    reference_losses, resumed_losses = kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes=2)
+    reference_losses, resumed_losses, _ = kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes=2)
     assert min(resumed_losses.keys()) == 6, "the resumed run did not continue after checkpoint-4"
     assert resumed_losses[8] == pytest.approx(reference_losses[8], rel=1e-4), (reference_losses, resumed_losses)
 
@@ -145,12 +145,19 @@ def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
     assert "Traceback" not in single_log and sorted(p.name for p in checkpoints.iterdir()) == before
 
 
-def test_quantized_run_resumes_exactly_after_kill(base_env, root, tmp_path):
-    # The resumed run attaches fresh adapters to the NF4 base and then loads the checkpoint's: every
-    # step after checkpoint-4 must match the uninterrupted run's.
+def test_seed_repeats_a_quantized_run_and_it_resumes_exactly_after_kill(base_env, root, tmp_path):
+    # SEED: LoRA's adapters are drawn when train.py attaches them, before the Trainer seeds, and torch
+    # seeds itself randomly at start-up. While the adapters' B is zero the losses agree whatever A is;
+    # from the third step (after the first update with a non-zero learning rate) they differ unless
+    # SEED fixed A: the killed run's steps 1-4 must repeat the uninterrupted run's.
+    # Resuming: the resumed run attaches fresh adapters to the NF4 base and then loads the
+    # checkpoint's: every step after checkpoint-4 must match the uninterrupted run's.
     env = {**base_env, "USE_QUANT": "true", "MAX_STEPS": "8", "SAVE_STEPS": "4", "LOGGING_STEPS": "1",
            "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
-    reference_losses, resumed_losses = kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes=1)
+    reference_losses, resumed_losses, crashed_losses = kill_after_checkpoint_4_and_resume(
+        root, env, tmp_path, processes=1)
+    assert [1, 2, 3, 4] == sorted(crashed_losses)[:4]
+    assert {step: reference_losses[step] for step in crashed_losses} == crashed_losses
     assert sorted(resumed_losses) == [5, 6, 7, 8], "the resumed run did not continue after checkpoint-4"
     assert {step: reference_losses[step] for step in resumed_losses} == resumed_losses
 
@@ -200,22 +207,6 @@ def test_trimmed_buckets_and_fused_checks_train_exactly_like_deepspeeds_own(base
          if "grad_norm" in entry] for e in (env, original_env))
     assert len(norms) == 5 and norms == pytest.approx(original_norms, rel=1e-5)
     assert min(norms) > 1.0  # above the clipping threshold: the fused norm scaled every update
-
-
-def test_seed_repeats_a_quantized_run_step_for_step(base_env, root, tmp_path):
-    # LoRA's adapters are drawn when train.py attaches them, before the Trainer seeds, and torch seeds
-    # itself randomly at start-up. While the adapters' B is zero the losses agree whatever A is; from
-    # the third step (after the first update with a non-zero learning rate) they differ unless SEED
-    # fixed A.
-    env = {**base_env, "USE_QUANT": "true", "MAX_STEPS": "5", "LOGGING_STEPS": "1", "SAVE_STEPS": "1000",
-           "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
-    losses = []
-    for run_env in (env, prepare_twice(root, env, tmp_path)):
-        run = launch_training(root, run_env, processes=1)
-        log = run.communicate(timeout=600)[0]
-        assert run.returncode == 0, log[-3000:]
-        losses.append(step_losses(log))
-    assert len(losses[0]) == 5 and losses[0] == losses[1]
 
 
 def test_quantized_curriculum_publishes_plain_models_and_never_shows_the_token(base_env, root):
