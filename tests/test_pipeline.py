@@ -268,10 +268,15 @@ def test_quantized_curriculum_publishes_plain_models_and_never_shows_the_token(b
 
 def test_timer_stops_training_and_publishes_without_advancing(base_env, root):
     # A timeout already over when training starts: the first step is the last, before the first
-    # LOGGING_STEPS interval, and its loss is still logged and published.
+    # LOGGING_STEPS interval, and its loss is still logged and published. Preparation counts toward the
+    # limit too (it would stop first), so it is done beforehand, on time, and the job's run reuses it.
     env = {**base_env, "RUN_ALL": "false", "STARTUP_DURATION_TIMEOUT": "1m", "TIMEOUT_BUFFER": "0.5",
-           "TRAINER_STARTED_AT": str(time.time() - 60), "LOGGING_STEPS": "10", "SAVE_STEPS": "10"}
+           "LOGGING_STEPS": "10", "SAVE_STEPS": "10"}
+    prepared = subprocess.run([sys.executable, "prep.py"], cwd=root, env=env, capture_output=True, text=True)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    env["TRAINER_STARTED_AT"] = str(time.time() - 60)
     log = run_trainer(root, env)
+    assert "already holds this stage's preparation; reusing it" in log, log[-3000:]
     assert "Timer stop at step 1" in log and list(step_losses(log)) == [1]
     output = Path(env["OUTPUT_DIR"])
     assert (output / "train-llama" / "config.json").is_file()
