@@ -310,7 +310,7 @@ VARIABLES: tuple[Variable, ...] = (
              parse_parameter_count),
     Variable("VOCAB_SIZE", "vocab_size", 52000, "Tokenizer vocabulary size (byte-level BPE)", parse_int(512, 1_000_000), demo=2048),
     Variable("TOKENIZER_SAMPLE", "tokenizer_sample", 200_000_000, "Characters at the start of `INPUT_DATASET` that the "
-             "first run trains the tokenizer on (e.g. `200M`, `1G`): a couple of minutes on a 16-core host",
+             "first run trains the tokenizer on (e.g. `200M`, `1G`); 200M took 32 s on 2 cores (BENCHMARKS.md)",
              parse_character_count, shown_default="`200M`"),
     Variable("MAX_LENGTH", "max_length", 2048, "Tokens per training sequence", parse_int(16, 131_072), demo=256),
     Variable("GLOBAL_BATCH_SIZE", "global_batch_size", 32,
