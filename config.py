@@ -172,15 +172,19 @@ def parse_buffer_minutes(raw: str) -> float:
 _COUNT_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
 
+def scaled_number(raw: str, suffixes: Mapping[str, float]) -> float:
+    """'300M' as 3e8 with the given suffixes (any case; '_' separators allowed); NaN for no number."""
+    text = raw.strip().lower().replace("_", "")
+    scale = suffixes.get(text[-1:], 1.0)
+    try:
+        return float(text[:-1] if text[-1:] in suffixes else text) * scale
+    except ValueError:
+        return math.nan
+
+
 def parse_parameter_count(raw: str) -> int:
     """'1B', '300M', '2.5e8' or a plain number of parameters."""
-    text = raw.strip().lower().replace("_", "")
-    scale = _COUNT_SUFFIX.get(text[-1:], 1.0)
-    number = text[:-1] if text[-1:] in _COUNT_SUFFIX else text
-    try:
-        value = float(number) * scale
-    except ValueError:
-        value = math.nan
+    value = scaled_number(raw, _COUNT_SUFFIX)
     if not math.isfinite(value) or value < 1e6 or value > 1e11:
         raise ValueError("a parameter count from 1M to 100B, such as 300M, 1B or 2.5e9")
     return int(value)
@@ -241,12 +245,7 @@ def parse_dataset(raw: str) -> str:
 
 def parse_character_count(raw: str) -> int:
     """'200M', '1G', '5e8' or a plain number of characters."""
-    text = raw.strip().lower().replace("_", "")
-    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:], 1.0)
-    try:
-        value = float(text[:-1] if scale != 1.0 else text) * scale
-    except ValueError:
-        value = math.nan
+    value = scaled_number(raw, {"k": 1e3, "m": 1e6, "g": 1e9})
     if not math.isfinite(value) or value < 1e5 or value > 1e12:
         raise ValueError("a number of characters from 100k to 1000G, such as 200M or 1G")
     return int(value)

@@ -4,7 +4,7 @@
 DeepSpeed's buffers, activations, the loss head); `advice_to_fit` lists the settings that would fit a
 given budget; `plan_batch` chooses the micro-batch, gradient accumulation and activation
 checkpointing left on `auto`, at the global batch the settings name. Pure functions of the topology
-and the numbers, except `machine_budget`, which reads the GPUs (or the RAM) train.py will use.
+and the numbers, except `machine_for`, which reads the GPUs (or the RAM) train.py will use.
 preflight.py checks a run against the estimate; train.py runs the plan.
 """
 from __future__ import annotations
@@ -72,13 +72,18 @@ def layer_activation_bytes(topology: config.Topology, precision_bytes: int, use_
     p, h = precision_bytes, topology.hidden_size
     kv, inter = topology.num_kv_heads * topology.head_dim, topology.intermediate_size
     attention = p * h + 2 * p * kv + p * h + 4 * topology.num_heads
-    norm_input = p * h if fused_kernels else 4 * h
+    norm_input = _norm_input_bytes(h, p, fused_kernels)
     if not use_quant:
         norms = 2 * (norm_input + 4 + (1 if fused_kernels else 2) * p * h)
         return norms + attention + (3 if fused_kernels else 4) * p * inter
     norms = 2 * (norm_input + 4)
     lora_branches = 6 * (p + 1) * h + (p + 1) * inter + 7 * p * config.LORA_R
     return norms + attention + (2 if fused_kernels else 3) * p * inter + lora_branches
+
+
+def _norm_input_bytes(hidden_size: int, precision_bytes: int, fused_kernels: bool) -> float:
+    """What an RMSNorm keeps of its input per token: HF's keeps an fp32 copy, Liger's the 16-bit input."""
+    return precision_bytes * hidden_size if fused_kernels else 4 * hidden_size
 
 
 def _layer_backward_work_bytes(topology: config.Topology, precision_bytes: int) -> float:
@@ -112,7 +117,7 @@ def activation_bytes(topology: config.Topology, vocab: int, tokens: int, precisi
     (derived from the code, not measured on a GPU). `fused_kernels`: see layer_activation_bytes."""
     p, layers, h = precision_bytes, topology.num_layers, topology.hidden_size
     per_layer = layer_activation_bytes(topology, p, use_quant, fused_kernels) * tokens
-    norm_input = p * h if fused_kernels else 4 * h
+    norm_input = _norm_input_bytes(h, p, fused_kernels)
     final_norm = (norm_input + 4 + (0 if use_quant or fused_kernels else p * h)) * tokens
     head = fused_head_bytes(topology, vocab, tokens, p, train_head=not use_quant or trains_token_rows)
     layer_work = _layer_backward_work_bytes(topology, p) * tokens
@@ -364,7 +369,8 @@ class BatchPlan:
 
 
 class BatchError(ValueError):
-    """Batch settings that cannot make up the global batch: one line naming the variables."""
+    """Settings that no plan can run (a global batch that cannot be made up, Liger without a GPU): one
+    line naming the variables."""
 
 
 # `auto` micro-batches keep the estimate within this share of the smallest GPU's memory (or of the RAM
@@ -450,8 +456,11 @@ def plan_batch(settings: config.Settings, machine: Machine) -> BatchPlan:
     """Micro-batch, accumulation and checkpointing for the settings left on `auto`: the largest
     micro-batch whose estimate fits the machine's budget without activation checkpointing, else with
     it, at the global batch the settings name; explicit settings are kept. Raises BatchError where the
-    settings cannot make up the global batch. When nothing fits, the smallest micro-batch (with
+    settings cannot make up the global batch, or ask for Liger without a GPU. When nothing fits, the smallest micro-batch (with
     checkpointing where that is `auto`) is planned, and preflight says what would fit."""
+    if machine.fused_kernels and not machine.on_gpu:
+        raise BatchError("USE_LIGER=true needs a CUDA GPU (Liger's kernels have no CPU path); "
+                         "set USE_LIGER=auto or false")
     world = machine.world_size
     global_batch = global_batch_for(settings, world)
     if global_batch % world:

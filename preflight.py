@@ -7,7 +7,7 @@ nothing else can be checked without settings).
 
 The checks: the configuration; HF_TOKEN accepted by the Hub (when publishing there or on a Space);
 GPU memory (or, on CPU, RAM) against an estimate for this model, batch and mode
-(`estimate_training_memory`, importable and unit-tested, with `advice_to_fit` for what would fit);
+(memory.py's `plan_batch` and `estimate_training_memory`, with `advice_to_fit` for what would fit);
 OUTPUT_DIR and WORK_DIR writable; disk space for what the run writes; 4-bit quantization (with
 USE_QUANT); the input model and tokenizer (runs after the first: files, a LLaMA config that fits
 MAX_LENGTH, whole safetensors weights); the stage's dataset and its first rows; and sanity warnings
@@ -224,8 +224,6 @@ def check_gpu_memory(settings: config.Settings) -> CheckResult:
     if on_gpu and settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
         return failed(f"PRECISION=bf16 but GPU 0 ({torch.cuda.get_device_name(0)}) has no bf16 support; "
                       "use PRECISION=auto (fp16 there)")
-    if settings.use_liger and not on_gpu:
-        return failed("USE_LIGER=true needs a CUDA GPU (Liger's kernels have no CPU path); set USE_LIGER=auto or false")
     try:
         plan = memory.plan_batch(settings, memory.machine_for(settings, world))
     except memory.BatchError as err:
@@ -455,18 +453,17 @@ def check_dataset(settings: config.Settings) -> CheckResult:
 
     variable = prep.dataset_variable(settings)
     if config.MIXTURE_SEPARATOR in settings.stage_dataset:
-        return _check_local_dataset(settings, variable)  # prep's reader opens every part, Hub ones too
+        return _check_rows(settings, variable)  # prep's reader opens every part, Hub ones too
     base, _ = config.split_dataset_spec(settings.stage_dataset)
     if _local_dataset(base) is not None or not prep.looks_like_hub_id(base):
-        return _check_local_dataset(settings, variable)
+        return _check_rows(settings, variable)
     return _check_hub_dataset(settings, base, variable)
 
 
-def _check_local_dataset(settings: config.Settings, variable: str) -> CheckResult:
-    """The first rows through prep.py's own readers: the same files, formats and errors."""
+def _check_rows(settings: config.Settings, variable: str, hub_id: str | None = None) -> CheckResult:
+    """The first rows through prep.py's own readers: the same files, formats, options and errors."""
     import prep
 
-    var = f"{variable}={settings.stage_dataset}"
     try:
         source = prep.open_data_source(settings.stage_dataset, variable, settings.hf_token)
         if source.column is not None or source.parts:
@@ -474,8 +471,11 @@ def _check_local_dataset(settings: config.Settings, variable: str) -> CheckResul
         rows = list(itertools.islice(prep.iter_rows(source), ROWS_TO_READ))
     except prep.PrepError as err:
         return failed(str(err))
-    where = f"a mixture of {len(source.parts)} datasets" if source.parts else f"{len(source.files)} file(s)"
-    return judge_rows(rows, settings.inst, var, where)
+    if hub_id is not None:
+        where = f"Hub dataset {hub_id} (streamed)"
+    else:
+        where = f"a mixture of {len(source.parts)} datasets" if source.parts else f"{len(source.files)} file(s)"
+    return judge_rows(rows, settings.inst, f"{variable}={settings.stage_dataset}", where)
 
 
 def _check_hub_dataset(settings: config.Settings, repo_id: str, variable: str) -> CheckResult:
@@ -494,16 +494,7 @@ def _check_hub_dataset(settings: config.Settings, repo_id: str, variable: str) -
         if reason:
             return failed(f"{var}: {hub_unreachable(settings, reason)}")
         raise
-    import prep
-
-    try:
-        source = prep.open_data_source(settings.stage_dataset, variable, settings.hf_token)
-        if source.column is not None:
-            prep.check_columns(source, settings.phase)
-        rows = list(itertools.islice(prep.iter_rows(source), ROWS_TO_READ))
-    except prep.PrepError as err:
-        return failed(str(err))
-    return judge_rows(rows, settings.inst, var, f"Hub dataset {repo_id} (streamed)")
+    return _check_rows(settings, variable, repo_id)
 
 
 # Sanity warnings.

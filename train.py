@@ -228,9 +228,9 @@ def logged_losses(log_history: list[dict]) -> list[tuple[int, float]]:
     return [(entry["step"], float(entry["loss"])) for entry in log_history if "loss" in entry and "step" in entry]
 
 
-def make_callbacks(settings: config.Settings, stop_file: Path, flops_per_second_per_token: float | None):
+def make_callbacks(settings: config.Settings, stop_file: Path, mfu_per_token_per_second: float | None):
     """The step logger, the NaN guard, the timer/SIGTERM stop and the checkpoint completion marker,
-    as TrainerCallbacks. `flops_per_second_per_token`: flops_per_token over the processes' combined
+    as TrainerCallbacks. `mfu_per_token_per_second`: flops_per_token over the processes' combined
     peak, which turns tokens/s into MFU (None: not shown)."""
     import torch
     import torch.distributed as dist
@@ -264,7 +264,7 @@ def make_callbacks(settings: config.Settings, stop_file: Path, flops_per_second_
             tokens_per_s = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
             self.last_time, self.last_tokens = now, state.num_input_tokens_seen
             per_step = (now - self.start_time) / max(step - self.start_step, 1)
-            mfu = f"mfu {100 * tokens_per_s * flops_per_second_per_token:5.1f}% | " if flops_per_second_per_token else ""
+            mfu = f"mfu {100 * tokens_per_s * mfu_per_token_per_second:5.1f}% | " if mfu_per_token_per_second else ""
             log(f"step {step:>6}/{state.max_steps} | loss {loss:8.4f} | lr {logs.get('learning_rate', 0):.3e} | "
                 f"{tokens_per_s:>9,.0f} tok/s | {mfu}mem {peak_memory_gib():6.2f} GiB | "
                 f"eta {format_duration(per_step * (state.max_steps - step))}")
@@ -373,9 +373,6 @@ def batch_plan(settings: config.Settings):
     """The micro-batch, accumulation and checkpointing of this run (memory.plan_batch; every process
     computes the same), and the machine it was planned for."""
     machine = memory.machine_for(settings, world_size())
-    if machine.fused_kernels and not machine.on_gpu:
-        raise SystemExit("train: USE_LIGER=true needs a CUDA GPU (Liger's kernels have no CPU path); "
-                         "set USE_LIGER=auto or false")
     try:
         return memory.plan_batch(settings, machine), machine
     except memory.BatchError as err:
@@ -513,17 +510,18 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     card = "CPU" if use_cpu else torch.cuda.get_device_name()
     token_flops = flops_per_token(settings.topology, vocab_rows, settings.max_length)
     card_flops = peak_flops(card)
-    step_log, stopper, marker = make_callbacks(
-        settings, stop_file, token_flops / (card_flops * world_size()) if card_flops else None)
+    # Tokens/s (of all processes) times this is the MFU; None where the card's peak is not known.
+    mfu_per_token_per_second = token_flops / (card_flops * world_size()) if card_flops else None
+    step_log, stopper, marker = make_callbacks(settings, stop_file, mfu_per_token_per_second)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[step_log, stopper, marker])
     trainer.remove_callback(PrinterCallback)  # StepLog prints the one fixed-format line instead
     processes = trainer.accelerator.num_processes
     log(memory.describe_plan(plan, settings.max_length))
     log(f"training: {len(dataset):,} sequences, {settings.run_epochs:g} epochs, {precision}, "
-        f"ZeRO-{zero_stage}{bucket_note(buckets)}, {'Liger kernels' if machine.fused_kernels else 'no fused kernels'}"
-        f"; estimated peak "
-        f"{memory.gib(plan.estimate['allocated'])} allocated per process" + (f", resuming from {resume}" if resume else ""))
+        f"ZeRO-{zero_stage}{bucket_note(buckets)}, {'Liger kernels' if machine.fused_kernels else 'no fused kernels'}; "
+        f"estimated peak {memory.gib(plan.estimate['allocated'])} allocated per process"
+        + (f", resuming from {resume}" if resume else ""))
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
@@ -542,7 +540,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         "first_loss": losses[0][1] if losses else math.nan, "final_loss": losses[-1][1] if losses else math.nan,
         "losses": losses, "wall_seconds": wall,
         "tokens_per_second": tokens_per_second,
-        "mfu": tokens_per_second * token_flops / (card_flops * processes) if card_flops else None,
+        "mfu": tokens_per_second * mfu_per_token_per_second if mfu_per_token_per_second else None,
         "flops_per_token": token_flops,
         "peak_memory_gib": peak_memory_gib(), "estimated_peak_gib": plan.estimate["allocated"] / memory.GIB,
         "parameters": total, "trainable_parameters": trainable,
