@@ -345,6 +345,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("NUM_PROCESSES", "num_processes", 0, "Training processes: `auto` is one per GPU, or 1 on CPU", parse_process_count, shown_default="auto"),
     Variable("OUTPUT_DIR", "output_dir", "./output", "Local copy of every published model, and the run-state file"),
     Variable("WORK_DIR", "work_dir", "./work", "Prepared data, model and checkpoints passed between stages"),
+    Variable("CACHE_DIR", "cache_dir", "~/.cache/train-llama", "What outlives a WORK_DIR: the record that the "
+             "software checks passed on this machine, so that restarts skip them"),
     Variable("STARTUP_DURATION_TIMEOUT", "startup_duration_timeout", 350.0, "Time the job may run (e.g. `350m`, `6h`); training stops, saves and publishes before it",
              parse_minutes, shown_default="350m"),
     Variable("TIMEOUT_BUFFER", "timeout_buffer", 20.0, "Minutes kept free at the end of the timeout for saving and publishing", parse_buffer_minutes),
@@ -479,6 +481,7 @@ class Settings:
     num_processes: int
     output_dir: Path
     work_dir: Path
+    cache_dir: Path
     startup_duration_timeout: float
     timeout_buffer: float
     save_adapter: bool
@@ -748,6 +751,7 @@ def _resolve_derived(preset: str, values: dict, sources: dict, problems: list[st
         sources["INPUT_REPO"] = f"OUTPUT_REPO ({sources['OUTPUT_REPO']})"
     values["output_dir"] = Path(values["output_dir"]).expanduser().resolve()
     values["work_dir"] = Path(values["work_dir"]).expanduser().resolve()
+    values["cache_dir"] = Path(values["cache_dir"]).expanduser().resolve()
     values["hf_endpoint"] = values["hf_endpoint"].rstrip("/")
 
 

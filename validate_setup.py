@@ -8,8 +8,8 @@ step of a tiny LLaMA on the device, whose gradient norms util.fuse_zero_gradient
 kernels must give as per-tensor norms do. Exit status 1 when a required part is missing or broken.
 
 `--reuse` (what trainer.sh passes): when every check passed before on this same machine boot, with the
-same interpreter, packages, checking code and settings (WORK_DIR/validated.json), say so and skip them;
-a job restarted after a kill then loses no time to checks whose answer cannot have changed.
+same interpreter, packages, checking code and settings (a record in `CACHE_DIR/validated/`), say so and skip them; a job restarted after a kill, or a new
+WORK_DIR on the same machine, then loses no time to checks whose answer cannot have changed.
 """
 from __future__ import annotations
 
@@ -337,15 +337,31 @@ def environment_fingerprint(settings: config.Settings) -> dict:
                          config.dataclasses.asdict(settings.topology)]}
 
 
+def validation_record(settings: config.Settings) -> Path:
+    """Where a passing round of checks is recorded: one file per fingerprint, in CACHE_DIR rather than
+    WORK_DIR, whose contents say nothing about the machine's software."""
+    text = json.dumps(environment_fingerprint(settings), sort_keys=True)
+    return settings.cache_dir / "validated" / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+
+
 def passed_before(settings: config.Settings) -> str | None:
     """When every check passed for this same fingerprint: the time they did."""
-    record = settings.work_dir / "validated.json"
     try:
-        saved = json.loads(record.read_text())
+        saved = json.loads(validation_record(settings).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     same = isinstance(saved, dict) and saved.get("fingerprint") == environment_fingerprint(settings)
     return saved.get("passed_at") if same else None
+
+
+def record_passed(settings: config.Settings) -> None:
+    record = validation_record(settings)
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        util.write_json_atomic(record, {"passed_at": util.utc_now(), "fingerprint": environment_fingerprint(settings)})
+    except OSError as err:  # a read-only home: the checks only repeat next time
+        print(f"validate_setup: note: could not record the passed checks in {record} ({err.strerror}); "
+              f"the next run repeats them")
 
 
 def main() -> int:
@@ -353,7 +369,7 @@ def main() -> int:
     settings, problems = load_settings()
     if reuse and settings is not None and (when := passed_before(settings)):
         print(f"validate_setup: every check passed at {when} with this same machine boot, software and "
-              f"settings ({settings.work_dir / 'validated.json'}); not repeated (delete that file to repeat them)")
+              f"settings ({validation_record(settings)}); not repeated (delete that file to repeat them)")
         return 0
     checks = build_checks(settings, problems)
     results: list[CheckResult] = []
@@ -368,8 +384,7 @@ def main() -> int:
     if counts[FAIL]:
         return 1
     if settings is not None:
-        util.write_json_atomic(settings.work_dir / "validated.json",
-                               {"passed_at": util.utc_now(), "fingerprint": environment_fingerprint(settings)})
+        record_passed(settings)
     return 0
 
 

@@ -46,14 +46,22 @@ def remove_deepspeed_shared_memory():
             leftover.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="session")
+def shared_cache_folder(tmp_path_factory):
+    """One CACHE_DIR for the whole run: validate_setup records there that the stack checks passed, so
+    later tests' trainer.sh runs skip them, as a user's restarts do."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture
-def base_env(tmp_path):
+def base_env(tmp_path, shared_cache_folder):
     """A clean process environment for a pipeline run in tmp_path: our variables removed, offline Hub,
     one CPU thread per process so that two-process tests do not oversubscribe the two CI cores."""
     env = {k: v for k, v in os.environ.items() if k not in _our_variable_names()}
     env.update(
         OUTPUT_DIR=str(tmp_path / "output"),
         WORK_DIR=str(tmp_path / "work"),
+        CACHE_DIR=str(shared_cache_folder),
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",

@@ -33,8 +33,8 @@ def test_cpu_machine_passes_with_forward_backward(root, base_env):
 
 def test_a_changed_setting_or_package_repeats_the_checks(base_env, monkeypatch):
     settings = config.load_settings(base_env)
-    record = settings.work_dir / "validated.json"
-    record.parent.mkdir(parents=True)
+    record = validate_setup.validation_record(settings)
+    record.parent.mkdir(parents=True, exist_ok=True)
     fingerprint = validate_setup.environment_fingerprint(settings)
     record.write_text(json.dumps({"passed_at": "then", "fingerprint": fingerprint}))
     assert validate_setup.passed_before(settings) == "then"
