@@ -5,6 +5,7 @@ gradient buckets train exactly like the original's; SEED repeats a 4-bit + LoRA 
 LoRA curriculum trains the chat markers' rows, publishes plain models to the Hub stand-in after a failed
 push and never shows the token; the timer stops training cleanly and publishes a loss even before the
 first logging interval."""
+import io
 import json
 import os
 import re
@@ -209,18 +210,60 @@ def test_trimmed_buckets_and_fused_checks_train_exactly_like_deepspeeds_own(base
     assert min(norms) > 1.0  # above the clipping threshold: the fused norm scaled every update
 
 
-def test_quantized_curriculum_publishes_plain_models_and_never_shows_the_token(base_env, root):
+def instruction_files_in_three_formats(root: Path, folder: Path) -> str:
+    """The embedded instruction set split into ShareGPT, Alpaca and prompt/completion files (one turn
+    each); returns the INSTRUCT_DATASET value that mixes them."""
+    pattern = re.compile(r"<\|user\|>(.*?)<\|end\|><\|bot\|>(.*?)<\|end\|>", flags=re.S)
+    turns = [pattern.match(json.loads(line)["text"]).groups()
+             for line in (root / "data" / "instruct.jsonl").read_text().splitlines()]
+    forms = {"sharegpt": lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
+             "alpaca": lambda q, a: {"instruction": q, "input": "", "output": a},
+             "completion": lambda q, a: {"prompt": q, "completion": a}}
+    for index, (name, form) in enumerate(forms.items()):
+        rows = [json.dumps(form(q, a)) for q, a in turns[index::3]]
+        (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+    return "|".join(str(folder / f"{name}.jsonl") for name in forms)
+
+
+def pretraining_dataset_with_configs(root: Path) -> dict[str, bytes]:
+    """The embedded pretraining corpus as a Hub dataset repository: config `en` (splits train and
+    test) and a decoy config `la`, in parquet files declared by the card's YAML, as on the Hub."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_hub_datasets import readme
+
+    def parquet(texts):
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"body": texts}), buffer)
+        return buffer.getvalue()
+
+    texts = [json.loads(line)["text"] for line in (root / "data" / "pretrain.jsonl").read_text().splitlines()]
+    return {"README.md": readme({"en": {"train": "en/train-*.parquet", "test": "en/test.parquet"},
+                                 "la": {"train": "la/train.parquet"}}),
+            "en/train-00000.parquet": parquet(texts[: len(texts) // 2]),
+            "en/train-00001.parquet": parquet(texts[len(texts) // 2:]),
+            "en/test.parquet": parquet(["never read"]), "la/train.parquet": parquet(["never read"])}
+
+
+def test_quantized_curriculum_publishes_plain_models_and_never_shows_the_token(base_env, root, tmp_path):
     """The whole 4-bit curriculum pushed to the Hub stand-in from a Space: the first run's push fails
     (the Hub answers 503 to every commit), the second run publishes that stage without training it
-    again and walks the rest; the token is in no log line, file or request of either."""
+    again and walks the rest; the token is in no log line, file or request of either. Its data are
+    real users' forms: pretraining streams a config, split and column of a Hub dataset from the
+    stand-in, and instruction tuning mixes ShareGPT, Alpaca and prompt/completion files."""
     from hub_server import HubStandIn
     from test_publish import SPACE, TOKEN, assert_token_absent
 
     with HubStandIn(token=TOKEN, user="tester") as hub:
         hub.add_space(SPACE)
+        hub.add_dataset("tester/corpus", pretraining_dataset_with_configs(root))
         # huggingface_hub refuses every request while either offline variable is set.
-        env = {**{k: v for k, v in base_env.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")},
+        offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+        env = {**{k: v for k, v in base_env.items() if k not in offline},
                "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN, "SPACE_ID": SPACE,
+               "HF_UPDATE_DOWNLOAD_COUNTS": "false",
+               "INPUT_DATASET": "tester/corpus?config=en&split=train&column=body",
+               "INSTRUCT_DATASET": instruction_files_in_three_formats(root, tmp_path),
                "OUTPUT_REPO": "tester/train-llama", "PRESET": "demo", "MAX_RETRIES": "2",
                "USE_QUANT": "true", "MAX_STEPS": "2", "LOGGING_STEPS": "1", "SAVE_STEPS": "2",
                "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
@@ -237,7 +280,16 @@ def test_quantized_curriculum_publishes_plain_models_and_never_shows_the_token(b
         assert set(hub.repos) == {"tester/train-llama", "tester/train-llama-it"}
         assert hub.spaces[SPACE].stage == "PAUSED"
         assert_token_absent(env, hub, failed, finished)
+        read = {r.path.split("/", 6)[-1] for r in hub.requests_to("GET", r"/datasets/tester/corpus/resolve/.*")}
+        assert {"en/train-00000.parquet", "en/train-00001.parquet"} <= read, read
+        assert not read & {"en/test.parquet", "la/train.parquet"}, read
+        assert not [(r.method, r.path) for r in hub.unrouted]
     log = finished.stdout
+    # Every row of the three formats was usable: the mixture (equal weights, until one file runs out)
+    # holds more rows than any one file has.
+    mixed = [int(rows.replace(",", "")) for rows, skipped in
+             re.findall(r"prep done: ([\d,]+) rows, ([\d,]+) skipped", log) if skipped == "0"]
+    assert len(mixed) >= 2 and min(mixed[-2:]) > 5000 // 3 + 1, mixed
     output = Path(env["OUTPUT_DIR"])
     assert json.loads((output / "run_state.json").read_text())["done"] is True
     assert "4-bit NF4 base + LoRA" in log
