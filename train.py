@@ -480,8 +480,6 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     use_cpu = not torch.cuda.is_available()
     if not use_cpu:
         torch.cuda.set_device(rank)
-        # cuDNN's SDPA kernel plans per sequence length (~150 ms each); flash/efficient kernels do not.
-        torch.backends.cuda.enable_cudnn_sdp(False)
     precision = resolve_precision(settings)
     plan, machine = batch_plan(settings)
     stop_file = settings.work_dir / "STOP"

@@ -58,15 +58,20 @@ RUNS = {
     "1b-stock": Run(12288, stock_of="1b-no-liger"),
     "300m": Run(6144),
     "300m-stock-liger": Run(6144, stock_of="300m", liger=True),
+    "300m-zero1": Run(6144, {"ZERO_STAGE": "1"}),
+    "1b-zero1": Run(12288, {"ZERO_STAGE": "1"}),
     "1b-nf4": Run(12288, {"USE_QUANT": "true"}),
     "1b-nf4-b4": Run(12288, {"USE_QUANT": "true", "BATCH_SIZE": "4", "GRADIENT_CHECKPOINTING": "true"}),
+    "1b-nf4-b8": Run(12288, {"USE_QUANT": "true", "BATCH_SIZE": "8", "GRADIENT_CHECKPOINTING": "true"}),
     "1b-nf4-stock": Run(12288, stock_shape=(4, 1, True), quant=True),
     "1b-nf4-stock-liger": Run(12288, stock_shape=(4, 1, True), quant=True, liger=True),
 }
 DEFAULT_RUNS = list(RUNS)
 # Each run is compared with the stock run of its own shape.
 STOCK_PAIR = {"1b": "1b-stock-liger", "1b-no-liger": "1b-stock", "300m": "300m-stock-liger",
-              "1b-nf4": "1b-nf4-stock", "1b-nf4-b4": "1b-nf4-stock"}
+              "300m-zero1": "300m-stock-liger", "1b-zero1": "1b-stock-liger",
+              "1b-nf4": "1b-nf4-stock", "1b-nf4-b4": "1b-nf4-stock",
+              "1b-nf4-b8": "1b-nf4-stock"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,6 +86,9 @@ def parse_args() -> argparse.Namespace:
                         help="instead: FACTOR 6144 for 200 steps with the defaults and with the plain path "
                              "(no Liger, checkpointing, micro-batch 4) at the same global batch and seed")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, a few steps: checks this script")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile optimizer steps 8-12 of each run (benchmarks/step_profile.py): "
+                             "OUT/RUN/profile.txt")
     return parser.parse_args()
 
 
@@ -154,6 +162,13 @@ def measured_speed(speeds: list[float]) -> float:
     return statistics.median(speeds[1:] or speeds)
 
 
+def profiled(args: argparse.Namespace, name: str) -> list[str]:
+    """The profiler in front of a run's script, with --profile."""
+    if not args.profile:
+        return []
+    return ["benchmarks/step_profile.py", "--out", str(args.out / name / "profile"), "--first", "8", "--last", "12"]
+
+
 def run_pipeline(args: argparse.Namespace, name: str, run: Run, corpus: Path) -> dict:
     prepared = prepared_folder(args, run, corpus)
     work = args.out / name / "work"
@@ -165,7 +180,7 @@ def run_pipeline(args: argparse.Namespace, name: str, run: Run, corpus: Path) ->
     devices = subprocess.run([sys.executable, "util.py", "launcher-devices", "--processes", "1", "--gpus", gpus],
                              cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.split()
     log = args.out / name / "train.log"
-    run_logged(["deepspeed", "--master_port", str(free_port()), *devices, "train.py"], env, log)
+    run_logged(["deepspeed", "--master_port", str(free_port()), *devices, *profiled(args, name), "train.py"], env, log)
     summary = json.loads((work / "trained" / "summary.json").read_text())
     subprocess.run(["rm", "-rf", str(work / "checkpoints"), str(work / "trained" / "model")], check=True)
     speed = measured_speed(window_speeds(log.read_text()))
@@ -192,7 +207,7 @@ def run_stock(args: argparse.Namespace, name: str, run: Run, results: dict[str, 
         vocab_rows, length = config.padded_vocab(args.vocab_size), 128 if args.smoke else 2048
     topology = config.topology_for_factor(run.factor, args.vocab_size)
     out = args.out / name
-    command = [sys.executable, "benchmarks/stock_trl.py", "--hidden", str(topology.hidden_size),
+    command = [sys.executable, *profiled(args, name), "benchmarks/stock_trl.py", "--hidden", str(topology.hidden_size),
                "--vocab-rows", str(vocab_rows), "--batch", str(batch), "--length", str(length),
                "--accumulation", str(accumulation), "--steps", str(args.steps), "--warmup", str(args.logging_steps),
                "--logging-steps", str(args.logging_steps), "--json", str(out / "stock.json")]
@@ -228,22 +243,32 @@ def table(results: dict[str, dict]) -> str:
 
 
 def loss_check(args: argparse.Namespace, corpus: Path) -> int:
-    """The defaults (fast path) against the plain path on the same data, seed and global batch."""
-    factor, batch = (384, "1") if args.smoke else (6144, "4")
-    runs = {"fast": Run(factor), "plain": Run(factor, {"USE_LIGER": "false", "GRADIENT_CHECKPOINTING": "true",
-                                                       "BATCH_SIZE": batch})}
+    """The defaults (fast path) against the plain path on the same data, seed and global batch, and a
+    third run that separates the two differences: the plain path's kernels at the fast path's
+    micro-batch (so fast against it is Liger and recomputation alone, it against plain is the
+    accumulation of micro-batches alone)."""
+    factor, batch, whole = (384, "1", "4") if args.smoke else (6144, "4", "32")
+    plain = {"USE_LIGER": "false", "GRADIENT_CHECKPOINTING": "true"}
+    runs = {"fast": Run(factor), "plain": Run(factor, {**plain, "BATCH_SIZE": batch}),
+            "plain-whole": Run(factor, {**plain, "BATCH_SIZE": whole})}
     curves = {}
     for name, run in runs.items():
         result = run_pipeline(args, f"loss-{name}", run, corpus)
         curves[name] = dict((step, loss) for step, loss in result["losses"])
         print(f"{name}: {result['batch']} x {result['accumulation']}, checkpointing {result['checkpointing']}, "
               f"Liger {result['liger']}: {result['tokens_per_second']:,.0f} tok/s", flush=True)
-    steps = sorted(curves["fast"].keys() & curves["plain"].keys())
-    differences = [abs(curves["fast"][s] - curves["plain"][s]) / curves["plain"][s] for s in steps]
-    print("| step | fast | plain | difference |\n|---|---|---|---|")
-    for step, difference in zip(steps, differences):
-        print(f"| {step} | {curves['fast'][step]:.4f} | {curves['plain'][step]:.4f} | {100 * difference:.2f}% |")
-    print(f"largest difference over {len(steps)} logged steps: {100 * max(differences):.2f}%")
+    steps = sorted(set.intersection(*(set(curve) for curve in curves.values())))
+    pairs = [("fast", "plain"), ("fast", "plain-whole"), ("plain-whole", "plain")]
+    print("| step | " + " | ".join(curves) + " | " + " | ".join(f"{a} vs {b}" for a, b in pairs) + " |")
+    print("|---" * (1 + len(curves) + len(pairs)) + "|")
+    largest = dict.fromkeys(pairs, 0.0)
+    for step in steps:
+        differences = [abs(curves[a][step] - curves[b][step]) / curves[b][step] for a, b in pairs]
+        largest = {pair: max(largest[pair], d) for pair, d in zip(pairs, differences)}
+        print(f"| {step} | " + " | ".join(f"{curves[n][step]:.4f}" for n in curves) + " | "
+              + " | ".join(f"{100 * d:.2f}%" for d in differences) + " |")
+    for (a, b), value in largest.items():
+        print(f"largest difference, {a} vs {b}, over {len(steps)} logged steps: {100 * value:.2f}%")
     return 0
 
 
