@@ -39,6 +39,9 @@ NOT_COPIED = ("README.md", PUBLISH_MARKER, ".*")  # publish writes the first two
 PUBLISHED_FILE_MODE, PUBLISHED_FOLDER_MODE = 0o644, 0o755
 DISK_FULL_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# prep.CHAT_TEMPLATE's {% generation %}...{% endgeneration %} marks the assistant's tokens for training;
+# it is a transformers extension that other template engines (minijinja in Rust servers) refuse.
+GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 # Weights of an older upload that a new one may not overwrite (a model that changed its sharding).
 STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 DEFAULT_RETRY_DELAY = 2.0  # seconds before the first retry of a Hub call; doubles at each retry
@@ -554,6 +557,34 @@ def ensure_generation_config(folder: Path) -> None:
     write_json_atomic(target, {"_from_model_config": True, **ids})
 
 
+def serving_chat_template(template: str) -> str:
+    """The chat template without its generation markers: the same text for every conversation (the
+    markers carry no whitespace control), in any Jinja engine."""
+    return GENERATION_TAG.sub("", template)
+
+
+def write_serving_chat_templates(folder: Path) -> None:
+    """Make the chat templates of a tokenizer folder serving-safe wherever transformers keeps them:
+    chat_template.jinja (and additional_chat_templates/) in transformers 5, the chat_template entry of
+    tokenizer_config.json before it (a string, or a list of named templates)."""
+    for path in [folder / "chat_template.jinja", *sorted(folder.glob("additional_chat_templates/*.jinja"))]:
+        if path.is_file():
+            path.write_text(serving_chat_template(path.read_text()))
+    config_path = folder / "tokenizer_config.json"
+    if not config_path.is_file():
+        return
+    tokenizer_config = json.loads(config_path.read_text())
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, str):
+        tokenizer_config["chat_template"] = serving_chat_template(template)
+    elif isinstance(template, list):
+        tokenizer_config["chat_template"] = [{**entry, "template": serving_chat_template(entry["template"])}
+                                             for entry in template]
+    else:
+        return
+    config_path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+
+
 def publish_marker(settings: config.Settings, summary: dict[str, Any], digest: str) -> dict[str, Any]:
     """What `advance` checks: which stage and which exact summary this folder holds, and the push."""
     return {"stage_key": settings.stage_key(), "summary_sha256": digest, "published_at": utc_now(),
@@ -582,11 +613,12 @@ def make_readable_by_others(folder: Path) -> None:
 
 
 def publish_folder(source: Path, target: Path, card: str, marker: dict[str, Any]) -> None:
-    """Replace `target` by a copy of `source` with the card and the marker, all or nothing; a failure
-    to write (a full disk) leaves the previous version at `target` as it was."""
+    """Replace `target` by a copy of `source` with serving-safe chat templates, the card and the marker,
+    all or nothing; a failure to write (a full disk) leaves the previous version at `target` as it was."""
     try:
         with atomic_directory(target) as tmp:
             copy_model_files(source, tmp)
+            write_serving_chat_templates(tmp)
             (tmp / "README.md").write_text(card)
             if (tmp / "config.json").is_file():
                 ensure_generation_config(tmp)
