@@ -180,14 +180,21 @@ def test_redact_removes_the_token_and_the_credentials_of_urls():
 # Publishing to OUTPUT_DIR.
 
 def test_local_publish_loads_generates_and_has_a_model_card(root, base_env, tiny_model):
-    settings = train_stage(base_env, tiny_model)
-    result = run_util(root, base_env, "publish")
+    env = {**base_env, "GGUF_TYPES": "q8_0"}
+    settings = train_stage(env, tiny_model)
+    result = run_util(root, env, "publish")
     assert result.returncode == 0, result.stderr
     assert "not pushed to the Hub" in result.stdout
+    assert "publish: wrote train-llama-q8_0.gguf" in result.stdout
     folder = settings.output_dir / settings.published_name
     assert folder == settings.output_dir / "train-llama"
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json", "README.md", "publish.json"} <= {p.name for p in folder.iterdir()}
+            "generation_config.json", "README.md", "publish.json",
+            "train-llama-q8_0.gguf"} <= {p.name for p in folder.iterdir()}
+    import gguf
+    reader = gguf.GGUFReader(folder / "train-llama-q8_0.gguf")
+    assert reader.fields["general.name"].contents() == "train-llama"
+    assert {t.name: t.tensor_type for t in reader.tensors}["output.weight"] == gguf.GGMLQuantizationType.Q8_0
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(folder)
