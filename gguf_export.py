@@ -80,8 +80,8 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     architectures = model_config.get("architectures") or []
     if model_config.get("model_type") != "llama" or LLAMA_ARCHITECTURE not in architectures:
         found = ", ".join(architectures) or "no architectures"
-        raise ExportError(f"{path}: a {model_config.get('model_type')!r} model ({found}); GGUF export takes "
-                          f"a LLaMA ({LLAMA_ARCHITECTURE})")
+        raise ExportError(f"{path}: a {model_config.get('model_type')!r} model ({found}); "
+                          f"GGUF export takes a LLaMA ({LLAMA_ARCHITECTURE})")
     if model_config.get("quantization_config"):
         raise ExportError(f"{path}: the weights are quantized; export the published (merged 16-bit) model")
     rope = model_config.get("rope_parameters") or model_config.get("rope_scaling") or {}
@@ -150,7 +150,7 @@ def tokenizer_json(folder: Path) -> dict[str, Any]:
     return data
 
 
-def vocabulary(data: dict[str, Any], rows: int) -> tuple[list[str], list[int]]:
+def vocabulary(data: dict[str, Any], rows: int, folder: Path) -> tuple[list[str], list[int]]:
     """Tokens and llama.cpp token types for every embedding row: added special tokens are CONTROL,
     rows past the tokenizer (the vocabulary is padded to a multiple of 64) are UNUSED."""
     import gguf
@@ -162,7 +162,8 @@ def vocabulary(data: dict[str, Any], rows: int) -> tuple[list[str], list[int]]:
         if added.get("special"):
             special.add(added["id"])
     if max(by_id) >= rows:
-        raise ExportError(f"the tokenizer has token id {max(by_id)} but the model only {rows} embedding rows")
+        raise ExportError(f"{folder}: the tokenizer has token id {max(by_id)} but the model only {rows} "
+                          "embedding rows; export a folder whose tokenizer and model were saved together")
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(rows)]
     types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL if i in by_id
              else gguf.TokenType.UNUSED for i in range(rows)]
@@ -173,7 +174,7 @@ def add_tokenizer(writer, folder: Path, rows: int) -> None:
     import gguf
 
     data = tokenizer_json(folder)
-    tokens, types = vocabulary(data, rows)
+    tokens, types = vocabulary(data, rows, folder)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(PRE_TOKENIZER)
     writer.add_token_list(tokens)

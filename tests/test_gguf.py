@@ -205,13 +205,21 @@ def test_util_gguf_writes_every_type_and_refuses_bad_input_in_one_line(root, tin
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["model-f16.gguf", "model-q8_0.gguf"]
 
-    not_llama = tmp_path / "gpt2"
-    shutil.copytree(tiny_model.folder, not_llama)
-    model_config = json.loads((not_llama / "config.json").read_text())
-    (not_llama / "config.json").write_text(json.dumps({**model_config, "model_type": "gpt2",
-                                                       "architectures": ["GPT2LMHeadModel"]}))
+    def changed_copy(name: str, file: str, **changes) -> str:
+        folder = tmp_path / name
+        shutil.copytree(tiny_model.folder, folder)
+        (folder / file).write_text(json.dumps({**json.loads((folder / file).read_text()), **changes}))
+        return str(folder)
+
+    not_llama = changed_copy("gpt2", "config.json", model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    quantized = changed_copy("nf4", "config.json", quantization_config={"load_in_4bit": True})
+    scaled = changed_copy("yarn", "config.json", rope_parameters={"rope_type": "yarn", "factor": 4.0})
+    sentencepiece = changed_copy("spm", "tokenizer.json", pre_tokenizer={"type": "Metaspace"})
     cases = [([str(tmp_path / "missing")], "no such folder"),
-             ([str(not_llama)], "GGUF export takes a LLaMA (LlamaForCausalLM)"),
+             ([not_llama], "GGUF export takes a LLaMA (LlamaForCausalLM)"),
+             ([quantized], "the weights are quantized; export the published (merged 16-bit) model"),
+             ([scaled], "rope scaling or bias terms, which this exporter does not write"),
+             ([sentencepiece], "a BPE model with a Metaspace pre-tokenizer; GGUF export takes the byte-level"),
              ([str(tiny_model.folder), "--types", "q4_k"], "--types='q4_k': must be none, or GGUF types"),
              ([str(tiny_model.folder), str(tmp_path / "one.gguf"), "--types", "f16,q8_0"],
               "one file for several"),
