@@ -219,7 +219,7 @@ def test_util_gguf_writes_every_type_and_refuses_bad_input_in_one_line(root, tin
              ([not_llama], "GGUF export takes a LLaMA (LlamaForCausalLM)"),
              ([quantized], "the weights are quantized; export the published (merged 16-bit) model"),
              ([scaled], "rope scaling or bias terms, which this exporter does not write"),
-             ([sentencepiece], "a BPE model with a Metaspace pre-tokenizer; GGUF export takes the byte-level"),
+             ([sentencepiece], "a BPE model with a Metaspace pre-tokenizer; GGUF export takes"),
              ([str(tiny_model.folder), "--types", "q4_k"], "--types='q4_k': must be none, or GGUF types"),
              ([str(tiny_model.folder), str(tmp_path / "one.gguf"), "--types", "f16,q8_0"],
               "one file for several"),
