@@ -286,10 +286,9 @@ def output_path(folder: Path, out: Path | None, type_name: str, several: bool) -
         if several:
             raise ExportError(f"{out}: one file for several types; name a folder for OUT instead")
         return out
-    where = out if out is not None else folder
-    if not where.is_dir():
-        raise ExportError(f"{where}: no such folder; create it, or name a .gguf file")
-    return where / gguf_name(folder.resolve().name, type_name)
+    if out is not None and not out.is_dir():
+        raise ExportError(f"{out}: no such folder; create it, or name a .gguf file")
+    return (out or folder) / gguf_name(folder.resolve().name, type_name)
 
 
 def main(argv: list[str] | None = None) -> int:

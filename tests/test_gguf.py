@@ -215,7 +215,7 @@ def test_util_gguf_writes_every_type_and_refuses_bad_input_in_one_line(root, tin
     quantized = changed_copy("nf4", "config.json", quantization_config={"load_in_4bit": True})
     scaled = changed_copy("yarn", "config.json", rope_parameters={"rope_type": "yarn", "factor": 4.0})
     sentencepiece = changed_copy("spm", "tokenizer.json", pre_tokenizer={"type": "Metaspace"})
-    cases = [([str(tmp_path / "missing")], "no such folder"),
+    cases = [([str(tmp_path / "missing")], "missing: no such folder; name a model folder such as"),
              ([not_llama], "GGUF export takes a LLaMA (LlamaForCausalLM)"),
              ([quantized], "the weights are quantized; export the published (merged 16-bit) model"),
              ([scaled], "rope scaling or bias terms, which this exporter does not write"),
@@ -223,7 +223,7 @@ def test_util_gguf_writes_every_type_and_refuses_bad_input_in_one_line(root, tin
              ([str(tiny_model.folder), "--types", "q4_k"], "--types='q4_k': must be none, or GGUF types"),
              ([str(tiny_model.folder), str(tmp_path / "one.gguf"), "--types", "f16,q8_0"],
               "one file for several"),
-             ([str(tiny_model.folder), str(tmp_path / "nowhere")], "no such folder")]
+             ([str(tiny_model.folder), str(tmp_path / "nowhere")], "nowhere: no such folder; create it")]
     for arguments, words in cases:
         assert gguf_export.main(arguments) == 1, arguments
         error = capsys.readouterr().err.strip().splitlines()
