@@ -559,8 +559,9 @@ def ensure_generation_config(folder: Path) -> None:
 
 
 def serving_chat_template(template: str) -> str:
-    """The chat template without its generation markers: the same text for every conversation (the
-    markers carry no whitespace control), in any Jinja engine."""
+    """The chat template without its generation markers, for any Jinja engine: the same text for every
+    conversation while the markers carry no whitespace control (prep.CHAT_TEMPLATE's do not;
+    tests/test_publish.py renders both)."""
     return GENERATION_TAG.sub("", template)
 
 
