@@ -251,6 +251,21 @@ def parse_character_count(raw: str) -> int:
     return int(value)
 
 
+# What `util.py gguf` and GGUF_TYPES can write (gguf_export maps them to llama.cpp's tensor types).
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def parse_gguf_types(raw: str) -> tuple[str, ...]:
+    """'f16,q8_0' as ('f16', 'q8_0'); 'none' or nothing as ()."""
+    names = [part.strip().lower() for part in raw.split(",") if part.strip()]
+    if names == ["none"]:
+        return ()
+    if not set(names) <= set(GGUF_TYPES) or len(set(names)) != len(names):
+        raise ValueError(f"none, or GGUF types from {', '.join(GGUF_TYPES)} separated by commas, each once "
+                         "(e.g. f16,q8_0)")
+    return tuple(names)
+
+
 def parse_process_count(raw: str) -> int:
     if raw.strip().lower() == "auto":
         return 0
@@ -351,6 +366,10 @@ VARIABLES: tuple[Variable, ...] = (
              parse_minutes, shown_default="350m"),
     Variable("TIMEOUT_BUFFER", "timeout_buffer", 20.0, "Minutes kept free at the end of the timeout for saving and publishing", parse_buffer_minutes),
     Variable("SAVE_ADAPTER", "save_adapter", False, "With USE_QUANT, also publish the LoRA adapter alone (`<name>-adapter`)", parse_bool),
+    Variable("GGUF_TYPES", "gguf_types", (), "GGUF files (for llama.cpp, Ollama, LM Studio) that publishing "
+             "also writes into the published folder, e.g. `f16,q8_0`; types: "
+             + ", ".join(f"`{t}`" for t in GGUF_TYPES),
+             parse_gguf_types, shown_default="none"),
     Variable("MAX_RETRIES", "max_retries", 5, "Attempts for each Hub call (exponential backoff)", parse_int(1, 20)),
     Variable("HF_TOKEN", "hf_token", None, "Hugging Face token for pushing and Space variables (never logged)", secret=True),
     Variable("HF_ENDPOINT", "hf_endpoint", "https://huggingface.co", "Hub address (a mirror, or a local test server)"),
@@ -485,6 +504,7 @@ class Settings:
     startup_duration_timeout: float
     timeout_buffer: float
     save_adapter: bool
+    gguf_types: tuple[str, ...]
     max_retries: int
     hf_token: str | None = field(repr=False)
     hf_endpoint: str

@@ -1,9 +1,10 @@
 """Shared helpers of the pipeline stages, and the publishing stage (`python3 util.py publish|advance`).
 
-`publish` copies work/trained/model into OUTPUT_DIR/<published_name>/ with a model card and a publish
-marker, then pushes that folder to the Hub when HF_TOKEN is set and OUTPUT_REPO is `owner/name`.
-`advance` moves the curriculum to the next stage (OUTPUT_DIR/run_state.json, and the Space's INIT/INST
-variables), only for a training run that completed and was published.
+`publish` copies work/trained/model into OUTPUT_DIR/<published_name>/ with a serving-safe chat template,
+the GGUF files of GGUF_TYPES, a model card and a publish marker, then pushes that folder to the Hub when
+HF_TOKEN is set and OUTPUT_REPO is `owner/name`. `advance` moves the curriculum to the next stage
+(OUTPUT_DIR/run_state.json, and the Space's INIT/INST variables), only for a training run that completed
+and was published. `gguf FOLDER [OUT]` writes a model folder as GGUF files (gguf_export.py).
 
 Exit status: 0 done; 1 a failure explained in one line on stderr; 2 a configuration problem;
 3 (`advance` only) the stage is incomplete, so the run state was left as it was.
@@ -39,8 +40,11 @@ NOT_COPIED = ("README.md", PUBLISH_MARKER, ".*")  # publish writes the first two
 PUBLISHED_FILE_MODE, PUBLISHED_FOLDER_MODE = 0o644, 0o755
 DISK_FULL_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# prep.CHAT_TEMPLATE's {% generation %}...{% endgeneration %} marks the assistant's tokens for training;
+# it is a transformers extension that other template engines (minijinja in Rust servers) refuse.
+GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 # Weights of an older upload that a new one may not overwrite (a model that changed its sharding).
-STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.gguf"]
 DEFAULT_RETRY_DELAY = 2.0  # seconds before the first retry of a Hub call; doubles at each retry
 MAX_RETRY_DELAY = 60.0  # also the most a Hub's Retry-After header makes us wait
 # huggingface_hub's HTTP client waits forever for an answer, so a stalled Hub would hang the run for good:
@@ -554,6 +558,35 @@ def ensure_generation_config(folder: Path) -> None:
     write_json_atomic(target, {"_from_model_config": True, **ids})
 
 
+def serving_chat_template(template: str) -> str:
+    """The chat template without its generation markers, for any Jinja engine: the same text for every
+    conversation while the markers carry no whitespace control (prep.CHAT_TEMPLATE's do not;
+    tests/test_publish.py renders both)."""
+    return GENERATION_TAG.sub("", template)
+
+
+def write_serving_chat_templates(folder: Path) -> None:
+    """Make the chat templates of a tokenizer folder serving-safe wherever transformers keeps them:
+    chat_template.jinja (and additional_chat_templates/) in transformers 5, the chat_template entry of
+    tokenizer_config.json before it (a string, or a list of named templates)."""
+    for path in [folder / "chat_template.jinja", *sorted(folder.glob("additional_chat_templates/*.jinja"))]:
+        if path.is_file():
+            path.write_text(serving_chat_template(path.read_text()))
+    config_path = folder / "tokenizer_config.json"
+    if not config_path.is_file():
+        return
+    tokenizer_config = json.loads(config_path.read_text())
+    template = tokenizer_config.get("chat_template")
+    if isinstance(template, str):
+        tokenizer_config["chat_template"] = serving_chat_template(template)
+    elif isinstance(template, list):
+        tokenizer_config["chat_template"] = [{**entry, "template": serving_chat_template(entry["template"])}
+                                             for entry in template]
+    else:
+        return
+    config_path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
+
+
 def publish_marker(settings: config.Settings, summary: dict[str, Any], digest: str) -> dict[str, Any]:
     """What `advance` checks: which stage and which exact summary this folder holds, and the push."""
     return {"stage_key": settings.stage_key(), "summary_sha256": digest, "published_at": utc_now(),
@@ -581,12 +614,16 @@ def make_readable_by_others(folder: Path) -> None:
         path.chmod(PUBLISHED_FOLDER_MODE if path.is_dir() else PUBLISHED_FILE_MODE)
 
 
-def publish_folder(source: Path, target: Path, card: str, marker: dict[str, Any]) -> None:
-    """Replace `target` by a copy of `source` with the card and the marker, all or nothing; a failure
-    to write (a full disk) leaves the previous version at `target` as it was."""
+def publish_folder(source: Path, target: Path, card: str, marker: dict[str, Any],
+                   gguf_types: tuple[str, ...] = ()) -> None:
+    """Replace `target` by a copy of `source` with serving-safe chat templates, GGUF files of
+    `gguf_types`, the card and the marker, all or nothing; a failure to write (a full disk) leaves the
+    previous version at `target` as it was."""
     try:
         with atomic_directory(target) as tmp:
             copy_model_files(source, tmp)
+            write_serving_chat_templates(tmp)
+            write_gguf_files(tmp, target.name, gguf_types)
             (tmp / "README.md").write_text(card)
             if (tmp / "config.json").is_file():
                 ensure_generation_config(tmp)
@@ -594,6 +631,21 @@ def publish_folder(source: Path, target: Path, card: str, marker: dict[str, Any]
             make_readable_by_others(tmp)
     except OSError as err:
         raise StageError(local_publish_failure(err, source, target)) from None
+
+
+def write_gguf_files(folder: Path, name: str, gguf_types: tuple[str, ...]) -> None:
+    """GGUF_TYPES: the model of `folder` as `<name>-<type>.gguf` files beside it."""
+    if not gguf_types:
+        return
+    import gguf_export
+
+    for type_name in gguf_types:
+        target = folder / gguf_export.gguf_name(name, type_name)
+        try:
+            gguf_export.export(folder, target, type_name, name=name)
+        except gguf_export.ExportError as err:
+            raise StageError(f"GGUF_TYPES={','.join(gguf_types)}: {err}") from None
+        log(f"publish: wrote {target.name} ({byte_text(target.stat().st_size)})")
 
 
 def byte_text(n: int) -> str:
@@ -642,7 +694,7 @@ def publish_local(settings: config.Settings, summary: dict[str, Any], digest: st
     marker = publish_marker(settings, summary, digest)
     model_folder = settings.output_dir / settings.published_name
     publish_folder(settings.trained_dir / "model", model_folder,
-                   model_card(settings, summary, model_folder.name), marker)
+                   model_card(settings, summary, model_folder.name), marker, settings.gguf_types)
     if adapter is None:
         return [model_folder]
     adapter_folder = settings.output_dir / f"{settings.published_name}-adapter"
@@ -836,9 +888,13 @@ def launcher_devices(processes: int, gpus: int, visible: str | None) -> list[str
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["gguf"]:  # its own arguments: gguf_export.main parses them
+        import gguf_export
+        return gguf_export.main(sys.argv[2:])
     parser = argparse.ArgumentParser(description="Publish the trained model, advance the curriculum, or print "
                                                  "the launcher's device arguments.")
-    parser.add_argument("command", choices=("publish", "advance", "launcher-devices"))
+    parser.add_argument("command", choices=("publish", "advance", "launcher-devices", "gguf"),
+                        help="gguf: write a model folder as GGUF files (`util.py gguf --help`)")
     parser.add_argument("--processes", type=int, default=1, help="launcher-devices: training processes")
     parser.add_argument("--gpus", type=int, default=0, help="launcher-devices: GPUs torch sees")
     parser.add_argument("--retry-delay", type=float, default=DEFAULT_RETRY_DELAY, metavar="SECONDS",

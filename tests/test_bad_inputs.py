@@ -172,6 +172,7 @@ CASES = [
     variable("SAVE_STEPS", "15", "must be a multiple of LOGGING_STEPS"),
     variable("PRESET", "tiny", "must be one of auto, demo, full", INPUT_DATASET=DEMO_CORPUS),
     variable("MAX_RETRIES", "0", "must be a whole number from 1 to 20"),
+    variable("GGUF_TYPES", "f16,q4_k", "must be none, or GGUF types from f32, f16, bf16, q8_0"),
     variable("NUM_PROCESSES", "0", "must be a whole number from 1 to 64"),
     variable("SEED", "-5", "must be a whole number from 0 to 4294967295"),
     variable("HF_TOKEN", "hf_bad token", "contains whitespace; paste the token alone"),

@@ -180,14 +180,21 @@ def test_redact_removes_the_token_and_the_credentials_of_urls():
 # Publishing to OUTPUT_DIR.
 
 def test_local_publish_loads_generates_and_has_a_model_card(root, base_env, tiny_model):
-    settings = train_stage(base_env, tiny_model)
-    result = run_util(root, base_env, "publish")
+    env = {**base_env, "GGUF_TYPES": "q8_0"}
+    settings = train_stage(env, tiny_model)
+    result = run_util(root, env, "publish")
     assert result.returncode == 0, result.stderr
     assert "not pushed to the Hub" in result.stdout
+    assert "publish: wrote train-llama-q8_0.gguf" in result.stdout
     folder = settings.output_dir / settings.published_name
     assert folder == settings.output_dir / "train-llama"
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json", "README.md", "publish.json"} <= {p.name for p in folder.iterdir()}
+            "generation_config.json", "README.md", "publish.json",
+            "train-llama-q8_0.gguf"} <= {p.name for p in folder.iterdir()}
+    import gguf
+    reader = gguf.GGUFReader(folder / "train-llama-q8_0.gguf")
+    assert reader.fields["general.name"].contents() == "train-llama"
+    assert {t.name: t.tensor_type for t in reader.tensors}["output.weight"] == gguf.GGMLQuantizationType.Q8_0
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -206,6 +213,70 @@ def test_local_publish_loads_generates_and_has_a_model_card(root, base_env, tiny
         assert fact in card, fact
     marker = json.loads((folder / "publish.json").read_text())
     assert marker["stage_key"] == settings.stage_key() and marker["hub"] is None
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Reverse the word: apple"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Add 2 and 3"},
+     {"role": "assistant", "content": "5"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "Spell cat"}, {"role": "assistant", "content": "c a t"}],
+]
+
+
+def render_in_minijinja(template: str, conversation: list[dict], add_generation_prompt: bool) -> str:
+    """The template rendered by minijinja, the engine of Rust servers (text-generation-inference)."""
+    from minijinja import Environment
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    env = Environment()
+    env.add_function("raise_exception", raise_exception)
+    return env.render_str(template, messages=conversation, add_generation_prompt=add_generation_prompt,
+                          bos_token="<s>", eos_token="</s>")
+
+
+def test_published_chat_template_has_no_generation_markers_and_renders_the_same(tmp_path, tiny_model):
+    """The training template's {% generation %} markers stay in WORK_DIR; the published folder's template,
+    in chat_template.jinja and (as older transformers wrote it) tokenizer_config.json, renders the same text
+    in transformers' Jinja2 and in minijinja, which refuses the markers."""
+    import minijinja
+    from transformers import AutoTokenizer
+
+    import prep
+    source = tmp_path / "trained"
+    shutil.copytree(tiny_model.folder, source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    prep.add_chat_tokens(tokenizer)
+    tokenizer.save_pretrained(source)
+    tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = prep.CHAT_TEMPLATE
+    (source / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    target = tmp_path / "published"
+    util.publish_folder(source, target, "card", {"stage_key": "test"})
+
+    assert "{% generation %}" in (source / "chat_template.jinja").read_text()
+    with pytest.raises(minijinja.TemplateError, match="unknown statement generation"):
+        render_in_minijinja(prep.CHAT_TEMPLATE, CONVERSATIONS[0], True)
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        assert "generation %}" not in (target / name).read_text(), name
+    serving = util.serving_chat_template(prep.CHAT_TEMPLATE)
+    assert json.loads((target / "tokenizer_config.json").read_text())["chat_template"] == serving
+    published = AutoTokenizer.from_pretrained(target)
+    assert published.chat_template == serving
+    for conversation in CONVERSATIONS:
+        for add_generation_prompt in (False, True):
+            training_text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                          add_generation_prompt=add_generation_prompt)
+            served_text = published.apply_chat_template(conversation, tokenize=False,
+                                                        add_generation_prompt=add_generation_prompt)
+            assert served_text == training_text
+            assert render_in_minijinja(serving, conversation, add_generation_prompt) == training_text
+    assert training_text == ("<s><|user|>Hi<|end|><|bot|>Hello!<|end|>"
+                             "<|user|>Spell cat<|end|><|bot|>c a t<|end|><|bot|>")
+    with pytest.raises(ValueError, match="must alternate"):
+        render_in_minijinja(serving, [CONVERSATIONS[0][0]] * 2, False)
 
 
 def test_failed_publish_keeps_the_previous_version(root, base_env, tiny_model, monkeypatch):
