@@ -6,8 +6,10 @@ writes a LLaMA: its tensor names, the rotary permutation of the query and key ro
 matrices in the asked type (q8_0 where the row length allows 32-value blocks, else f16). The tokenizer
 goes in as llama.cpp's `gpt2` byte-level BPE with the `gpt-2` pre-tokenizer, whose split is the one
 of tokenizers' ByteLevel; the chat template goes in serving-safe. llama.cpp adds no prefix space to
-BPE text, where our tokenizer (add_prefix_space) does: a text that starts without a space (the first
-word, or a word right after a special token) can come out as other tokens.
+BPE text, and neither does the tokenizer prep.py trains, so the two give the same tokens. A tokenizer
+with `add_prefix_space` (trained by an earlier version) is exported with a warning: there a text that
+starts without a space (the first word, or a word right after a special token) comes out as other
+tokens.
 
 Exit status: 0 written; 1 bad input or a failure, in one line on stderr.
 """
@@ -147,6 +149,10 @@ def tokenizer_json(folder: Path) -> dict[str, Any]:
         raise ExportError(f"{path}: a {(data.get('model') or {}).get('type')} model with a "
                           f"{pre.get('type')} pre-tokenizer; GGUF export takes the byte-level BPE "
                           "(ByteLevel pre-tokenizer, no normalizer) that this pipeline trains")
+    if pre.get("add_prefix_space"):
+        util.log(f"gguf: warning: {path} puts a space before text that lacks one and llama.cpp does not: "
+                 "there the first word of a prompt, and a word right after a special token, become other "
+                 "tokens unless the prompt has that space (TROUBLESHOOTING.md)")
     return data
 
 

@@ -698,7 +698,9 @@ def train_tokenizer(settings: config.Settings, source: DataSource):
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    # No space is put before text that lacks one (GPT-2's choice, and llama.cpp's for every byte-level
+    # BPE): a GGUF export of the model then tokenizes exactly as training did.
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=settings.vocab_size, special_tokens=list(config.SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -15,12 +15,12 @@ import gguf_export
 import prep
 import util
 
-# Texts that start with a space: llama.cpp (and transformers' GGUF tokenizer) add no prefix space to a
-# byte-level BPE, our tokenizer does, and the two agree exactly from there on.
-SPACED_TEXTS = [" Once upon a time, a small model learned to speak.",
-                " It's 42 o'clock -- isn't it?  \n\n Yes!",
-                " naïve café, 東京, emoji 🦙 and tabs\tend",
-                " <|user|> Reverse the word: apple<|end|><|bot|>"]
+# llama.cpp, transformers' GGUF tokenizer and the tokenizer prep.py trains all put no space before text,
+# so they agree on texts with and without a leading one, and right after special tokens.
+TEXTS = ["Once upon a time, a small model learned to speak.", " Once upon a time",
+         "It's 42 o'clock -- isn't it?  \n\n Yes!",
+         " naïve café, 東京, emoji 🦙 and tabs\tend",
+         "<|user|>Reverse the word: apple<|end|><|bot|>", " <|user|> Reverse the word: apple<|end|><|bot|>"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ def test_transformers_loads_the_gguf_with_the_folders_logits(tiny_model, tmp_pat
 
     path = export_alone(tiny_model, tmp_path, type_name)
     loaded = load_gguf_model(path)
-    ids = tiny_model.tokenizer(SPACED_TEXTS[:2], return_tensors="pt", padding=True)
+    ids = tiny_model.tokenizer(TEXTS[:2], return_tensors="pt", padding=True)
     with torch.no_grad():
         actual = loaded(**ids).logits
         assert (actual - as_stored(tiny_model.model, type_name)(**ids).logits).abs().max() <= 1e-3
@@ -133,7 +133,7 @@ def test_a_bf16_folder_goes_to_f16_exactly(tiny_model, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(target.parent, gguf_file=target.name, dtype=torch.float32)
     # Read back in f32: the rotary frequencies of the bf16 model in memory are rounded to bf16 too.
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    ids = tiny_model.tokenizer(SPACED_TEXTS[0], return_tensors="pt")["input_ids"]
+    ids = tiny_model.tokenizer(TEXTS[0], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert (loaded.eval()(ids).logits - reference.eval()(ids).logits).abs().max() <= 1e-3
 
@@ -146,7 +146,7 @@ def test_without_the_rotary_permutation_the_logits_differ(tiny_model, tmp_path, 
     monkeypatch.setattr(gguf_export, "rotary_permute", lambda weights, heads: weights)
     path = export_alone(tiny_model, tmp_path, "f32")
     loaded = load_gguf_model(path)
-    ids = tiny_model.tokenizer(SPACED_TEXTS[0], return_tensors="pt")["input_ids"]
+    ids = tiny_model.tokenizer(TEXTS[0], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert (loaded(ids).logits - tiny_model.model(ids).logits).abs().max() > 0.1
 
@@ -184,17 +184,11 @@ def test_gguf_tokenizer_metadata_and_splits(tiny_model, tmp_path):
 
     # transformers' GGUF tokenizer splits as llama.cpp does; it leaves the BOS to the caller.
     from_gguf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    for text in SPACED_TEXTS:
+    for text in TEXTS:
         ids = tokenizer(text)["input_ids"]
         assert [tokenizer.bos_token_id] + from_gguf(text)["input_ids"] == ids, text
         assert from_gguf.decode(ids[1:]) == text
-    # The consequence of the missing prefix space: text that starts without one, at the start or right
-    # after a special token, becomes other tokens there; written with the space, the tokens are ours.
-    chat = "<|user|>Reverse the word: apple<|end|><|bot|>"
-    for text, spaced in (("Once upon a time", " Once upon a time"), (chat, chat.replace(">R", "> R"))):
-        assert tokenizer(text)["input_ids"] == tokenizer(spaced)["input_ids"]
-        assert from_gguf(text)["input_ids"] != from_gguf(spaced)["input_ids"]
-        assert [tokenizer.bos_token_id] + from_gguf(spaced)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tokenizer("Once")["input_ids"] != tokenizer(" Once")["input_ids"]  # no space is added
 
 
 def test_util_gguf_writes_every_type_and_refuses_bad_input_in_one_line(root, tiny_model, tmp_path, capsys):
@@ -228,4 +222,11 @@ def test_util_gguf_writes_every_type_and_refuses_bad_input_in_one_line(root, tin
         assert gguf_export.main(arguments) == 1, arguments
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and error[0].startswith("gguf: error: ") and words in error[0], error
+
+    # A tokenizer that puts a space before text (an earlier version's) exports, with a warning.
+    pre_tokenizer = json.loads((tiny_model.folder / "tokenizer.json").read_text())["pre_tokenizer"]
+    spaced = changed_copy("spaced", "tokenizer.json", pre_tokenizer={**pre_tokenizer, "add_prefix_space": True})
+    assert gguf_export.main([spaced, str(tmp_path / "spaced.gguf"), "--types", "f16"]) == 0
+    output = capsys.readouterr()
+    assert "puts a space before text that lacks one and llama.cpp does not" in output.out + output.err
     assert not list(tmp_path.glob("**/*.partial"))
