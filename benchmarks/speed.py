@@ -9,7 +9,7 @@ peak memory against preflight's estimate, and the ratio to stock. Runs and logs 
 
     python3 benchmarks/speed.py --out /tmp/speed                  # every run below
     python3 benchmarks/speed.py --runs 1b,1b-stock-liger           # some of them
-    python3 benchmarks/speed.py --loss-check                       # fast path against plain, 200 steps
+    python3 benchmarks/speed.py --loss-check                       # fast path against plain (and the noise), 200 steps
     python3 benchmarks/speed.py --smoke                            # CPU, tiny shapes: the script itself
 
 A stock run copies the micro-batch, accumulation and checkpointing that its pipeline run chose (the
@@ -83,8 +83,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--corpus-mb", type=float, default=30.0, help="megabytes of Python sources to train on")
     parser.add_argument("--vocab-size", type=int, default=52000)
     parser.add_argument("--loss-check", action="store_true",
-                        help="instead: FACTOR 6144 for 200 steps with the defaults and with the plain path "
-                             "(no Liger, checkpointing, micro-batch 4) at the same global batch and seed")
+                        help="instead: FACTOR 6144 for 200 steps with the defaults, the plain path (no Liger, "
+                             "checkpointing, micro-batch 4; and at micro-batch 32) and the defaults again, at the "
+                             "same global batch and seed")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, a few steps: checks this script")
     parser.add_argument("--profile", action="store_true",
                         help="also profile optimizer steps 8-12 of each run (benchmarks/step_profile.py): "
@@ -243,14 +244,15 @@ def table(results: dict[str, dict]) -> str:
 
 
 def loss_check(args: argparse.Namespace, corpus: Path) -> int:
-    """The defaults (fast path) against the plain path on the same data, seed and global batch, and a
-    third run that separates the two differences: the plain path's kernels at the fast path's
-    micro-batch (so fast against it is Liger and recomputation alone, it against plain is the
-    accumulation of micro-batches alone)."""
+    """The defaults (fast path) against the plain path on the same data, seed and global batch; a third
+    run that separates the two differences: the plain path's kernels at the fast path's micro-batch
+    (so fast against it is Liger and recomputation alone, it against plain is the accumulation of
+    micro-batches alone); and the fast path again, whose difference from the first is the GPU's own
+    run-to-run noise, the floor under the others."""
     factor, batch, whole = (384, "1", "4") if args.smoke else (6144, "4", "32")
     plain = {"USE_LIGER": "false", "GRADIENT_CHECKPOINTING": "true"}
     runs = {"fast": Run(factor), "plain": Run(factor, {**plain, "BATCH_SIZE": batch}),
-            "plain-whole": Run(factor, {**plain, "BATCH_SIZE": whole})}
+            "plain-whole": Run(factor, {**plain, "BATCH_SIZE": whole}), "fast-again": Run(factor)}
     curves = {}
     for name, run in runs.items():
         result = run_pipeline(args, f"loss-{name}", run, corpus)
@@ -258,7 +260,7 @@ def loss_check(args: argparse.Namespace, corpus: Path) -> int:
         print(f"{name}: {result['batch']} x {result['accumulation']}, checkpointing {result['checkpointing']}, "
               f"Liger {result['liger']}: {result['tokens_per_second']:,.0f} tok/s", flush=True)
     steps = sorted(set.intersection(*(set(curve) for curve in curves.values())))
-    pairs = [("fast", "plain"), ("fast", "plain-whole"), ("plain-whole", "plain")]
+    pairs = [("fast", "plain"), ("fast", "plain-whole"), ("plain-whole", "plain"), ("fast-again", "fast")]
     print("| step | " + " | ".join(curves) + " | " + " | ".join(f"{a} vs {b}" for a, b in pairs) + " |")
     print("|---" * (1 + len(curves) + len(pairs)) + "|")
     largest = dict.fromkeys(pairs, 0.0)
