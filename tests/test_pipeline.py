@@ -163,11 +163,12 @@ def test_seed_repeats_a_quantized_run_and_it_resumes_exactly_after_kill(base_env
 
 
 def test_one_and_two_processes_give_the_same_loss_curve_at_the_same_global_batch(base_env, root, tmp_path):
-    # A small shard (82 sequences), so that the run crosses epoch boundaries, where a partial batch
-    # would split differently on one and on two processes. (10 micro-batches an epoch: an even
-    # number, since the Trainer ends an epoch with a shorter accumulation when GA does not divide it.)
+    # A small shard (82 sequences, 2 held out for the eval loss), so that the run crosses epoch
+    # boundaries, where a partial batch would split differently on one and on two processes. (10
+    # micro-batches an epoch: an even number, since the Trainer ends an epoch with a shorter
+    # accumulation when GA does not divide it.)
     env = {**base_env, "SHARD_SIZE": "200", "EPOCHS": "6", "BATCH_SIZE": "8", "LOGGING_STEPS": "1",
-           "SAVE_STEPS": "1000", "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+           "SAVE_STEPS": "1000", "EVAL_ROWS": "2", "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
     two_env = prepare_twice(root, env, tmp_path)
     one = launch_training(root, {**env, "GRADIENT_ACCUMULATION_STEPS": "2"}, processes=1)
     one_log = one.communicate(timeout=600)[0]
@@ -178,6 +179,9 @@ def test_one_and_two_processes_give_the_same_loss_curve_at_the_same_global_batch
     assert len(one_losses) >= 5 and one_losses.keys() == two_losses.keys()
     for step, loss in one_losses.items():
         assert two_losses[step] == pytest.approx(loss, rel=1e-4), (one_losses, two_losses)
+    # The final eval loss too: one row on each of the two processes, two in one batch on one.
+    one_eval, two_eval = (re.findall(r"^eval +\d+/\d+ \| loss +([\d.]+)", text, flags=re.M) for text in (one_log, two_log))
+    assert len(one_eval) == 1 and float(two_eval[0]) == pytest.approx(float(one_eval[0]), rel=1e-4)
 
 
 def test_trimmed_buckets_and_fused_checks_train_exactly_like_deepspeeds_own(base_env, root, tmp_path):
