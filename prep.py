@@ -1124,10 +1124,19 @@ def prepare(settings: config.Settings) -> dict[str, Any]:
         tokenizer.model_max_length = settings.max_length
         tokenizer.save_pretrained(work / "tokenizer")
         model.save_pretrained(work / "model")
+        carry_loss_history(source_dir, work)
         manifest = build_manifest(settings, report, counts, total_rows, source_dir, model, tokenizer)
         util.write_json_atomic(work / "manifest.json", manifest)
     print_summary(manifest, counts, time.monotonic() - started)
     return manifest
+
+
+def carry_loss_history(source_dir: Path | None, work: Path) -> None:
+    """The input model's loss history of the earlier stages, which train.py extends with this one."""
+    stages = util.read_history(source_dir / util.HISTORY_FILE) if source_dir is not None else []
+    if stages:
+        util.write_json_atomic(work / util.HISTORY_FILE, {"stages": stages})
+        util.log(f"loss history: {len(stages)} earlier stage(s) from the input model")
 
 
 def model_source_label(settings: config.Settings, source_dir: Path | None) -> str:

@@ -522,7 +522,8 @@ def load_model(settings: config.Settings, checkpointing: bool, local_rank: int, 
 
 
 def save_trained(settings, trainer, tokenizer, summary: dict) -> None:
-    """Write WORK_DIR/trained atomically: the 16-bit model (LoRA merged), the adapter, the summary.
+    """Write WORK_DIR/trained atomically: the 16-bit model (LoRA merged) with the curriculum's loss
+    history and plot (util.write_history), the adapter, the summary.
 
     Every rank calls this (gathering ZeRO-3 shards is collective); rank 0 writes and renames."""
     import quant_utils
@@ -537,6 +538,8 @@ def save_trained(settings, trainer, tokenizer, summary: dict) -> None:
         if not settings.save_adapter:
             shutil.rmtree(staging / "adapter")
     tokenizer.save_pretrained(staging / "model")
+    earlier = util.read_history(settings.prep_dir / util.HISTORY_FILE)
+    util.write_history(staging / "model", util.extend_history(earlier, summary))
     write_json_atomic(staging / "summary.json", summary)
     replace_directory(staging, settings.trained_dir)
 
