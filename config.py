@@ -353,11 +353,11 @@ VARIABLES: tuple[Variable, ...] = (
              "(less memory, faster steps); `auto`: on a GPU", parse_or_auto(parse_bool), automatic=True),
     Variable("SAVE_STEPS", "save_steps", 500, "Checkpoint every this many optimizer steps (the last two are kept)", parse_int(1, 10**9), demo=50),
     Variable("LOGGING_STEPS", "logging_steps", 10, "Log one line every this many optimizer steps", parse_int(1, 10**9), demo=10),
-    Variable("EVAL_ROWS", "eval_rows", 256, "Sequences of each shard held out from training for the eval loss and "
-             "perplexity (at most a tenth of the shard; none below 10 sequences; 0: no eval split)",
+    Variable("EVAL_ROWS", "eval_rows", 256, "Sequences of each shard held out from training for the eval "
+             "loss and perplexity (at most a tenth of the shard; none below 10 sequences; 0: no eval split)",
              parse_int(0, 1_000_000), demo=64),
-    Variable("EVAL_STEPS", "eval_steps", 500, "Eval loss and perplexity on the held-out split every this many "
-             "optimizer steps, and at the end of each stage", parse_int(1, 10**9), demo=100),
+    Variable("EVAL_STEPS", "eval_steps", 500, "Eval loss and perplexity on the held-out split every this "
+             "many optimizer steps, and at the end of each stage", parse_int(1, 10**9), demo=100),
     Variable("REPORT_TO", "report_to", "tensorboard", "Where the Trainer reports losses: `tensorboard` (in "
              "`WORK_DIR/tensorboard/<phase>-init<INIT>`), `trackio` or `wandb` (when installed), or `none`",
              parse_choice(*REPORT_TARGETS)),
@@ -817,8 +817,9 @@ def _check_combinations(values: dict, problems: list[str]) -> None:
                         "use ZERO_STAGE 0, 1 or 2 (the default)")
     package = REPORT_TARGETS.get(values["report_to"])
     if package and importlib.util.find_spec(package) is None:
-        problems.append(f"REPORT_TO={values['report_to']}: the Python package `{package}` is not installed; "
-                        f"install it (pip install {package}) or set REPORT_TO=tensorboard or none")
+        problems.append(f"REPORT_TO={values['report_to']}: the Python package `{package}` "
+                        f"is not installed; install it (pip install {package}) or set "
+                        "REPORT_TO=tensorboard or none")
     if values["hf_token"] and any(c.isspace() for c in values["hf_token"]):
         problems.append("HF_TOKEN=(hidden): contains whitespace; paste the token alone")
 

@@ -111,8 +111,10 @@ def eval_split_samples(model_dir: Path, eval_split: Path, count: int) -> list[di
         prompt = row["input_ids"][:start]
         with torch.no_grad():
             output = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                    eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-        samples.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=False).removeprefix(tokenizer.bos_token or ""),
+                                    eos_token_id=stop_token_ids(tokenizer),
+                                    pad_token_id=tokenizer.pad_token_id)
+        shown = tokenizer.decode(prompt, skip_special_tokens=False).removeprefix(tokenizer.bos_token or "")
+        samples.append({"prompt": shown,
                         "expected": answer_from(tokenizer.decode(row["input_ids"][start:end]), tokenizer),
                         "answer": answer_from(tokenizer.decode(output[0, start:]), tokenizer)})
     return samples

@@ -414,8 +414,8 @@ def plan_evaluation(settings: config.Settings, eval_split, batch_size: int) -> i
         return None
     batch = eval_batch_size(len(eval_split), batch_size, world_size())
     if batch is None:
-        log(f"eval: the held-out split's {len(eval_split)} sequence(s) cannot give each of the {world_size()} "
-            "processes one; no eval loss for this stage")
+        log(f"eval: the held-out split's {len(eval_split)} sequence(s) cannot give each of the "
+            f"{world_size()} processes one; no eval loss for this stage")
         return None
     measured = len(eval_split) // (batch * world_size()) * batch * world_size()
     log(f"eval: loss and perplexity on {measured:,} held-out sequences every {settings.eval_steps} steps "
@@ -603,7 +603,8 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         sanity_forward(model, dataset)
 
     eval_batch = plan_evaluation(settings, eval_split, plan.batch_size)
-    args = training_arguments(settings, plan, precision, use_cpu, machine.fused_kernels, trainable, eval_batch)
+    args = training_arguments(settings, plan, precision, use_cpu, machine.fused_kernels, trainable,
+                              eval_batch)
     zero_stage, buckets = zero_setup(settings, trainable)
     card = "CPU" if use_cpu else torch.cuda.get_device_name()
     token_flops = flops_per_token(settings.topology, vocab_rows, settings.max_length)
@@ -612,8 +613,8 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     mfu_per_token_per_second = token_flops / (card_flops * world_size()) if card_flops else None
     step_log, stopper, marker = make_callbacks(settings, stop_file, mfu_per_token_per_second)
     trainer = perplexity_trainer()(model=model, args=args, train_dataset=dataset,
-                                   eval_dataset=eval_split if eval_batch else None, processing_class=tokenizer,
-                                   callbacks=[step_log, stopper, marker])
+                                   eval_dataset=eval_split if eval_batch else None,
+                                   processing_class=tokenizer, callbacks=[step_log, stopper, marker])
     trainer.remove_callback(PrinterCallback)  # StepLog prints the one fixed-format line instead
     prepare_tracker(settings, trainer, resume)
     processes = trainer.accelerator.num_processes

@@ -501,7 +501,8 @@ def card_eval_results(settings: config.Settings, summary: dict[str, Any], name: 
     if not isinstance(loss, (int, float)) or not math.isfinite(loss):
         return []
     # The split's dataset by its Hub id where the stage reads one Hub dataset alone (no mixture).
-    single = config.MIXTURE_SEPARATOR not in settings.stage_dataset and hub_dataset_ids(settings.stage_dataset)
+    dataset = settings.stage_dataset
+    single = config.MIXTURE_SEPARATOR not in dataset and hub_dataset_ids(dataset)
     where = dict(task_type="text-generation", task_name="Causal language modeling",
                  dataset_type=single[0] if single else "held-out",
                  dataset_name=f"held-out split of {settings.phase} shard {settings.shard_index} "
@@ -526,8 +527,8 @@ def card_data(settings: config.Settings, summary: dict[str, Any], name: str):
     if settings.inst:
         trained_on += hub_dataset_ids(settings.instruct_dataset)
     return ModelCardData(
-        license=settings.model_license, library_name="transformers", pipeline_tag="text-generation", tags=tags,
-        datasets=list(dict.fromkeys(trained_on)) or None, base_model=base_model_id(settings),
+        license=settings.model_license, library_name="transformers", pipeline_tag="text-generation",
+        tags=tags, datasets=list(dict.fromkeys(trained_on)) or None, base_model=base_model_id(settings),
         model_name=name, eval_results=card_eval_results(settings, summary, name) or None)
 
 
@@ -558,8 +559,8 @@ def card_evaluation(settings: config.Settings, summary: dict[str, Any]) -> str:
     loss = summary.get("eval_loss")
     lines = ["## Evaluation", ""]
     if isinstance(loss, (int, float)):
-        lines.append(f"On {summary.get('eval_sequences')} held-out sequences of this stage's shard (never trained on): "
-                     f"eval loss {loss:.4f}, perplexity {number_text(summary.get('eval_perplexity'))}.")
+        lines.append(f"On {summary.get('eval_sequences')} held-out sequences of this stage's shard (never "
+                     f"trained on): eval loss {loss:.4f}, perplexity {number_text(summary.get('eval_perplexity'))}.")
     else:
         lines.append("No eval loss: this stage held out no sequences (EVAL_ROWS=0 or a small shard).")
     if (settings.trained_dir / "model" / PLOT_FILE).is_file():
@@ -577,7 +578,8 @@ def card_samples(settings: config.Settings) -> str:
     if not settings.inst or not eval_split.is_dir() or manifest.get("stage_key") != settings.stage_key():
         return ""
     samples = evaluate.eval_split_samples(settings.trained_dir / "model", eval_split, CARD_SAMPLES)
-    blocks = [f"**Prompt**\n\n{fenced(sample['prompt'])}\n**Answer in the data**\n\n{fenced(sample['expected'])}\n"
+    blocks = [f"**Prompt**\n\n{fenced(sample['prompt'])}\n"
+              f"**Answer in the data**\n\n{fenced(sample['expected'])}\n"
               f"**This model's answer**\n\n{fenced(sample['answer'])}" for sample in samples]
     return "\n## Held-out prompts\n\nGreedy answers to prompts of the held-out split:\n\n" + "\n".join(blocks)
 

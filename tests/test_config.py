@@ -111,7 +111,8 @@ def test_token_is_hidden_everywhere():
 
 
 def test_report_to_names_the_missing_package_and_its_values(monkeypatch):
-    assert load(INPUT_DATASET="d").report_to == "tensorboard" and load(REPORT_TO="None", INPUT_DATASET="d").report_to == "none"
+    assert load(INPUT_DATASET="d").report_to == "tensorboard"
+    assert load(REPORT_TO="None", INPUT_DATASET="d").report_to == "none"
     monkeypatch.setitem(config.REPORT_TARGETS, "wandb", "surely_not_installed_package")
     with pytest.raises(config.ConfigError) as err:
         load(REPORT_TO="wandb", INPUT_DATASET="d")

@@ -283,8 +283,8 @@ def test_the_eval_split_is_held_out_by_seed_and_shrinks_on_a_small_shard(tmp_pat
     import datasets
 
     folder, corpus = pretrained
-    rows = [{"messages": [{"role": "user", "content": f"Add: {n} + 2"}, {"role": "assistant", "content": str(n + 2)}]}
-            for n in range(40)]
+    rows = [{"messages": [{"role": "user", "content": f"Add: {n} + 2"},
+                          {"role": "assistant", "content": str(n + 2)}]} for n in range(40)]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
 
     def split(seed, eval_rows, work):
@@ -568,7 +568,8 @@ def test_demo_preparation_end_to_end_then_reused_then_instruction(tmp_path, base
     third = subprocess.run([sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=300, env=instruct_env)
     assert third.returncode == 0, third.stderr[-3000:]
     manifest, tokenizer, dataset = load_prep(config.load_settings(instruct_env))
-    assert (manifest["phase"], manifest["rows"], manifest["sequences"], manifest["skipped_rows"]) == ("instruct", 5000, 4936, 0)
+    assert (manifest["phase"], manifest["rows"], manifest["sequences"], manifest["skipped_rows"]) == (
+        "instruct", 5000, 4936, 0)
     assert manifest["eval_sequences"] == 64
     assert tokenizer.chat_template == prep.CHAT_TEMPLATE and manifest["model_source"].endswith("train-llama")
     import evaluate

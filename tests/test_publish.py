@@ -216,7 +216,8 @@ def write_eval_split(settings, tiny: TinyModel) -> list[int]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny.folder)
-    prompt, answer = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("once upon a", " time"))
+    prompt, answer = (tokenizer(text, add_special_tokens=False)["input_ids"]
+                      for text in ("once upon a", " time"))
     ids = [tokenizer.bos_token_id, *prompt, *answer, tokenizer.eos_token_id]
     masks = [0] * (1 + len(prompt)) + [1] * (len(answer) + 1)
     datasets.Dataset.from_dict({"input_ids": [ids, ids], "assistant_masks": [masks, masks]}).save_to_disk(
@@ -234,14 +235,14 @@ def test_an_instruction_models_card_has_valid_metadata_eval_results_plot_and_hel
     env = {**base_env, "INST": "true", "INIT": "1", "OUTPUT_REPO": "tester/tiny-llama", "HF_TOKEN": TOKEN,
            "INPUT_DATASET": "owner/corpus?config=en", "INSTRUCT_DATASET": f"owner/chats|{local}?weight=2",
            "MODEL_LICENSE": "apache-2.0"}
-    settings = train_stage(env, tiny_model, eval_loss=1.23456, eval_perplexity=math.exp(1.23456), eval_sequences=2,
-                           losses=[[10, 3.0], [20, 2.5]], eval_losses=[[20, 1.23456]])
+    settings = train_stage(env, tiny_model, eval_loss=1.23456, eval_perplexity=math.exp(1.23456),
+                           eval_sequences=2, losses=[[10, 3.0], [20, 2.5]], eval_losses=[[20, 1.23456]])
     earlier = [{"stage": "pretrain INIT=0 (shard 0)", "phase": "pretrain", "init": 0, "steps": 30,
                 "train": [[10, 5.0], [30, 4.0]], "eval": [[30, 4.1]]}]
-    util.write_history(settings.trained_dir / "model", util.extend_history(earlier, json.loads(
-        (settings.trained_dir / "summary.json").read_text())))
+    summary = json.loads((settings.trained_dir / "summary.json").read_text())
+    util.write_history(settings.trained_dir / "model", util.extend_history(earlier, summary))
     write_eval_split(settings, tiny_model)
-    folder, = util.publish_local(settings, json.loads((settings.trained_dir / "summary.json").read_text()), "digest")
+    folder, = util.publish_local(settings, summary, "digest")
 
     text = (folder / "README.md").read_text()
     assert TOKEN not in text and str(tmp_path) not in text.split("---")[1]
@@ -259,7 +260,8 @@ def test_an_instruction_models_card_has_valid_metadata_eval_results_plot_and_hel
     stages = json.loads((folder / util.HISTORY_FILE).read_text())["stages"]
     assert [s["stage"] for s in stages] == ["pretrain INIT=0 (shard 0)", "instruct INIT=1 (shard 0)"]
     assert "## Held-out prompts" in text and "```text\nonce upon a\n```" in text
-    assert "**Answer in the data**\n\n```text\ntime\n```" in text and text.count("**This model's answer**") == 2
+    assert "**Answer in the data**\n\n```text\ntime\n```" in text
+    assert text.count("**This model's answer**") == 2
 
 
 def stage_summary(phase, init, steps, losses, eval_losses):
@@ -272,18 +274,20 @@ def test_the_loss_history_keeps_earlier_stages_and_plots_one_curve_per_stage(tmp
 
     history = []
     for phase, init in (("pretrain", 0), ("pretrain", 1), ("instruct", 0)):
-        history = util.extend_history(history, stage_summary(phase, init, 20, [[10, 5.0 - init], [20, 4.0 - init]],
-                                                             [[20, 4.5 - init]]))
+        losses, eval_losses = [[10, 5.0 - init], [20, 4.0 - init]], [[20, 4.5 - init]]
+        history = util.extend_history(history, stage_summary(phase, init, 20, losses, eval_losses))
     assert [s["stage"] for s in history] == ["pretrain INIT=0 (shard 0)", "pretrain INIT=1 (shard 0)",
                                              "instruct INIT=0 (shard 0)"]
     # Pretraining INIT=1 run again replaces itself and the stages after it.
     rerun = util.extend_history(history, stage_summary("pretrain", 1, 30, [[30, 3.0]], []))
-    assert [(s["stage"], s["steps"]) for s in rerun] == [("pretrain INIT=0 (shard 0)", 20), ("pretrain INIT=1 (shard 0)", 30)]
+    assert [(s["stage"], s["steps"]) for s in rerun] == [("pretrain INIT=0 (shard 0)", 20),
+                                                         ("pretrain INIT=1 (shard 0)", 30)]
 
     figure = util.loss_figure(history)
     axes, = figure.axes
     assert [list(line.get_xdata()) for line in axes.get_lines()] == [[10, 20], [30, 40], [50, 60]]
-    assert [collection.get_offsets().tolist() for collection in axes.collections] == [[[20, 4.5]], [[40, 3.5]], [[60, 4.5]]]
+    eval_points = [collection.get_offsets().tolist() for collection in axes.collections]
+    assert eval_points == [[[20, 4.5]], [[40, 3.5]], [[60, 4.5]]]
     util.write_history(tmp_path, history)
     assert util.read_history(tmp_path / util.HISTORY_FILE) == json.loads(json.dumps(history))
     image = matplotlib.image.imread(tmp_path / util.PLOT_FILE)
