@@ -6,6 +6,9 @@ inside (WORK_DIR/prep). Each prompt is asked as `<|user|>PROMPT<|end|><|bot|>`, 
 when the tokenizer has one, else as plain text after <s> so that a pretraining-only model can be scored
 too. Generation is greedy and batched with left padding; the answer is the generated text up to
 <|end|> or </s>, stripped, compared exactly with the expected one.
+
+`eval_split_samples` answers a few conversations of prep.py's held-out split the same way, for the
+model card of an instruction model.
 """
 from __future__ import annotations
 

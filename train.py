@@ -229,8 +229,8 @@ def logged_losses(log_history: list[dict]) -> list[tuple[int, float]]:
 
 
 def perplexity(loss: float) -> float:
-    """exp(loss), inf where that overflows a float."""
-    return math.exp(loss) if loss < 700 else math.inf
+    """exp(loss), inf where that overflows a float (NaN stays NaN)."""
+    return math.inf if loss > 700 else math.exp(loss)
 
 
 def eval_line(step: int, max_steps: int, logs: dict) -> str:
@@ -407,20 +407,21 @@ def eval_batch_size(rows: int, batch_size: int, processes: int) -> int | None:
     return min(batch_size, rows // processes) if rows >= processes else None
 
 
-def plan_evaluation(settings: config.Settings, eval_split, batch_size: int) -> int | None:
-    """The eval batch (None: no evaluation), with a log line saying what is measured."""
+def plan_evaluation(settings: config.Settings, eval_split, batch_size: int) -> tuple[int | None, int]:
+    """The eval batch (None: no evaluation) and the sequences each evaluation measures (whole batches
+    on every process), with a log line saying so."""
     if eval_split is None:
         log("eval: no held-out split in the preparation (EVAL_ROWS=0, or too small a shard); no eval loss")
-        return None
+        return None, 0
     batch = eval_batch_size(len(eval_split), batch_size, world_size())
     if batch is None:
         log(f"eval: the held-out split's {len(eval_split)} sequence(s) cannot give each of the "
             f"{world_size()} processes one; no eval loss for this stage")
-        return None
+        return None, 0
     measured = len(eval_split) // (batch * world_size()) * batch * world_size()
     log(f"eval: loss and perplexity on {measured:,} held-out sequences every {settings.eval_steps} steps "
         "and at the end")
-    return batch
+    return batch, measured
 
 
 def perplexity_trainer():
@@ -567,6 +568,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     import transformers
     from transformers import AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
+
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -602,7 +604,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     if is_main_process():
         sanity_forward(model, dataset)
 
-    eval_batch = plan_evaluation(settings, eval_split, plan.batch_size)
+    eval_batch, eval_sequences = plan_evaluation(settings, eval_split, plan.batch_size)
     args = training_arguments(settings, plan, precision, use_cpu, machine.fused_kernels, trainable,
                               eval_batch)
     zero_stage, buckets = zero_setup(settings, trainable)
@@ -643,7 +645,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         "losses": losses, "wall_seconds": wall,
         "eval_losses": eval_losses, "eval_loss": eval_losses[-1][1] if eval_losses else None,
         "eval_perplexity": perplexity(eval_losses[-1][1]) if eval_losses else None,
-        "eval_sequences": len(eval_split) if eval_batch else 0, "report_to": settings.report_to,
+        "eval_sequences": eval_sequences, "report_to": settings.report_to,
         "tokens_per_second": tokens_per_second,
         "mfu": tokens_per_second * mfu_per_token_per_second if mfu_per_token_per_second else None,
         "flops_per_token": token_flops,

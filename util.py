@@ -493,7 +493,7 @@ def base_model_id(settings: config.Settings) -> str | None:
     return repo if settings.inst and not settings.input_repo_is_path and "/" in repo else None
 
 
-def card_eval_results(settings: config.Settings, summary: dict[str, Any], name: str) -> list:
+def card_eval_results(settings: config.Settings, summary: dict[str, Any]) -> list:
     """This stage's eval loss and perplexity on its held-out split, as the Hub's model-index reads them."""
     from huggingface_hub import EvalResult
 
@@ -529,7 +529,7 @@ def card_data(settings: config.Settings, summary: dict[str, Any], name: str):
     return ModelCardData(
         license=settings.model_license, library_name="transformers", pipeline_tag="text-generation",
         tags=tags, datasets=list(dict.fromkeys(trained_on)) or None, base_model=base_model_id(settings),
-        model_name=name, eval_results=card_eval_results(settings, summary, name) or None)
+        model_name=name, eval_results=card_eval_results(settings, summary) or None)
 
 
 def card_facts(settings: config.Settings, summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -657,14 +657,24 @@ def stage_order(entry: dict[str, Any]) -> tuple[bool, int]:
     return entry.get("phase") == "instruct", int(entry.get("init", 0))
 
 
+def is_loss_series(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(point, list) and len(point) == 2 and all(isinstance(x, (int, float)) for x in point)
+        for point in value)
+
+
+def is_stage_record(stage: Any) -> bool:
+    """Whether a loss history entry has the form extend_history writes (a damaged one is left out)."""
+    return (isinstance(stage, dict) and stage.get("phase") in ("pretrain", "instruct")
+            and isinstance(stage.get("init"), int) and isinstance(stage.get("steps"), int)
+            and is_loss_series(stage.get("train")) and is_loss_series(stage.get("eval")))
+
+
 def read_history(path: Path) -> list[dict[str, Any]]:
     """The stages recorded in a loss history file; [] where there is none or it is unreadable."""
-    try:
-        history = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    stages = history.get("stages") if isinstance(history, dict) else None
-    return [s for s in stages if isinstance(s, dict)] if isinstance(stages, list) else []
+    history = read_json_object(path)
+    stages = history.get("stages")
+    return [stage for stage in stages if is_stage_record(stage)] if isinstance(stages, list) else []
 
 
 def extend_history(earlier: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[str, Any]]:

@@ -293,6 +293,10 @@ def test_the_loss_history_keeps_earlier_stages_and_plots_one_curve_per_stage(tmp
     image = matplotlib.image.imread(tmp_path / util.PLOT_FILE)
     assert image.shape == (450, 800, 4) and image[..., :3].std() > 0.05  # drawn, not blank
     assert util.read_history(tmp_path / "missing.json") == []
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(json.dumps({"stages": [{**history[0], "init": "zero"}, {**history[1], "train": [[1]]},
+                                              history[2]]}))
+    assert util.read_history(damaged) == json.loads(json.dumps(history[2:]))
 
 
 def test_failed_publish_keeps_the_previous_version(root, base_env, tiny_model, monkeypatch):
