@@ -835,10 +835,11 @@ def tokenize_shard(settings: config.Settings, tokenizer, spool: Path, report: Sh
              f"in {counts.seconds:.1f}s ({counts.tokens_per_second:,.0f} tokens/s)")
     held_out = eval_indices(counts.sequences, settings.eval_rows, settings.seed)
     log_eval_split(settings, counts.sequences, len(held_out))
-    train_rows = np.setdiff1d(np.arange(counts.sequences), held_out)
-    datasets.Dataset(table.take(train_rows)).save_to_disk(str(out_dir / "dataset"))
     if len(held_out):
+        # take() copies the table: only when there is a split to take out.
         datasets.Dataset(table.take(held_out)).save_to_disk(str(out_dir / "eval_dataset"))
+        table = table.take(np.setdiff1d(np.arange(counts.sequences), held_out))
+    datasets.Dataset(table).save_to_disk(str(out_dir / "dataset"))
     counts.eval_sequences = len(held_out)
     return counts
 
