@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -266,6 +267,17 @@ def parse_gguf_types(raw: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def parse_license(raw: str) -> str:
+    value = raw.strip().lower()
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", value):
+        raise ValueError("a license id of lowercase letters, digits, '.', '+' and '-' (e.g. mit, apache-2.0)")
+    return value
+
+
+# REPORT_TO's values and the Python package each one needs (none for `none`).
+REPORT_TARGETS = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "none": None}
+
+
 def parse_process_count(raw: str) -> int:
     if raw.strip().lower() == "auto":
         return 0
@@ -356,6 +368,16 @@ VARIABLES: tuple[Variable, ...] = (
              "(less memory, faster steps); `auto`: on a GPU", parse_or_auto(parse_bool), automatic=True),
     Variable("SAVE_STEPS", "save_steps", 500, "Checkpoint every this many optimizer steps (the last two are kept)", parse_int(1, 10**9), demo=50),
     Variable("LOGGING_STEPS", "logging_steps", 10, "Log one line every this many optimizer steps", parse_int(1, 10**9), demo=10),
+    Variable("EVAL_ROWS", "eval_rows", 256, "Sequences of each shard held out from training for the eval "
+             "loss and perplexity (at most a tenth of the shard; none below 10 sequences; 0: no eval split)",
+             parse_int(0, 1_000_000), demo=64),
+    Variable("EVAL_STEPS", "eval_steps", 500, "Eval loss and perplexity on the held-out split every this "
+             "many optimizer steps, and at the end of each stage", parse_int(1, 10**9), demo=100),
+    Variable("REPORT_TO", "report_to", "tensorboard", "Where the Trainer reports losses: `tensorboard` (in "
+             "`WORK_DIR/tensorboard/<phase>-init<INIT>`), `trackio` or `wandb` (when installed), or `none`",
+             parse_choice(*REPORT_TARGETS)),
+    Variable("MODEL_LICENSE", "model_license", "mit", "License id in the published model cards' metadata "
+             "(a Hub license id such as `mit`, `apache-2.0`, `other`)", parse_license),
     Variable("SEED", "seed", 42, "Random seed (model and LoRA adapter initialisation, data order, dropout)", parse_int(0, 2**32 - 1)),
     Variable("NUM_PROCESSES", "num_processes", 0, "Training processes: `auto` is one per GPU, or 1 on CPU", parse_process_count, shown_default="auto"),
     Variable("OUTPUT_DIR", "output_dir", "./output", "Local copy of every published model, and the run-state file"),
@@ -496,6 +518,10 @@ class Settings:
     use_liger: bool | None
     save_steps: int
     logging_steps: int
+    eval_rows: int
+    eval_steps: int
+    report_to: str
+    model_license: str
     seed: int
     num_processes: int
     output_dir: Path
@@ -583,6 +609,11 @@ class Settings:
     def state_file(self) -> Path:
         return self.output_dir / "run_state.json"
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        """This stage's TensorBoard events: beside the checkpoints, never rotated or published."""
+        return self.work_dir / "tensorboard" / f"{self.phase}-init{self.init}"
+
     def stage_key(self) -> dict[str, Any]:
         """What identifies one run's preparation and checkpoints: a change means start over."""
         return {"phase": self.phase, "init": self.init, "shard_index": self.shard_index,
@@ -590,7 +621,7 @@ class Settings:
                 "max_length": self.max_length, "source_repo": None if self.first_run else self.source_repo,
                 "use_quant": self.use_quant, "vocab_size": self.vocab_size,
                 "tokenizer_sample": self.tokenizer_sample if self.first_run else None,
-                "topology": dataclasses.asdict(self.topology), "seed": self.seed}
+                "topology": dataclasses.asdict(self.topology), "seed": self.seed, "eval_rows": self.eval_rows}
 
     def public_dict(self) -> dict[str, Any]:
         """Every setting except the secret, for logs, model cards and summaries."""
@@ -808,6 +839,11 @@ def _check_combinations(values: dict, problems: list[str]) -> None:
     if values["use_quant"] and values["zero_stage"] == 3:
         problems.append("ZERO_STAGE=3: 4-bit weights cannot be partitioned by ZeRO-3; with USE_QUANT=true "
                         "use ZERO_STAGE 0, 1 or 2 (the default)")
+    package = REPORT_TARGETS.get(values["report_to"])
+    if package and importlib.util.find_spec(package) is None:
+        problems.append(f"REPORT_TO={values['report_to']}: the Python package `{package}` "
+                        f"is not installed; install it (pip install {package}) or set "
+                        "REPORT_TO=tensorboard or none")
     if values["hf_token"] and any(c.isspace() for c in values["hf_token"]):
         problems.append("HF_TOKEN=(hidden): contains whitespace; paste the token alone")
 

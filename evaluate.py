@@ -6,6 +6,9 @@ inside (WORK_DIR/prep). Each prompt is asked as `<|user|>PROMPT<|end|><|bot|>`, 
 when the tokenizer has one, else as plain text after <s> so that a pretraining-only model can be scored
 too. Generation is greedy and batched with left padding; the answer is the generated text up to
 <|end|> or </s>, stripped, compared exactly with the expected one.
+
+`eval_split_samples` answers a few conversations of prep.py's held-out split the same way, for the
+model card of an instruction model.
 """
 from __future__ import annotations
 
@@ -61,13 +64,19 @@ def answer_from(generated: str, tokenizer) -> str:
     return generated.strip()
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """</s>, and <|end|> where the tokenizer has it: where an answer ends."""
+    stop_ids = [tokenizer.eos_token_id]
+    if END_MARKER in tokenizer.get_vocab():
+        stop_ids.append(tokenizer.convert_tokens_to_ids(END_MARKER))
+    return stop_ids
+
+
 def generate_answers(model, tokenizer, prompts: list[str]) -> list[str]:
     """Greedy answers for `prompts`, batched with left padding (longest prompts first, less padding)."""
     import torch
 
-    stop_ids = [tokenizer.eos_token_id]
-    if END_MARKER in tokenizer.get_vocab():
-        stop_ids.append(tokenizer.convert_tokens_to_ids(END_MARKER))
+    stop_ids = stop_token_ids(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     for start in range(0, len(order), BATCH_SIZE):
@@ -81,6 +90,37 @@ def generate_answers(model, tokenizer, prompts: list[str]) -> list[str]:
         for i, tokens in zip(batch, new_tokens):
             answers[i] = answer_from(tokenizer.decode(tokens, skip_special_tokens=False), tokenizer)
     return answers
+
+
+def first_answer_span(mask: list[int]) -> tuple[int, int]:
+    """Where a conversation's first answer starts and ends, by its assistant mask (its <|end|> included)."""
+    start = mask.index(1)
+    end = next((i for i in range(start, len(mask)) if not mask[i]), len(mask))
+    return start, end
+
+
+def eval_split_samples(model_dir: Path, eval_split: Path, count: int) -> list[dict[str, str]]:
+    """The first `count` conversations of prep.py's eval split (WORK_DIR/prep/eval_dataset), each as
+    its prompt (the conversation up to its first answer, as the model reads it), the answer in the
+    data and the model's greedy answer (at most MAX_NEW_TOKENS tokens)."""
+    import datasets
+    import torch
+
+    model, tokenizer = load_model_and_tokenizer(Path(model_dir))
+    rows = datasets.load_from_disk(str(eval_split))
+    samples = []
+    for row in rows.select(range(min(count, len(rows)))):
+        start, end = first_answer_span(row["assistant_masks"])
+        prompt = row["input_ids"][:start]
+        with torch.no_grad():
+            output = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                                    eos_token_id=stop_token_ids(tokenizer),
+                                    pad_token_id=tokenizer.pad_token_id)
+        shown = tokenizer.decode(prompt, skip_special_tokens=False).removeprefix(tokenizer.bos_token or "")
+        samples.append({"prompt": shown,
+                        "expected": answer_from(tokenizer.decode(row["input_ids"][start:end]), tokenizer),
+                        "answer": answer_from(tokenizer.decode(output[0, start:]), tokenizer)})
+    return samples
 
 
 def load_model_and_tokenizer(model_dir: Path):

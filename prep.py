@@ -755,6 +755,7 @@ class TokenCounts:
     long_rows_dropped: int = 0  # instruction: conversations over MAX_LENGTH
     longest_dropped: int = 0
     seconds: float = 0.0
+    eval_sequences: int = 0  # held out of `sequences` for the eval loss
 
     @property
     def tokens_per_second(self) -> float:
@@ -814,7 +815,9 @@ def encode_conversations(tokenizer, spool: Path, max_length: int, total: int, co
 
 def tokenize_shard(settings: config.Settings, tokenizer, spool: Path, report: ShardReport,
                    out_dir: Path) -> TokenCounts:
+    """Tokenize the shard into out_dir/dataset (training) and out_dir/eval_dataset (the held-out split)."""
     import datasets
+    import numpy as np
 
     counts = TokenCounts()
     started = time.monotonic()
@@ -830,10 +833,43 @@ def tokenize_shard(settings: config.Settings, tokenizer, spool: Path, report: Sh
         raise PrepError(f"{dataset_variable(settings)}={settings.stage_dataset}: "
                         f"the shard gives no training sequence ({counts.dropped_tokens:,} tokens, MAX_LENGTH="
                         f"{settings.max_length}); use more rows (SHARD_SIZE) or a smaller MAX_LENGTH")
-    datasets.Dataset(table).save_to_disk(str(out_dir))
     util.log(f"tokenized {report.usable:,} rows into {counts.sequences:,} sequences of {counts.tokens:,} tokens "
              f"in {counts.seconds:.1f}s ({counts.tokens_per_second:,.0f} tokens/s)")
+    held_out = eval_indices(counts.sequences, settings.eval_rows, settings.seed)
+    log_eval_split(settings, counts.sequences, len(held_out))
+    if len(held_out):
+        # take() copies the table: only when there is a split to take out.
+        datasets.Dataset(table.take(held_out)).save_to_disk(str(out_dir / "eval_dataset"))
+        table = table.take(np.setdiff1d(np.arange(counts.sequences), held_out))
+    datasets.Dataset(table).save_to_disk(str(out_dir / "dataset"))
+    counts.eval_sequences = len(held_out)
     return counts
+
+
+# A shard gives at most this share of its sequences to the eval split, so training keeps the most.
+EVAL_SHARE = 10
+
+
+def eval_indices(sequences: int, eval_rows: int, seed: int):
+    """The sorted positions of the held-out sequences: EVAL_ROWS of them drawn with SEED, at most
+    1/EVAL_SHARE of the shard (none below EVAL_SHARE sequences)."""
+    import numpy as np
+
+    count = min(eval_rows, sequences // EVAL_SHARE)
+    return np.sort(np.random.default_rng(seed).permutation(sequences)[:count])
+
+
+def log_eval_split(settings: config.Settings, sequences: int, held_out: int) -> None:
+    if settings.eval_rows == 0:
+        util.log("eval split: none (EVAL_ROWS=0); no eval loss is measured")
+    elif held_out == 0:
+        util.log(f"eval split: none; the shard's {sequences:,} sequences are too few to hold any out "
+                 f"(at most 1 in {EVAL_SHARE}); no eval loss is measured for this stage")
+    elif held_out < settings.eval_rows:
+        util.log(f"eval split: {held_out:,} sequences held out, fewer than EVAL_ROWS={settings.eval_rows:,} "
+                 f"(at most 1 in {EVAL_SHARE} of the shard's {sequences:,})")
+    else:
+        util.log(f"eval split: {held_out:,} of {sequences:,} sequences held out (EVAL_ROWS, drawn with SEED)")
 
 
 # ---- the model ----
@@ -1085,16 +1121,25 @@ def prepare(settings: config.Settings) -> dict[str, Any]:
         report = spool_shard(settings, source, spool)
         check_unusable(report, source)
         tokenizer, model = prepare_tokenizer_and_model(settings, source, source_dir)
-        counts = tokenize_shard(settings, tokenizer, spool, report, work / "dataset")
+        counts = tokenize_shard(settings, tokenizer, spool, report, work)
         spool.unlink()
         # Set after tokenizing: longer rows were counted above, without a warning for each.
         tokenizer.model_max_length = settings.max_length
         tokenizer.save_pretrained(work / "tokenizer")
         model.save_pretrained(work / "model")
+        carry_loss_history(source_dir, work)
         manifest = build_manifest(settings, report, counts, total_rows, source_dir, model, tokenizer)
         util.write_json_atomic(work / "manifest.json", manifest)
     print_summary(manifest, counts, time.monotonic() - started)
     return manifest
+
+
+def carry_loss_history(source_dir: Path | None, work: Path) -> None:
+    """The input model's loss history of the earlier stages, which train.py extends with this one."""
+    stages = util.read_history(source_dir / util.HISTORY_FILE) if source_dir is not None else []
+    if stages:
+        util.write_json_atomic(work / util.HISTORY_FILE, {"stages": stages})
+        util.log(f"loss history: {len(stages)} earlier stage(s) from the input model")
 
 
 def model_source_label(settings: config.Settings, source_dir: Path | None) -> str:
@@ -1111,7 +1156,8 @@ def build_manifest(settings: config.Settings, report: ShardReport, counts: Token
     return {
         "stage_key": settings.stage_key(), "phase": settings.phase, "rows": report.rows,
         "skipped_rows": report.unusable, "long_rows_dropped": counts.long_rows_dropped, "tokens": counts.tokens,
-        "dropped_tail_tokens": counts.dropped_tokens, "sequences": counts.sequences,
+        "dropped_tail_tokens": counts.dropped_tokens, "sequences": counts.sequences - counts.eval_sequences,
+        "eval_sequences": counts.eval_sequences,
         "is_last_shard": report.is_last_shard,
         "num_shards": math.ceil(total_rows / settings.shard_size) if total_rows else None,
         "parameters": check_parameter_count(settings, model, tokenizer), "vocabulary": len(tokenizer),
@@ -1125,7 +1171,8 @@ def print_summary(manifest: dict[str, Any], counts: TokenCounts, seconds: float)
     shards = manifest["num_shards"] if manifest["num_shards"] is not None else "unknown"
     util.log(f"prep done: {manifest['rows']:,} rows, {manifest['skipped_rows']:,} skipped, "
              f"{manifest['long_rows_dropped']:,} too long; {manifest['tokens']:,} tokens "
-             f"({counts.tokens_per_second:,.0f} tokens/s) in {manifest['sequences']:,} sequences; "
+             f"({counts.tokens_per_second:,.0f} tokens/s) in {manifest['sequences']:,} training sequences "
+             f"(+{manifest['eval_sequences']:,} held out); "
              f"{manifest['parameters']:,} parameters; last shard: {manifest['is_last_shard']} of {shards}; "
              f"wall time {seconds:.1f}s")
 

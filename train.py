@@ -228,6 +228,21 @@ def logged_losses(log_history: list[dict]) -> list[tuple[int, float]]:
     return [(entry["step"], float(entry["loss"])) for entry in log_history if "loss" in entry and "step" in entry]
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows a float (NaN stays NaN)."""
+    return math.inf if loss > 700 else math.exp(loss)
+
+
+def eval_line(step: int, max_steps: int, logs: dict) -> str:
+    return (f"eval {step:>6}/{max_steps} | loss {float(logs['eval_loss']):8.4f} | "
+            f"perplexity {perplexity(float(logs['eval_loss'])):10.3f} | {logs['eval_runtime']:.1f}s")
+
+
+def logged_eval_losses(log_history: list[dict]) -> list[tuple[int, float]]:
+    """(step, eval loss) of every evaluation of this stage, from the Trainer's log history."""
+    return [(entry["step"], float(entry["eval_loss"])) for entry in log_history if "eval_loss" in entry]
+
+
 def make_callbacks(settings: config.Settings, stop_file: Path, mfu_per_token_per_second: float | None):
     """The step logger, the NaN guard, the timer/SIGTERM stop and the checkpoint completion marker,
     as TrainerCallbacks. `mfu_per_token_per_second`: flops_per_token over the processes' combined
@@ -257,6 +272,8 @@ def make_callbacks(settings: config.Settings, stop_file: Path, mfu_per_token_per
                 control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "eval_loss" in logs:
+                log(eval_line(state.global_step, state.max_steps, logs))
             if not logs or "loss" not in logs:
                 return
             loss, step = float(logs["loss"]), state.global_step
@@ -321,7 +338,8 @@ def make_callbacks(settings: config.Settings, stop_file: Path, mfu_per_token_per
 
 
 def training_arguments(settings: config.Settings, plan, precision: str, use_cpu: bool, fused_kernels: bool,
-                       trainable_parameters: int):
+                       trainable_parameters: int, eval_batch: int | None):
+    """`eval_batch`: the per-process batch of the eval split (None: no evaluation)."""
     from trl import SFTConfig
 
     import quant_utils
@@ -352,7 +370,12 @@ def training_arguments(settings: config.Settings, plan, precision: str, use_cpu:
         logging_steps=settings.logging_steps,
         save_steps=settings.save_steps,
         save_total_limit=2,
-        report_to="none",
+        eval_strategy="steps" if eval_batch else "no",
+        eval_steps=settings.eval_steps,
+        per_device_eval_batch_size=eval_batch or plan.batch_size,
+        # The loss only: gathering the logits of the whole split would cost vocabulary x length each.
+        prediction_loss_only=True,
+        report_to=settings.report_to,
         disable_tqdm=True,
         log_level="warning",
         include_num_input_tokens_seen="non_padding",
@@ -367,6 +390,76 @@ def training_arguments(settings: config.Settings, plan, precision: str, use_cpu:
         # step's batch the same at any world size (the same global batch gives the same loss curve).
         dataloader_drop_last=True,
     )
+
+
+def load_eval_split(settings: config.Settings):
+    """prep.py's held-out sequences (WORK_DIR/prep/eval_dataset), or None where it held none out."""
+    import datasets
+
+    folder = settings.prep_dir / "eval_dataset"
+    return datasets.load_from_disk(str(folder)) if folder.is_dir() else None
+
+
+def eval_batch_size(rows: int, batch_size: int, processes: int) -> int | None:
+    """The per-process batch of the eval split: the training micro-batch, smaller where the split
+    holds less than one such batch for every process (the Trainer drops a partial last batch, as in
+    training); None where the split cannot give every process a row."""
+    return min(batch_size, rows // processes) if rows >= processes else None
+
+
+def plan_evaluation(settings: config.Settings, eval_split, batch_size: int) -> tuple[int | None, int]:
+    """The eval batch (None: no evaluation) and the sequences each evaluation measures (whole batches
+    on every process), with a log line saying so."""
+    if eval_split is None:
+        log("eval: no held-out split in the preparation (EVAL_ROWS=0, or too small a shard); no eval loss")
+        return None, 0
+    batch = eval_batch_size(len(eval_split), batch_size, world_size())
+    if batch is None:
+        log(f"eval: the held-out split's {len(eval_split)} sequence(s) cannot give each of the "
+            f"{world_size()} processes one; no eval loss for this stage")
+        return None, 0
+    measured = len(eval_split) // (batch * world_size()) * batch * world_size()
+    log(f"eval: loss and perplexity on {measured:,} held-out sequences every {settings.eval_steps} steps "
+        "and at the end")
+    return batch, measured
+
+
+def perplexity_trainer():
+    """TRL's SFTTrainer that logs the perplexity beside every eval loss, for the tracker and the log."""
+    from trl import SFTTrainer
+
+    class PerplexitySFTTrainer(SFTTrainer):
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "eval_loss" in logs:
+                logs["eval_perplexity"] = perplexity(float(logs["eval_loss"]))
+            super().log(logs, start_time)
+
+    return PerplexitySFTTrainer
+
+
+def prepare_tracker(settings: config.Settings, trainer, resume: str | None) -> None:
+    """Point the Trainer's TensorBoard callback (REPORT_TO=tensorboard) at settings.tensorboard_dir, not
+    at a folder inside the rotated checkpoints; a stage that starts over starts with an empty folder.
+    The callback writes on rank 0 only."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(settings.tensorboard_dir)
+            if is_main_process() and resume is None:
+                shutil.rmtree(settings.tensorboard_dir, ignore_errors=True)
+            log(f"tracking: TensorBoard events in {settings.tensorboard_dir} "
+                f"(tensorboard --logdir {settings.tensorboard_dir.parent})")
+
+
+def final_evaluation(trainer, evaluates: bool, stopped_early: bool) -> list[tuple[int, float]]:
+    """Every eval loss of the stage, after evaluating the final model unless the last step just was
+    (or training was stopped early, when time is short)."""
+    losses = logged_eval_losses(trainer.state.log_history)
+    if evaluates and not stopped_early and (not losses or losses[-1][0] != trainer.state.global_step):
+        trainer.evaluate()
+        losses = logged_eval_losses(trainer.state.log_history)
+    return losses
 
 
 def batch_plan(settings: config.Settings):
@@ -430,7 +523,8 @@ def load_model(settings: config.Settings, checkpointing: bool, local_rank: int, 
 
 
 def save_trained(settings, trainer, tokenizer, summary: dict) -> None:
-    """Write WORK_DIR/trained atomically: the 16-bit model (LoRA merged), the adapter, the summary.
+    """Write WORK_DIR/trained atomically: the 16-bit model (LoRA merged) with the curriculum's loss
+    history and plot (util.write_history), the adapter, the summary.
 
     Every rank calls this (gathering ZeRO-3 shards is collective); rank 0 writes and renames."""
     import quant_utils
@@ -445,6 +539,8 @@ def save_trained(settings, trainer, tokenizer, summary: dict) -> None:
         if not settings.save_adapter:
             shutil.rmtree(staging / "adapter")
     tokenizer.save_pretrained(staging / "model")
+    earlier = util.read_history(settings.prep_dir / util.HISTORY_FILE)
+    util.write_history(staging / "model", util.extend_history(earlier, summary))
     write_json_atomic(staging / "summary.json", summary)
     replace_directory(staging, settings.trained_dir)
 
@@ -456,6 +552,9 @@ def print_summary(summary: dict) -> None:
     log(f"  steps          {summary['steps']}/{summary['total_steps']}")
     log(f"  tokens seen    {summary['tokens_seen']:,}")
     log(f"  loss           {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
+    if summary["eval_loss"] is not None:
+        log(f"  eval loss      {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.3f}, "
+            f"{summary['eval_sequences']:,} held-out sequences)")
     mfu = f", MFU {100 * summary['mfu']:.1f}%" if summary["mfu"] is not None else ""
     log(f"  wall time      {format_duration(summary['wall_seconds'])} ({summary['tokens_per_second']:,.0f} tok/s{mfu})")
     log(f"  peak memory    {summary['peak_memory_gib']:.2f} GiB per process (estimated {summary['estimated_peak_gib']:.2f}), "
@@ -469,7 +568,6 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     import transformers
     from transformers import AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -493,6 +591,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(settings.prep_dir / "tokenizer")
     dataset = datasets.load_from_disk(str(settings.prep_dir / "dataset"))
+    eval_split = load_eval_split(settings)
     # LoRA's adapters are drawn when load_model attaches them, before the Trainer seeds, and torch
     # seeds itself randomly at start-up: without this SEED would not repeat a USE_QUANT run.
     transformers.set_seed(settings.seed)
@@ -503,7 +602,9 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     if is_main_process():
         sanity_forward(model, dataset)
 
-    args = training_arguments(settings, plan, precision, use_cpu, machine.fused_kernels, trainable)
+    eval_batch, eval_sequences = plan_evaluation(settings, eval_split, plan.batch_size)
+    args = training_arguments(settings, plan, precision, use_cpu, machine.fused_kernels, trainable,
+                              eval_batch)
     zero_stage, buckets = zero_setup(settings, trainable)
     card = "CPU" if use_cpu else torch.cuda.get_device_name()
     token_flops = flops_per_token(settings.topology, vocab_rows, settings.max_length)
@@ -511,9 +612,11 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     # Tokens/s (of all processes) times this is the MFU; None where the card's peak is not known.
     mfu_per_token_per_second = token_flops / (card_flops * world_size()) if card_flops else None
     step_log, stopper, marker = make_callbacks(settings, stop_file, mfu_per_token_per_second)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[step_log, stopper, marker])
+    trainer = perplexity_trainer()(model=model, args=args, train_dataset=dataset,
+                                   eval_dataset=eval_split if eval_batch else None,
+                                   processing_class=tokenizer, callbacks=[step_log, stopper, marker])
     trainer.remove_callback(PrinterCallback)  # StepLog prints the one fixed-format line instead
+    prepare_tracker(settings, trainer, resume)
     processes = trainer.accelerator.num_processes
     log(memory.describe_plan(plan, settings.max_length))
     log(f"training: {len(dataset):,} sequences, {settings.run_epochs:g} epochs, {precision}, "
@@ -529,6 +632,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
                               f"the last good checkpoint in {settings.checkpoint_dir} is kept and nothing is "
                               "published (lower LEARNING_RATE, or use PRECISION=bf16 instead of fp16)")
     wall = time.time() - started
+    eval_losses = final_evaluation(trainer, eval_batch is not None, stopper.stopped_by is not None)
     tokens_per_second = (state.num_input_tokens_seen - step_log.start_tokens) / max(wall, 1e-9)
     summary = {
         "stage_key": settings.stage_key(), "phase": settings.phase,
@@ -537,6 +641,9 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
         "tokens_seen": int(state.num_input_tokens_seen),
         "first_loss": losses[0][1] if losses else math.nan, "final_loss": losses[-1][1] if losses else math.nan,
         "losses": losses, "wall_seconds": wall,
+        "eval_losses": eval_losses, "eval_loss": eval_losses[-1][1] if eval_losses else None,
+        "eval_perplexity": perplexity(eval_losses[-1][1]) if eval_losses else None,
+        "eval_sequences": eval_sequences, "report_to": settings.report_to,
         "tokens_per_second": tokens_per_second,
         "mfu": tokens_per_second * mfu_per_token_per_second if mfu_per_token_per_second else None,
         "flops_per_token": token_flops,

@@ -480,13 +480,60 @@ def number_text(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "unknown"
 
 
-def card_front_matter(settings: config.Settings) -> str:
+# Held-out conversations whose prompts, expected and generated answers an instruction model's card shows.
+CARD_SAMPLES = 3
+
+
+def hub_dataset_ids(value: str | None) -> list[str]:
+    """The Hub datasets among a dataset setting's parts: config makes every local one an absolute
+    path, which has no place in a card's metadata."""
+    ids = [config.split_dataset_spec(part)[0] for part in (value or "").split(config.MIXTURE_SEPARATOR)]
+    return [name for name in ids if name and not Path(name).is_absolute()]
+
+
+def base_model_id(settings: config.Settings) -> str | None:
+    """The Hub id of the pretrained model an instruction model was tuned from, where it has one."""
+    repo = settings.input_repo
+    return repo if settings.inst and not settings.input_repo_is_path and "/" in repo else None
+
+
+def card_eval_results(settings: config.Settings, summary: dict[str, Any]) -> list:
+    """This stage's eval loss and perplexity on its held-out split, as the Hub's model-index reads them."""
+    from huggingface_hub import EvalResult
+
+    loss = summary.get("eval_loss")
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        return []
+    # The split's dataset by its Hub id where the stage reads one Hub dataset alone (no mixture).
+    dataset = settings.stage_dataset
+    single = config.MIXTURE_SEPARATOR not in dataset and hub_dataset_ids(dataset)
+    where = dict(task_type="text-generation", task_name="Causal language modeling",
+                 dataset_type=single[0] if single else "held-out",
+                 dataset_name=f"held-out split of {settings.phase} shard {settings.shard_index} "
+                              f"({summary.get('eval_sequences')} sequences)", dataset_split="held-out")
+    results = [EvalResult(metric_type="loss", metric_name="Eval loss", metric_value=round(loss, 4), **where)]
+    ppl = summary.get("eval_perplexity")
+    if isinstance(ppl, (int, float)) and math.isfinite(ppl):
+        results.append(EvalResult(metric_type="perplexity", metric_name="Perplexity",
+                                  metric_value=round(ppl, 3), **where))
+    return results
+
+
+def card_data(settings: config.Settings, summary: dict[str, Any], name: str):
+    """The card's metadata, as huggingface_hub's ModelCardData (validated and written by it)."""
+    from huggingface_hub import ModelCardData
+
     tags = ["llama", "text-generation", "train-llama",
             "instruction-tuned" if settings.inst else "pretrained-from-scratch"]
     if settings.use_quant:
         tags.append("lora")
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:"]
-    return "\n".join([*lines, *(f"- {tag}" for tag in tags), "---", ""])
+    trained_on = hub_dataset_ids(settings.input_dataset)
+    if settings.inst:
+        trained_on += hub_dataset_ids(settings.instruct_dataset)
+    return ModelCardData(
+        license=settings.model_license, library_name="transformers", pipeline_tag="text-generation",
+        tags=tags, datasets=list(dict.fromkeys(trained_on)) or None, base_model=base_model_id(settings),
+        model_name=name, eval_results=card_eval_results(settings, summary) or None)
 
 
 def card_facts(settings: config.Settings, summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -511,7 +558,57 @@ def card_facts(settings: config.Settings, summary: dict[str, Any]) -> list[tuple
     ]
 
 
+def card_evaluation(settings: config.Settings, summary: dict[str, Any]) -> str:
+    """The card's Evaluation section: eval loss and perplexity, and the loss plot of the curriculum."""
+    loss = summary.get("eval_loss")
+    lines = ["## Evaluation", ""]
+    if isinstance(loss, (int, float)):
+        lines.append(f"On {summary.get('eval_sequences')} held-out sequences of this stage's shard (never "
+                     f"trained on): eval loss {loss:.4f}, perplexity {number_text(summary.get('eval_perplexity'))}.")
+    else:
+        lines.append("No eval loss: this stage held out no sequences (EVAL_ROWS=0 or a small shard).")
+    if (settings.trained_dir / "model" / PLOT_FILE).is_file():
+        lines += ["", f"![Training and eval loss of every stage so far]({PLOT_FILE})", "",
+                  f"The losses behind the plot, stage by stage, are in `{HISTORY_FILE}`."]
+    return "\n".join(lines) + "\n"
+
+
+def card_samples(settings: config.Settings) -> str:
+    """An instruction model's answers to a few held-out prompts (greedy), beside the data's answers."""
+    import evaluate
+
+    eval_split = settings.prep_dir / "eval_dataset"
+    manifest = read_json_object(settings.prep_dir / "manifest.json")
+    if not settings.inst or not eval_split.is_dir() or manifest.get("stage_key") != settings.stage_key():
+        return ""
+    samples = evaluate.eval_split_samples(settings.trained_dir / "model", eval_split, CARD_SAMPLES)
+    blocks = [f"**Prompt**\n\n{fenced(sample['prompt'])}\n"
+              f"**Answer in the data**\n\n{fenced(sample['expected'])}\n"
+              f"**This model's answer**\n\n{fenced(sample['answer'])}" for sample in samples]
+    return "\n## Held-out prompts\n\nGreedy answers to prompts of the held-out split:\n\n" + "\n".join(blocks)
+
+
+def fenced(text: str) -> str:
+    """`text` as a Markdown code block whose fence no backtick run inside it can close."""
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    return f"{fence}text\n{text}\n{fence}\n"
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; {} where it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def model_card(settings: config.Settings, summary: dict[str, Any], name: str) -> str:
+    """The README.md of a published model folder: metadata through huggingface_hub's ModelCard."""
+    from huggingface_hub import ModelCard
+
     where = hub_repo_id(settings, name) if settings.pushes_to_hub else str(settings.output_dir / name)
     kind = "instruction-tuned" if settings.inst else "pretrained from scratch"
     table = "\n".join(f"| {key} | {value} |" for key, value in card_facts(settings, summary))
@@ -528,6 +625,7 @@ A LLaMA-architecture causal language model, {kind}, by the train-llama pipeline.
 | --- | --- |
 {table}
 
+{card_evaluation(settings, summary)}{card_samples(settings)}
 ## Use
 
 ```python
@@ -545,7 +643,85 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=40)[0]))
 {json.dumps(settings.public_dict(), indent=2, sort_keys=True, default=str)}
 ```
 """
-    return redact(card_front_matter(settings) + body, settings.hf_token)
+    card = ModelCard(f"---\n{card_data(settings, summary, name).to_yaml()}\n---\n{body}")
+    return redact(str(card), settings.hf_token)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss history of the whole curriculum, carried from stage to stage in each published folder.
+
+# In every trained and published model folder: the loss history so far and its plot. prep.py copies
+# the input model's history into WORK_DIR/prep; train.py extends it with this stage.
+HISTORY_FILE, PLOT_FILE = "loss_history.json", "loss_curve.png"
+PLOT_SIZE, PLOT_DPI = (8.0, 4.5), 100  # inches: an 800 x 450 pixel PNG
+
+
+def stage_order(entry: dict[str, Any]) -> tuple[bool, int]:
+    """Where a stage comes in the curriculum: every pretraining INIT, then every instruction INIT."""
+    return entry.get("phase") == "instruct", int(entry.get("init", 0))
+
+
+def is_loss_series(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(point, list) and len(point) == 2 and all(isinstance(x, (int, float)) for x in point)
+        for point in value)
+
+
+def is_stage_record(stage: Any) -> bool:
+    """Whether a loss history entry has the form extend_history writes (a damaged one is left out)."""
+    return (isinstance(stage, dict) and stage.get("phase") in ("pretrain", "instruct")
+            and isinstance(stage.get("init"), int) and isinstance(stage.get("steps"), int)
+            and is_loss_series(stage.get("train")) and is_loss_series(stage.get("eval")))
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The stages recorded in a loss history file; [] where there is none or it is unreadable."""
+    history = read_json_object(path)
+    stages = history.get("stages")
+    return [stage for stage in stages if is_stage_record(stage)] if isinstance(stages, list) else []
+
+
+def extend_history(earlier: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stages before this one (a rerun of an earlier stage drops the later ones it replaces),
+    then this stage's train and eval losses from train.py's summary."""
+    key = summary["stage_key"]
+    entry = {"stage": stage_text(key), "phase": key["phase"], "init": key["init"], "steps": summary["steps"],
+             "train": summary.get("losses") or [], "eval": summary.get("eval_losses") or []}
+    return [stage for stage in earlier if stage_order(stage) < stage_order(entry)] + [entry]
+
+
+def loss_figure(stages: list[dict[str, Any]]):
+    """One train-loss curve per stage and its eval points in the same colour, the stages one after
+    another on one step axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=PLOT_SIZE, dpi=PLOT_DPI, layout="constrained")
+    axes = figure.subplots()
+    offset = 0
+    for number, stage in enumerate(stages):
+        colour = f"C{number % 10}"
+        train, evals = stage.get("train", []), stage.get("eval", [])
+        axes.plot([offset + step for step, _ in train], [loss for _, loss in train], color=colour,
+                  label=f"{stage.get('stage')} train")
+        if evals:
+            axes.scatter([offset + step for step, _ in evals], [loss for _, loss in evals], color=colour,
+                         edgecolors="black", zorder=3, label=f"{stage.get('stage')} eval")
+        offset += int(stage.get("steps") or 0)
+    axes.set_xlabel("optimizer step (all stages so far)")
+    axes.set_ylabel("loss")
+    axes.set_title("Training and eval loss over the curriculum")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    return figure
+
+
+def write_history(folder: Path, stages: list[dict[str, Any]]) -> None:
+    """HISTORY_FILE and its plot PLOT_FILE into a model folder."""
+    write_json_atomic(folder / HISTORY_FILE, {"stages": stages})
+    loss_figure(stages).savefig(folder / PLOT_FILE)
 
 
 def ensure_generation_config(folder: Path) -> None:

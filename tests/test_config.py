@@ -110,6 +110,22 @@ def test_token_is_hidden_everywhere():
     assert "hf_bad" not in str(err.value)
 
 
+def test_report_to_names_the_missing_package_and_its_values(monkeypatch):
+    assert load(INPUT_DATASET="d").report_to == "tensorboard"
+    assert load(REPORT_TO="None", INPUT_DATASET="d").report_to == "none"
+    monkeypatch.setitem(config.REPORT_TARGETS, "wandb", "surely_not_installed_package")
+    with pytest.raises(config.ConfigError) as err:
+        load(REPORT_TO="wandb", INPUT_DATASET="d")
+    assert err.value.problems == ["REPORT_TO=wandb: the Python package `surely_not_installed_package` is not "
+                                  "installed; install it (pip install surely_not_installed_package) or set "
+                                  "REPORT_TO=tensorboard or none"]
+    with pytest.raises(config.ConfigError) as err:
+        load(REPORT_TO="mlflow", EVAL_STEPS="0", MODEL_LICENSE="MIT License", INPUT_DATASET="d")
+    assert [line.split(":")[0] for line in err.value.problems] == ["EVAL_STEPS='0'", "REPORT_TO='mlflow'",
+                                                                  "MODEL_LICENSE='MIT License'"]
+    assert "must be one of tensorboard, trackio, wandb, none" in err.value.problems[1]
+
+
 # The README promises: 6144 -> ~300M, 12288 -> ~1B, 24576 -> ~4B parameters (within 25%).
 @pytest.mark.parametrize("factor,params", [(6144, 300e6), (12288, 1e9), (24576, 4e9)])
 def test_factor_gives_promised_size(factor, params):

@@ -1,12 +1,14 @@
 """Guards the whole product end to end on CPU: trainer.sh walks the demo curriculum to a working
-instruction-tuned model; two-process DeepSpeed ZeRO-2 training, and 4-bit + LoRA training, resume
-exactly after kill -9 (and one process refuses the two's checkpoint in one line); the trimmed
+instruction-tuned model, with its TensorBoard losses, loss plot and model card; two-process DeepSpeed
+ZeRO-2 training, and 4-bit + LoRA training, resume exactly after kill -9 (and one process refuses the
+two's checkpoint in one line); one and two processes give the same train and eval losses; the trimmed
 gradient buckets train exactly like the original's; SEED repeats a 4-bit + LoRA run; the 4-bit +
 LoRA curriculum trains the chat markers' rows, publishes plain models to the Hub stand-in after a failed
 push and never shows the token; the timer stops training cleanly and publishes a loss even before the
 first logging interval."""
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -32,6 +34,10 @@ def run_trainer(root, env, timeout=900):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     return log
+
+
+# An eval line: its step and loss.
+EVAL_LINE = re.compile(r"^eval +(\d+)/\d+ \| loss +([\d.]+)", flags=re.M)
 
 
 def step_losses(log: str) -> dict[int, float]:
@@ -75,11 +81,51 @@ def test_demo_curriculum_produces_a_working_instruction_model(base_env, root, tm
         assert "quantization_config" not in config
         assert generate_text(folder, "<|user|>Repeat: cat<|end|><|bot|>").strip() != ""
 
+    check_tracking_plot_and_card(Path(base_env["WORK_DIR"]), output, log)
+
     pretrained = heldout_accuracy(output / "train-llama")
     tuned = heldout_accuracy(output / "train-llama-it")
     print(f"held-out accuracy: pretrained only {pretrained:.1%}, instruction-tuned {tuned:.1%}; "
           f"whole curriculum in {time.time() - started:.0f}s")
     assert tuned >= pretrained + 0.15
+
+
+def check_tracking_plot_and_card(work: Path, output: Path, log: str) -> None:
+    """What the demo's four stages leave besides the models: TensorBoard's train and eval losses of each
+    stage (equal to the step and eval lines), the curriculum's loss history with one series per stage and
+    its plot, and a model card whose metadata huggingface_hub reads back with the eval results."""
+    import matplotlib.image
+    from huggingface_hub import ModelCard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stage_logs = log.split("=== train")[1:]
+    stages = ["pretrain-init0", "pretrain-init1", "instruct-init0", "instruct-init1"]
+    assert sorted(p.name for p in (work / "tensorboard").iterdir()) == sorted(stages)
+    for stage, stage_log in zip(stages, stage_logs):
+        events = EventAccumulator(str(work / "tensorboard" / stage))
+        events.Reload()
+        train = {e.step: e.value for e in events.Scalars("train/loss")}
+        evals = {e.step: e.value for e in events.Scalars("eval/loss")}
+        assert train == pytest.approx(step_losses(stage_log), abs=1e-4), stage
+        logged_evals = {int(step): float(loss) for step, loss in EVAL_LINE.findall(stage_log)}
+        assert evals and evals == pytest.approx(logged_evals, abs=1e-4), stage
+        assert {e.step for e in events.Scalars("eval/perplexity")} == set(evals)
+
+    published = output / "train-llama-it"
+    history = json.loads((published / "loss_history.json").read_text())["stages"]
+    assert [(s["phase"], s["init"]) for s in history] == [("pretrain", 0), ("pretrain", 1), ("instruct", 0),
+                                                          ("instruct", 1)]
+    assert all(s["train"] and s["eval"] for s in history)
+    assert matplotlib.image.imread(published / "loss_curve.png").shape == (450, 800, 4)
+    summary = json.loads((work / "trained" / "summary.json").read_text())
+    assert summary["eval_sequences"] == 64 and summary["eval_losses"][-1] == history[-1]["eval"][-1]
+    card = ModelCard.load(published / "README.md")
+    loss, perplexity = card.data.eval_results
+    assert (loss.metric_type, loss.metric_value) == ("loss", round(summary["eval_loss"], 4))
+    assert perplexity.metric_value == pytest.approx(math.exp(summary["eval_loss"]), rel=1e-3)
+    assert card.data.license == "mit" and card.data.datasets is None  # the demo's data are local files
+    assert "![Training and eval loss of every stage so far](loss_curve.png)" in card.text
+    assert card.text.count("**This model's answer**") == 3
 
 
 def prepare_twice(root, env, tmp_path) -> dict:
@@ -164,11 +210,13 @@ def test_seed_repeats_a_quantized_run_and_it_resumes_exactly_after_kill(base_env
 
 
 def test_one_and_two_processes_give_the_same_loss_curve_at_the_same_global_batch(base_env, root, tmp_path):
-    # A small shard (82 sequences), so that the run crosses epoch boundaries, where a partial batch
-    # would split differently on one and on two processes. (10 micro-batches an epoch: an even
-    # number, since the Trainer ends an epoch with a shorter accumulation when GA does not divide it.)
+    # A small shard (82 sequences, 2 held out for the eval loss), so that the run crosses epoch
+    # boundaries, where a partial batch would split differently on one and on two processes. (10
+    # micro-batches an epoch: an even number, since the Trainer ends an epoch with a shorter
+    # accumulation when GA does not divide it.)
     env = {**base_env, "SHARD_SIZE": "200", "EPOCHS": "6", "BATCH_SIZE": "8", "LOGGING_STEPS": "1",
-           "SAVE_STEPS": "1000", "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+           "SAVE_STEPS": "1000", "EVAL_ROWS": "2",
+           "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
     two_env = prepare_twice(root, env, tmp_path)
     one = launch_training(root, {**env, "GRADIENT_ACCUMULATION_STEPS": "2"}, processes=1)
     one_log = one.communicate(timeout=600)[0]
@@ -179,6 +227,9 @@ def test_one_and_two_processes_give_the_same_loss_curve_at_the_same_global_batch
     assert len(one_losses) >= 5 and one_losses.keys() == two_losses.keys()
     for step, loss in one_losses.items():
         assert two_losses[step] == pytest.approx(loss, rel=1e-4), (one_losses, two_losses)
+    # The final eval loss too: one row on each of the two processes, two in one batch on one.
+    one_eval, two_eval = (EVAL_LINE.findall(text) for text in (one_log, two_log))
+    assert len(one_eval) == 1 and float(two_eval[0][1]) == pytest.approx(float(one_eval[0][1]), rel=1e-4)
 
 
 def test_trimmed_buckets_and_fused_checks_train_exactly_like_deepspeeds_own(base_env, root, tmp_path):

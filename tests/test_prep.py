@@ -45,8 +45,10 @@ def write_format(path_stem, suffix, rows):
 
 
 def settings_for(tmp_path, **env):
+    # No eval split unless a test asks (EVAL_ROWS): these tests read the prepared rows by position.
     base = {"OUTPUT_DIR": str(tmp_path / "output"), "WORK_DIR": str(tmp_path / "work"), "PRESET": "full",
-            "VOCAB_SIZE": "512", "FACTOR": "768", "MAX_LENGTH": "64", "SHARD_SIZE": "1000"}
+            "VOCAB_SIZE": "512", "FACTOR": "768", "MAX_LENGTH": "64", "SHARD_SIZE": "1000",
+            "EVAL_ROWS": "0"}
     return config.load_settings({**base, **{k: str(v) for k, v in env.items()}})
 
 
@@ -275,6 +277,40 @@ def test_instruction_preparation_masks_exactly_the_answers(tmp_path, pretrained)
     new, mean, spread = embeddings[known:], embeddings[:known].mean(0), embeddings[:known].std(0)
     assert ((new - mean).abs() <= 0.5 * spread + 1e-6).all()
     assert torch.cdist(new, new).fill_diagonal_(1.0).min() > 0
+
+
+def test_the_eval_split_is_held_out_by_seed_and_shrinks_on_a_small_shard(tmp_path, pretrained, capsys):
+    import datasets
+
+    folder, corpus = pretrained
+    rows = [{"messages": [{"role": "user", "content": f"Add: {n} + 2"},
+                          {"role": "assistant", "content": str(n + 2)}]} for n in range(40)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+
+    def split(seed, eval_rows, work):
+        settings = settings_for(folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", SEED=seed,
+                                EVAL_ROWS=eval_rows, WORK_DIR=tmp_path / work)
+        manifest = prep.prepare(settings)
+        _, tokenizer, train = load_prep(settings)
+        held = settings.prep_dir / "eval_dataset"
+        held = datasets.load_from_disk(str(held)) if held.is_dir() else []
+        texts = [{tokenizer.decode(row["input_ids"]) for row in part} for part in (train, held)]
+        assert manifest["stage_key"]["eval_rows"] == eval_rows
+        return manifest, texts, held
+
+    manifest, (train, held), held_rows = split(1, 3, "a")
+    assert (manifest["sequences"], manifest["eval_sequences"], len(held)) == (37, 3, 3)
+    assert not train & held and len(train | held) == 40
+    assert all(1 in row["assistant_masks"] for row in held_rows)  # answers to measure the eval loss on
+    assert split(1, 3, "b")[1][1] == held and split(2, 3, "c")[1][1] != held
+    # A tenth of the shard at most: 4 of 40 though 50 are asked for, and the log says so.
+    manifest, (train, held), _ = split(1, 50, "d")
+    assert (manifest["sequences"], manifest["eval_sequences"]) == (36, 4)
+    assert "eval split: 4 sequences held out, fewer than EVAL_ROWS=50" in capsys.readouterr().out
+    write_jsonl(tmp_path / "chat.jsonl", rows[:9])
+    manifest, (train, held), _ = split(1, 3, "e")
+    assert (manifest["sequences"], manifest["eval_sequences"], held) == (9, 0, set())
+    assert "eval split: none; the shard's 9 sequences are too few" in capsys.readouterr().out
 
 
 def test_a_messages_column_is_used_with_its_system_turn(tmp_path, pretrained):
@@ -521,6 +557,7 @@ def test_demo_preparation_end_to_end_then_reused_then_instruction(tmp_path, base
     assert manifest["stage_key"] == json.loads(json.dumps(settings.stage_key()))
     assert manifest["rows"] > 3000 and manifest["skipped_rows"] == 0 and manifest["is_last_shard"] is True
     assert all(len(row) == 256 for row in dataset["input_ids"]) and manifest["sequences"] == len(dataset) > 1000
+    assert manifest["eval_sequences"] == 64 and "eval split: 64 of" in first.stdout
     assert "prep done:" in first.stdout and "tokens/s" in first.stdout and seconds < 120
 
     again = subprocess.run([sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=120, env=base_env)
@@ -531,7 +568,9 @@ def test_demo_preparation_end_to_end_then_reused_then_instruction(tmp_path, base
     third = subprocess.run([sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=300, env=instruct_env)
     assert third.returncode == 0, third.stderr[-3000:]
     manifest, tokenizer, dataset = load_prep(config.load_settings(instruct_env))
-    assert (manifest["phase"], manifest["rows"], manifest["sequences"], manifest["skipped_rows"]) == ("instruct", 5000, 5000, 0)
+    assert (manifest["phase"], manifest["rows"], manifest["sequences"], manifest["skipped_rows"]) == (
+        "instruct", 5000, 4936, 0)
+    assert manifest["eval_sequences"] == 64
     assert tokenizer.chat_template == prep.CHAT_TEMPLATE and manifest["model_source"].endswith("train-llama")
     import evaluate
     assert evaluate.heldout_accuracy(config.load_settings(instruct_env).prep_dir, limit=8) == 0.0  # untrained

@@ -2,7 +2,9 @@
 replacement, a full disk while publishing, the curriculum walk (next_stage), the run state, and the Hub
 push against the local Hub stand-in (tests/hub_server.py): retries of 5xx, 429 with Retry-After, a reset
 connection and a stalled Hub, a rejected token, the push of the next run after a final failure, a failed
-Space pause, and a sweep of every output for the token."""
+Space pause, and a sweep of every output for the token; the model card's metadata round-trips through
+huggingface_hub's ModelCard with eval results, Hub datasets only and the base model, shows the loss plot and
+an instruction model's answers to held-out prompts."""
 import dataclasses
 import datetime
 import errno
@@ -277,6 +279,95 @@ def test_published_chat_template_has_no_generation_markers_and_renders_the_same(
                              "<|user|>Spell cat<|end|><|bot|>c a t<|end|><|bot|>")
     with pytest.raises(ValueError, match="must alternate"):
         render_in_minijinja(serving, [CONVERSATIONS[0][0]] * 2, False)
+
+
+def write_eval_split(settings, tiny: TinyModel) -> list[int]:
+    """A prepared eval split of two conversations (assistant mask on the answer), as prep.py writes it."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny.folder)
+    prompt, answer = (tokenizer(text, add_special_tokens=False)["input_ids"]
+                      for text in ("once upon a", " time"))
+    ids = [tokenizer.bos_token_id, *prompt, *answer, tokenizer.eos_token_id]
+    masks = [0] * (1 + len(prompt)) + [1] * (len(answer) + 1)
+    datasets.Dataset.from_dict({"input_ids": [ids, ids], "assistant_masks": [masks, masks]}).save_to_disk(
+        str(settings.prep_dir / "eval_dataset"))
+    util.write_json_atomic(settings.prep_dir / "manifest.json", {"stage_key": settings.stage_key()})
+    return ids
+
+
+def test_an_instruction_models_card_has_valid_metadata_eval_results_plot_and_held_out_answers(
+        base_env, tiny_model, tmp_path):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    local = tmp_path / "chats.jsonl"
+    local.write_text("{}\n")
+    env = {**base_env, "INST": "true", "INIT": "1", "OUTPUT_REPO": "tester/tiny-llama", "HF_TOKEN": TOKEN,
+           "INPUT_DATASET": "owner/corpus?config=en", "INSTRUCT_DATASET": f"owner/chats|{local}?weight=2",
+           "MODEL_LICENSE": "apache-2.0"}
+    settings = train_stage(env, tiny_model, eval_loss=1.23456, eval_perplexity=math.exp(1.23456),
+                           eval_sequences=2, losses=[[10, 3.0], [20, 2.5]], eval_losses=[[20, 1.23456]])
+    earlier = [{"stage": "pretrain INIT=0 (shard 0)", "phase": "pretrain", "init": 0, "steps": 30,
+                "train": [[10, 5.0], [30, 4.0]], "eval": [[30, 4.1]]}]
+    summary = json.loads((settings.trained_dir / "summary.json").read_text())
+    util.write_history(settings.trained_dir / "model", util.extend_history(earlier, summary))
+    write_eval_split(settings, tiny_model)
+    folder, = util.publish_local(settings, summary, "digest")
+
+    text = (folder / "README.md").read_text()
+    assert TOKEN not in text and str(tmp_path) not in text.split("---")[1]
+    card = ModelCard.load(folder / "README.md")
+    data = card.data
+    assert (data.license, data.base_model, data.datasets) == ("apache-2.0", "tester/tiny-llama",
+                                                              ["owner/corpus", "owner/chats"])
+    assert data.model_name == "tiny-llama-it" and "instruction-tuned" in data.tags
+    assert [(r.metric_type, r.metric_value, r.dataset_type) for r in data.eval_results] == [
+        ("loss", 1.2346, "held-out"), ("perplexity", round(math.exp(1.23456), 3), "held-out")]
+    # The metadata survives huggingface_hub's own round trip (model-index back to EvalResults).
+    again = ModelCardData(**data.to_dict())
+    assert again.to_dict() == data.to_dict() and ModelCard(str(card)).data.to_dict() == data.to_dict()
+    assert f"![Training and eval loss of every stage so far]({util.PLOT_FILE})" in text
+    stages = json.loads((folder / util.HISTORY_FILE).read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["pretrain INIT=0 (shard 0)", "instruct INIT=1 (shard 0)"]
+    assert "## Held-out prompts" in text and "```text\nonce upon a\n```" in text
+    assert "**Answer in the data**\n\n```text\ntime\n```" in text
+    assert text.count("**This model's answer**") == 2
+
+
+def stage_summary(phase, init, steps, losses, eval_losses):
+    key = {"phase": phase, "init": init, "shard_index": max(init - 1, 0)}
+    return {"stage_key": key, "steps": steps, "losses": losses, "eval_losses": eval_losses}
+
+
+def test_the_loss_history_keeps_earlier_stages_and_plots_one_curve_per_stage(tmp_path):
+    import matplotlib.image
+
+    history = []
+    for phase, init in (("pretrain", 0), ("pretrain", 1), ("instruct", 0)):
+        losses, eval_losses = [[10, 5.0 - init], [20, 4.0 - init]], [[20, 4.5 - init]]
+        history = util.extend_history(history, stage_summary(phase, init, 20, losses, eval_losses))
+    assert [s["stage"] for s in history] == ["pretrain INIT=0 (shard 0)", "pretrain INIT=1 (shard 0)",
+                                             "instruct INIT=0 (shard 0)"]
+    # Pretraining INIT=1 run again replaces itself and the stages after it.
+    rerun = util.extend_history(history, stage_summary("pretrain", 1, 30, [[30, 3.0]], []))
+    assert [(s["stage"], s["steps"]) for s in rerun] == [("pretrain INIT=0 (shard 0)", 20),
+                                                         ("pretrain INIT=1 (shard 0)", 30)]
+
+    figure = util.loss_figure(history)
+    axes, = figure.axes
+    assert [list(line.get_xdata()) for line in axes.get_lines()] == [[10, 20], [30, 40], [50, 60]]
+    eval_points = [collection.get_offsets().tolist() for collection in axes.collections]
+    assert eval_points == [[[20, 4.5]], [[40, 3.5]], [[60, 4.5]]]
+    util.write_history(tmp_path, history)
+    assert util.read_history(tmp_path / util.HISTORY_FILE) == json.loads(json.dumps(history))
+    image = matplotlib.image.imread(tmp_path / util.PLOT_FILE)
+    assert image.shape == (450, 800, 4) and image[..., :3].std() > 0.05  # drawn, not blank
+    assert util.read_history(tmp_path / "missing.json") == []
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(json.dumps({"stages": [{**history[0], "init": "zero"}, {**history[1], "train": [[1]]},
+                                              history[2]]}))
+    assert util.read_history(damaged) == json.loads(json.dumps(history[2:]))
 
 
 def test_failed_publish_keeps_the_previous_version(root, base_env, tiny_model, monkeypatch):

@@ -5,7 +5,8 @@ removed and the last complete one resumed, a finished stage is not trained again
 recognised in the errors torch and safetensors raise, a ZeRO checkpoint is
 resumed only by as many processes as wrote it (a one-line error otherwise), the DeepSpeed
 configuration keeps the original's settings (with its gradient buckets trimmed to what they can hold,
-and ZeRO-2 run as ZeRO-1 only for 4-bit + LoRA on one process), and precision follows the device."""
+and ZeRO-2 run as ZeRO-1 only for 4-bit + LoRA on one process), precision follows the device, and an
+evaluation gives one line with its loss and perplexity, on a batch that gives every process a row."""
 import json
 import math
 import re
@@ -58,6 +59,29 @@ def test_the_step_line_shows_mfu_where_the_cards_peak_is_known(settings, tmp_pat
     step_log.on_log(None, State(), Control(), logs={"loss": 2.5, "learning_rate": 1e-3})
     line = capsys.readouterr().out.splitlines()[0]
     assert re.search(r" tok/s \| mfu +\d+\.\d% \| mem ", line), line
+
+
+def test_an_eval_gives_one_line_with_loss_and_perplexity(settings, tmp_path, capsys):
+    pytest_handler = signal.getsignal(signal.SIGTERM)
+    step_log, *_ = train.make_callbacks(settings, tmp_path / "STOP", None)
+    signal.signal(signal.SIGTERM, pytest_handler)
+    step_log.on_train_begin(None, State(), Control())
+    step_log.on_log(None, State(), Control(), logs={"eval_loss": 2.0, "eval_runtime": 1.25})
+    assert capsys.readouterr().out == "eval     20/100 | loss   2.0000 | perplexity      7.389 | 1.2s\n"
+    assert train.perplexity(800.0) == math.inf
+
+
+def test_eval_losses_come_from_the_log_history():
+    history = [{"loss": 3.0, "step": 10}, {"eval_loss": 2.5, "eval_perplexity": 12.2, "step": 10},
+               {"loss": 2.0, "step": 20}, {"eval_loss": 1.5, "step": 20}, {"train_loss": 2.5, "step": 20}]
+    assert train.logged_eval_losses(history) == [(10, 2.5), (20, 1.5)]
+    assert train.logged_losses(history) == [(10, 3.0), (20, 2.0)]
+
+
+@pytest.mark.parametrize("rows, batch, processes, expected", [
+    (64, 16, 1, 16), (64, 16, 2, 16), (20, 16, 2, 10), (3, 16, 2, 1), (1, 16, 2, None), (1, 4, 1, 1)])
+def test_the_eval_batch_gives_every_process_at_least_one_row(rows, batch, processes, expected):
+    assert train.eval_batch_size(rows, batch, processes) == expected
 
 
 def test_the_last_step_is_always_logged(settings, tmp_path):
