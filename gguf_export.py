@@ -69,16 +69,19 @@ def tensor_type(type_name: str, shape: tuple[int, ...]):
     return wanted if shape[-1] % block_size == 0 else kinds.F16
 
 
+def read_json(path: Path, needed: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{path}: unreadable ({util.one_line(str(err))}); {needed}") from None
+
+
 def read_model_config(folder: Path) -> dict[str, Any]:
     """config.json of a 16-bit LlamaForCausalLM, or an ExportError saying what the folder is instead."""
     if not folder.is_dir():
         raise ExportError(f"{folder}: no such folder; name a model folder such as output/train-llama")
     path = folder / "config.json"
-    try:
-        model_config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{path}: unreadable ({util.one_line(str(err))}); a model folder has the "
-                          "config.json that save_pretrained writes") from None
+    model_config = read_json(path, "a model folder has the config.json that save_pretrained writes")
     architectures = model_config.get("architectures") or []
     if model_config.get("model_type") != "llama" or LLAMA_ARCHITECTURE not in architectures:
         found = ", ".join(architectures) or "no architectures"
@@ -138,11 +141,7 @@ def rotary_permute(weights, heads: int):
 def tokenizer_json(folder: Path) -> dict[str, Any]:
     """tokenizer.json, checked to be the byte-level BPE (GPT-2 split) that llama.cpp's gpt2 model reads."""
     path = folder / "tokenizer.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{path}: unreadable ({util.one_line(str(err))}); GGUF export needs the fast "
-                          "tokenizer's tokenizer.json") from None
+    data = read_json(path, "GGUF export needs the fast tokenizer's tokenizer.json")
     pre = data.get("pre_tokenizer") or {}
     if (data.get("model") or {}).get("type") != "BPE" or pre.get("type") != "ByteLevel" or \
             not pre.get("use_regex", True) or data.get("normalizer"):
