@@ -19,9 +19,10 @@ def _command() -> str:
 
 def _pause_if(event: str, path) -> None:
     script, wanted, text = _SPEC.split("|")
-    if event == wanted and text in os.fspath(path) and _command().startswith(script):
+    path = os.fsdecode(path)  # some libraries (TensorBoard's writer) open files by bytes paths
+    if event == wanted and text in path and _command().startswith(script):
         with builtins.open(os.path.join(os.environ["FAULT_DIR"], "paused"), "w") as marker:
-            marker.write(f"{_command()} {event} {os.fspath(path)}\n")
+            marker.write(f"{_command()} {event} {path}\n")
         while True:
             time.sleep(1)
 
