@@ -1,7 +1,8 @@
 """Guards the whole product end to end on CPU: trainer.sh walks the demo curriculum to a working
-instruction-tuned model; two-process DeepSpeed ZeRO-2 checkpoints, one of them left by kill -9, resume
-on one process and one process's on two, continuing the same loss curve at the same global batch;
-4-bit + LoRA training resumes exactly after kill -9; the trimmed
+instruction-tuned model; two "nodes" (trainer.sh twice, NNODES=2) train like one node with two
+processes and publish once; two-process DeepSpeed ZeRO-2 checkpoints, one of them left by kill -9,
+resume on one process and one process's on two, continuing the same loss curve at the same global
+batch; 4-bit + LoRA training resumes exactly after kill -9; the trimmed
 gradient buckets train exactly like the original's; SEED repeats a 4-bit + LoRA run; the 4-bit +
 LoRA curriculum trains the chat markers' rows, publishes plain models to the Hub stand-in after a failed
 push and never shows the token; the timer stops training cleanly and publishes a loss even before the
@@ -125,34 +126,39 @@ def kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes):
     return step_losses(reference_log), step_losses(resumed_log), step_losses(crashed_log)
 
 
-def test_zero2_checkpoints_resume_on_another_process_count_on_the_same_curve(base_env, root, tmp_path):
+def test_two_nodes_and_zero2_checkpoints_of_another_process_count_follow_one_curve(base_env, root, tmp_path):
     # The global batch (16) is fixed; the processes change and with them the per-process batch: two
     # processes x micro-batch 4 x 2 accumulation, or one x micro-batch 8 x 2. A small shard (82
     # sequences, 5 steps an epoch) so that the runs cross an epoch boundary, where the Trainer's
     # sampler must pick up at the same sequence whatever the split.
-    # 1. Two processes, uninterrupted: the reference curve.
-    # 2. Two processes killed (-9) once checkpoint-2 is complete, resumed by one process: the ZeRO-2
-    #    state of two is converted to DeepSpeed's universal checkpoint (after a conversion killed
-    #    midway), and steps 3-8 continue the curve.
-    # 3. checkpoint-6 of that one process, resumed by two: steps 7-8 continue the curve.
+    # 1. Two "nodes" on this machine (trainer.sh twice side by side, NNODES=2, one process each,
+    #    sharing WORK_DIR and OUTPUT_DIR): node 0 alone prepares, publishes and advances; the curve.
+    # 2. One node with two processes on that preparation, killed (-9) once checkpoint-2 is complete:
+    #    its steps 1-2 are the two nodes' steps.
+    # 3. Its checkpoint resumed by one process: the ZeRO-2 state of two is converted to DeepSpeed's
+    #    universal checkpoint (after a conversion killed midway), and steps 3-8 continue the curve.
+    # 4. checkpoint-6 of that one process, resumed by two: steps 7-8 continue the curve.
     two, one = ({"BATCH_SIZE": "4", "GRADIENT_ACCUMULATION_STEPS": "2"},
                 {"BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "2"})
     env = {**base_env, **two, "SHARD_SIZE": "200", "MAX_STEPS": "8", "SAVE_STEPS": "2", "LOGGING_STEPS": "1",
+           "RUN_ALL": "false", "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
-    reference = launch_training(root, prepare_twice(root, env, tmp_path), processes=2)
-    reference_log = reference.communicate(timeout=600)[0]
-    assert reference.returncode == 0, reference_log[-4000:]
-    reference_losses = step_losses(reference_log)
-    assert sorted(reference_losses) == list(range(1, 9)), reference_log[-4000:]
+    reference_losses = train_on_two_nodes(root, env, tmp_path)
 
-    checkpoints = Path(env["WORK_DIR"]) / "checkpoints"
+    # One node from here on, with its own run state (the two nodes advanced theirs past this stage).
+    env = {**env, "WORK_DIR": str(tmp_path / "work2"), "OUTPUT_DIR": str(tmp_path / "output2")}
+    shutil.copytree(Path(base_env["WORK_DIR"]) / "prep", tmp_path / "work2" / "prep")
+    checkpoints = tmp_path / "work2" / "checkpoints"
     crashing = launch_training(root, env, processes=2)
     deadline = time.time() + 300
     while not (checkpoints / "checkpoint-2" / "train-llama-complete.json").exists():
         assert time.time() < deadline and crashing.poll() is None, "no checkpoint-2 was written"
         time.sleep(0.2)
     os.killpg(crashing.pid, signal.SIGKILL)
-    crashing.communicate()
+    crashed_losses = step_losses(crashing.communicate()[0])
+    assert sorted(crashed_losses)[:2] == [1, 2]
+    for step, loss in crashed_losses.items():
+        assert loss == pytest.approx(reference_losses[step], rel=1e-4), (crashed_losses, reference_losses)
 
     def resume(processes, batch, first_step):
         run = launch_training(root, {**env, **batch}, processes=processes)
@@ -177,9 +183,36 @@ def test_zero2_checkpoints_resume_on_another_process_count_on_the_same_curve(bas
     log = resume(1, one, first_step=3)
     assert f"removed a temporary folder left by an interrupted run: {killed}" in log
     # The stage finished: without its trained model and its last checkpoint, a rerun resumes checkpoint-6.
-    shutil.rmtree(Path(env["WORK_DIR"]) / "trained")
+    shutil.rmtree(tmp_path / "work2" / "trained")
     shutil.rmtree(checkpoints / "checkpoint-8")
     resume(2, two, first_step=7)
+
+
+def train_on_two_nodes(root, env, tmp_path) -> dict[int, float]:
+    """trainer.sh on two "nodes" side by side (one process each); the step losses, after checking that
+    both saw the shared WORK_DIR and that node 0 alone prepared, published and advanced."""
+    import util
+
+    env = {**env, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(util.free_port()),
+           "NUM_PROCESSES": "1"}
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as out:
+            node_env = {**env, "NODE_RANK": str(rank)}
+            nodes.append(subprocess.Popen(["bash", "trainer.sh"], cwd=root, env=node_env, stdout=out,
+                                          stderr=subprocess.STDOUT))
+    codes = [node.wait(timeout=900) for node in nodes]
+    node0, node1 = (log.read_text() for log in logs)
+    assert codes == [0, 0], (node0[-3000:], node1[-3000:])
+    assert "WORK_DIR is shared by the 2 nodes" in node0 and "WORK_DIR is shared by the 2 nodes" in node1
+    assert "=== publish" in node0 and "=== publish" not in node1
+    assert "nodes: node 0 prepared pretrain INIT=0" in node1 and "=== wait for node 0 to publish" in node1
+    state = json.loads((Path(env["OUTPUT_DIR"]) / "run_state.json").read_text())
+    assert len(state["history"]) == 1 and (Path(env["OUTPUT_DIR"]) / "train-llama" / "publish.json").is_file()
+    losses = step_losses(node0)
+    assert sorted(losses) == list(range(1, 9)) and not step_losses(node1)  # only global rank 0 logs
+    return losses
 
 
 def test_seed_repeats_a_quantized_run_and_it_resumes_exactly_after_kill(base_env, root, tmp_path):
