@@ -55,7 +55,7 @@ node_rank=$(setting node_rank)
 nnodes=$(setting nnodes)
 gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 if [ "$processes" -eq 0 ]; then processes=$(( gpus > 0 ? gpus : 1 )); fi
-launcher_args=$("$PYTHON" util.py launcher-devices --processes "$processes" --gpus "$gpus")
+launcher_args=$("$PYTHON" util.py launcher-args --processes "$processes" --gpus "$gpus")
 read -r -a launcher_args <<< "$launcher_args"
 launcher=(deepspeed "${launcher_args[@]}")
 if [ "$gpus" -eq 0 ]; then

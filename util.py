@@ -871,18 +871,23 @@ def launcher_arguments(settings: config.Settings, processes: int, gpus: int,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="Publish the trained model, advance the curriculum, or print "
-                                                 "the launcher's device arguments.")
-    parser.add_argument("command", choices=("publish", "advance", "launcher-devices"))
-    parser.add_argument("--processes", type=int, default=1, help="launcher-devices: training processes")
-    parser.add_argument("--gpus", type=int, default=0, help="launcher-devices: GPUs torch sees")
+                                                 "the launcher's device arguments (launcher-devices) or all its "
+                                                 "arguments: port, devices and nodes (launcher-args).")
+    parser.add_argument("command", choices=("publish", "advance", "launcher-devices", "launcher-args"))
+    parser.add_argument("--processes", type=int, default=1, help="launcher-*: training processes (per node)")
+    parser.add_argument("--gpus", type=int, default=0, help="launcher-*: GPUs torch sees")
     parser.add_argument("--retry-delay", type=float, default=DEFAULT_RETRY_DELAY, metavar="SECONDS",
                         help="wait before the first retry of a Hub call; doubles at each retry "
                              f"(default {DEFAULT_RETRY_DELAY:g})")
     args = parser.parse_args()
-    if args.command == "launcher-devices":
+    if args.command in ("launcher-devices", "launcher-args"):
         try:
-            settings = config.settings_or_exit(quiet=True)
-            print(" ".join(launcher_arguments(settings, args.processes, args.gpus, visible_gpus())))
+            if args.command == "launcher-devices":
+                arguments = launcher_devices(args.processes, args.gpus, visible_gpus())
+            else:
+                settings = config.settings_or_exit(quiet=True)
+                arguments = launcher_arguments(settings, args.processes, args.gpus, visible_gpus())
+            print(" ".join(arguments))
         except StageError as err:
             print(f"launcher: error: {err}", file=sys.stderr)
             return 2
