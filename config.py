@@ -379,7 +379,19 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MODEL_LICENSE", "model_license", "mit", "License id in the published model cards' metadata "
              "(a Hub license id such as `mit`, `apache-2.0`, `other`)", parse_license),
     Variable("SEED", "seed", 42, "Random seed (model and LoRA adapter initialisation, data order, dropout)", parse_int(0, 2**32 - 1)),
-    Variable("NUM_PROCESSES", "num_processes", 0, "Training processes: `auto` is one per GPU, or 1 on CPU", parse_process_count, shown_default="auto"),
+    Variable("NUM_PROCESSES", "num_processes", 0, "Training processes on each node: `auto` is one per GPU, "
+             "or 1 on CPU", parse_process_count, shown_default="auto"),
+    Variable("NNODES", "nnodes", 1, "Machines (nodes) training together; without `HOSTFILE` each runs "
+             "`trainer.sh` with its own `NODE_RANK` (README: Several machines)", parse_int(1, 4096)),
+    Variable("NODE_RANK", "node_rank", 0, "This node's number, from 0 to `NNODES`-1; node 0 prepares, "
+             "publishes and advances the run state", parse_int(0, 4095)),
+    Variable("MASTER_ADDR", "master_addr", None, "Address of node 0 that every node reaches; required when "
+             "`NNODES` > 1 without `HOSTFILE`", parse_text),
+    Variable("MASTER_PORT", "master_port", None, "Port on node 0 for the processes' rendezvous; the same on "
+             "every node (`auto`: a free port on one node, 29500 on several)",
+             parse_or_auto(parse_int(1024, 65535)), automatic=True),
+    Variable("HOSTFILE", "hostfile", None, "DeepSpeed hostfile (`host slots=N` lines): node 0 starts the "
+             "other nodes over ssh (pdsh); the other nodes do not run `trainer.sh`", parse_text),
     Variable("OUTPUT_DIR", "output_dir", "./output", "Local copy of every published model, and the run-state file"),
     Variable("WORK_DIR", "work_dir", "./work", "Prepared data, model and checkpoints passed between stages"),
     Variable("CACHE_DIR", "cache_dir", "~/.cache/train-llama", "What outlives a WORK_DIR: the record that the "
@@ -524,6 +536,11 @@ class Settings:
     model_license: str
     seed: int
     num_processes: int
+    nnodes: int
+    node_rank: int
+    master_addr: str | None
+    master_port: int | None  # None: auto (trainer.sh)
+    hostfile: Path | None
     output_dir: Path
     work_dir: Path
     cache_dir: Path
@@ -755,6 +772,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     _resolve_derived(preset, values, sources, problems)
     _apply_run_state(values, sources, problems)
     _check_combinations(values, problems)
+    _check_nodes(values, problems)
     values["topology"] = _build_topology(values, problems)
     if problems:
         raise ConfigError(problems)
@@ -846,6 +864,26 @@ def _check_combinations(values: dict, problems: list[str]) -> None:
                         "REPORT_TO=tensorboard or none")
     if values["hf_token"] and any(c.isspace() for c in values["hf_token"]):
         problems.append("HF_TOKEN=(hidden): contains whitespace; paste the token alone")
+
+
+def _check_nodes(values: dict, problems: list[str]) -> None:
+    """The multi-node settings agree with each other (trainer.sh turns them into launcher arguments)."""
+    nnodes, node_rank, hostfile = values["nnodes"], values["node_rank"], values["hostfile"]
+    if node_rank >= nnodes:
+        problems.append(f"NODE_RANK={node_rank}: must be below NNODES={nnodes} (nodes count from 0); "
+                        "give each node its own number from 0 to NNODES-1")
+    if hostfile is not None:
+        values["hostfile"] = hostfile = Path(hostfile).expanduser().resolve()
+        if not hostfile.is_file():
+            problems.append(f"HOSTFILE={hostfile}: no such file; write one `<host> slots=<GPUs>` line per "
+                            "node, or unset HOSTFILE and start trainer.sh on every node with its NODE_RANK")
+        elif node_rank != 0:
+            problems.append(f"NODE_RANK={node_rank}: with HOSTFILE only node 0 runs trainer.sh (the launcher "
+                            "starts the others over ssh); unset NODE_RANK, or HOSTFILE to start every node "
+                            "yourself")
+    elif nnodes > 1 and not values["master_addr"]:
+        problems.append(f"MASTER_ADDR: not set, but NNODES={nnodes}; set it to node 0's address (the same on "
+                        "every node), or give a HOSTFILE")
 
 
 def _build_topology(values: dict, problems: list[str]) -> Topology | None:

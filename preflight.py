@@ -268,12 +268,20 @@ def folder_problem(name: str, folder: Path) -> str | None:
 
 
 def check_folders(settings: config.Settings) -> CheckResult:
-    """OUTPUT_DIR and WORK_DIR can be written: otherwise prep, training or publishing fails late."""
+    """OUTPUT_DIR and WORK_DIR can be written: otherwise prep, training or publishing fails late. On
+    several nodes started one by one (no HOSTFILE), every node must see the same WORK_DIR (nodes.py)."""
     problems = [problem for problem in (folder_problem("OUTPUT_DIR", settings.output_dir),
                                         folder_problem("WORK_DIR", settings.work_dir)) if problem]
     if problems:
         return failed(problems[0], notes=problems[1:])
-    return passed(f"OUTPUT_DIR={settings.output_dir} and WORK_DIR={settings.work_dir} can be written")
+    shared = ""
+    if settings.nnodes > 1 and settings.hostfile is None:
+        import nodes
+
+        if problem := nodes.master_address_problem(settings) or nodes.check_shared_storage(settings):
+            return failed(problem)
+        shared = f"; WORK_DIR is shared by the {settings.nnodes} nodes"
+    return passed(f"OUTPUT_DIR={settings.output_dir} and WORK_DIR={settings.work_dir} can be written{shared}")
 
 
 def disk_needs(settings: config.Settings, on_gpu: bool) -> dict[str, dict[str, float]]:

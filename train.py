@@ -15,6 +15,7 @@ import resource
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -57,15 +58,67 @@ def checkpoint_world_size(checkpoint: Path) -> int | None:
     return len(ranks) or None
 
 
-def check_resumable(checkpoint: Path, processes: int) -> None:
-    """ZeRO splits the optimizer state between the processes that wrote a checkpoint, and DeepSpeed
-    cannot split it again for another count: say so before anything loads, not in a traceback."""
+def needs_universal(checkpoint: Path, processes: int) -> bool:
+    """Whether ZeRO's optimizer state in `checkpoint` is split for another number of processes, so that
+    it must go through DeepSpeed's universal checkpoint (which holds every parameter's state whole)."""
     written_by = checkpoint_world_size(checkpoint)
-    if written_by is not None and written_by != processes:
-        raise SystemExit(f"train: {checkpoint} was written by {written_by} training process(es) and this run has "
-                         f"{processes}: DeepSpeed cannot resume ZeRO's optimizer state with another number of "
-                         f"processes; run on {written_by} GPU(s) (NUM_PROCESSES={written_by}) to resume it, or "
-                         f"delete {checkpoint.parent} to start this stage over")
+    return written_by is not None and written_by != processes
+
+
+def deepspeed_state(checkpoint: Path) -> Path:
+    """The DeepSpeed state in a Trainer checkpoint: the folder its `latest` file names (global_step<N>)."""
+    return checkpoint / (checkpoint / "latest").read_text().strip()
+
+
+def convert_to_universal(checkpoint: Path, processes: int) -> str:
+    """Convert the ZeRO state of `checkpoint` with DeepSpeed's ds_to_universal (rank 0 only), unless a
+    finished conversion is there already, and point DeepSpeed's `latest_universal` at it; returns the
+    log line. The conversion is written to a temporary folder and renamed when complete, so a kill
+    leaves the original state untouched and the next run converts again."""
+    import contextlib
+    import io
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    written_by, state = checkpoint_world_size(checkpoint), deepspeed_state(checkpoint)
+    target = state.with_name(f"{state.name}_universal")
+    started = time.time()
+    if target.is_dir():
+        done = "reusing its universal form converted earlier"
+    else:
+        util.remove_stale_temporaries(checkpoint)  # a conversion that a kill cut short
+        chatter = io.StringIO()  # ds_to_universal prints its progress; the log gets one line
+        try:
+            with util.atomic_directory(target) as staging, contextlib.redirect_stdout(chatter), \
+                    contextlib.redirect_stderr(chatter):
+                # One worker each: forking a process that already runs torch's threads can hang.
+                ds_to_universal.main(Namespace(
+                    input_folder=str(state), output_folder=str(staging), num_extract_workers=1,
+                    num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        except Exception as err:
+            raise SystemExit(f"train: converting {checkpoint} (written by {written_by} process(es)) to "
+                             f"DeepSpeed's universal checkpoint failed: {one_line(err, 200)}; run on "
+                             f"{written_by} GPU(s) (NUM_PROCESSES={written_by}) to resume it as it is, or "
+                             f"delete {checkpoint.parent} to start this stage over") from err
+        done = f"converted its ZeRO state to DeepSpeed's universal checkpoint in {time.time() - started:.1f}s"
+    # ds_to_universal named its temporary folder in `latest_universal`; name the final one.
+    write_text_atomic(checkpoint / "latest_universal", target.name)
+    return (f"train: {checkpoint.name} was written by {written_by} training process(es) and this run has "
+            f"{processes}: {done} ({target}); resuming from it")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file through a temporary file, an fsync and a rename (a reader never sees
+    half of it); a kill leaves only a `.<name>.tmp-*` file, which util.remove_stale_temporaries knows."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    util.fsync_path(path.parent)
 
 
 def resolve_precision(settings: config.Settings) -> str:
@@ -338,11 +391,17 @@ def make_callbacks(settings: config.Settings, stop_file: Path, mfu_per_token_per
 
 
 def training_arguments(settings: config.Settings, plan, precision: str, use_cpu: bool, fused_kernels: bool,
-                       trainable_parameters: int, eval_batch: int | None):
-    """`eval_batch`: the per-process batch of the eval split (None: no evaluation)."""
+                       trainable_parameters: int, eval_batch: int | None, universal: bool):
+    """The Trainer's arguments. `eval_batch`: the per-process batch of the eval split (None: no
+    evaluation); `universal`: the resumed checkpoint's ZeRO state is loaded from its universal form
+    (written by another number of processes, see convert_to_universal)."""
     from trl import SFTConfig
 
     import quant_utils
+
+    deepspeed = config.deepspeed_config(settings, precision, trainable_parameters, world_size())
+    if universal:
+        deepspeed["checkpoint"] = {"load_universal": True}
 
     return SFTConfig(
         output_dir=str(settings.checkpoint_dir),
@@ -363,7 +422,7 @@ def training_arguments(settings: config.Settings, plan, precision: str, use_cpu:
         gradient_checkpointing_kwargs=quant_utils.CHECKPOINTING_KWARGS,
         # Liger's RMSNorm, SwiGLU and RoPE kernels; TRL keeps its own fused LM head for the loss.
         use_liger_kernel=fused_kernels,
-        deepspeed=config.deepspeed_config(settings, precision, trainable_parameters, world_size()),
+        deepspeed=deepspeed,
         use_cpu=use_cpu,
         seed=settings.seed,
         data_seed=settings.seed,
@@ -582,8 +641,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     plan, machine = batch_plan(settings)
     stop_file = settings.work_dir / "STOP"
     resume = resume_checkpoint(settings)
-    if resume:
-        check_resumable(Path(resume), world_size())
+    universal = bool(resume) and needs_universal(Path(resume), world_size())
     if is_main_process():
         stop_file.unlink(missing_ok=True)
         shutil.rmtree(settings.work_dir / ".trained-staging", ignore_errors=True)
@@ -604,7 +662,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
 
     eval_batch, eval_sequences = plan_evaluation(settings, eval_split, plan.batch_size)
     args = training_arguments(settings, plan, precision, use_cpu, machine.fused_kernels, trainable,
-                              eval_batch)
+                              eval_batch, universal)
     zero_stage, buckets = zero_setup(settings, trainable)
     card = "CPU" if use_cpu else torch.cuda.get_device_name()
     token_flops = flops_per_token(settings.topology, vocab_rows, settings.max_length)
@@ -617,6 +675,10 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
                                    processing_class=tokenizer, callbacks=[step_log, stopper, marker])
     trainer.remove_callback(PrinterCallback)  # StepLog prints the one fixed-format line instead
     prepare_tracker(settings, trainer, resume)
+    if universal:
+        if is_main_process():
+            log(convert_to_universal(Path(resume), world_size()))
+        trainer.accelerator.wait_for_everyone()  # the other ranks load what rank 0 converted
     processes = trainer.accelerator.num_processes
     log(memory.describe_plan(plan, settings.max_length))
     log(f"training: {len(dataset):,} sequences, {settings.run_epochs:g} epochs, {precision}, "

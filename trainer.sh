@@ -15,6 +15,8 @@ on_exit() {
   local rc=$?
   if [ "$rc" -ne 0 ]; then
     echo "trainer.sh: stage '$current_stage' failed (exit $rc) after $(elapsed); nothing after it ran" >&2
+    # The other nodes stop waiting for this one (nodes.py); best effort: WORK_DIR may be the problem.
+    if [ "${nnodes:-1}" -gt 1 ]; then "$PYTHON" nodes.py failed "$current_stage" "$rc" 2>/dev/null || true; fi
   fi
 }
 trap on_exit EXIT
@@ -49,31 +51,45 @@ work_dir=$(setting work_dir)
 output_dir=$(setting output_dir)
 run_all=$(setting run_all)
 processes=$(setting num_processes)
+node_rank=$(setting node_rank)
+nnodes=$(setting nnodes)
 gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
 if [ "$processes" -eq 0 ]; then processes=$(( gpus > 0 ? gpus : 1 )); fi
-port=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-devices=$("$PYTHON" util.py launcher-devices --processes "$processes" --gpus "$gpus")
-read -r -a devices <<< "$devices"
-launcher=(deepspeed --master_port "$port" "${devices[@]}")
+launcher_args=$("$PYTHON" util.py launcher-args --processes "$processes" --gpus "$gpus")
+read -r -a launcher_args <<< "$launcher_args"
+launcher=(deepspeed "${launcher_args[@]}")
 if [ "$gpus" -eq 0 ]; then
   # DeepSpeed's CPU accelerator: gloo communication, one BLAS thread pool per process.
   export DS_ACCELERATOR=cpu
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / processes > 0 ? $(nproc) / processes : 1 ))}
 fi
-echo "training on $processes process(es), $gpus GPU(s)"
+nodes_note=$([ "$nnodes" -gt 1 ] && echo " on node $node_rank of $nnodes" || true)
+echo "training on $processes process(es), $gpus GPU(s)$nodes_note"
 
 # --- The curriculum: one stage, or all remaining ones ------------------------------------------
+stage_round=0  # the stages of this run, counted alike on every node
 while true; do
+  stage_round=$((stage_round + 1))
   section "prepare (tokenizer, dataset, model)"
-  "$PYTHON" prep.py
+  if [ "$node_rank" -eq 0 ]; then
+    "$PYTHON" prep.py
+  else
+    "$PYTHON" nodes.py wait-prep
+  fi
   section "train"
   run_training "$work_dir/STOP" "${launcher[@]}" train.py
-  section "publish"
-  "$PYTHON" util.py publish
-  section "advance run state"
-  # Exit 3: the stage was stopped early (timer or signal) and stays current; a rerun resumes it.
+  # Exit 3 from advance: the stage was stopped early (timer or signal) and stays current; a rerun resumes it.
   advance_rc=0
-  "$PYTHON" util.py advance || advance_rc=$?
+  if [ "$node_rank" -eq 0 ]; then
+    section "publish"
+    "$PYTHON" util.py publish
+    section "advance run state"
+    "$PYTHON" util.py advance || advance_rc=$?
+    if [ "$nnodes" -gt 1 ]; then "$PYTHON" nodes.py advanced "$stage_round" "$advance_rc"; fi
+  else
+    section "wait for node 0 to publish"
+    advance_rc=$("$PYTHON" nodes.py wait-advanced "$stage_round")
+  fi
   [ "$advance_rc" -eq 3 ] && break
   [ "$advance_rc" -eq 0 ] || exit "$advance_rc"
   [ "$run_all" = true ] || break

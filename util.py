@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -1063,23 +1064,62 @@ def launcher_devices(processes: int, gpus: int, visible: str | None) -> list[str
     return ["--include", "localhost:" + ",".join(indices[:processes])]
 
 
+DEFAULT_MULTI_NODE_PORT = 29500  # torch.distributed's: every node must name the same port
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launcher_arguments(settings: config.Settings, processes: int, gpus: int,
+                       visible: str | None) -> list[str]:
+    """The `deepspeed` launcher's arguments. One node: a free port (or MASTER_PORT) and the devices
+    (launcher_devices). HOSTFILE: the launcher starts `processes` per host over ssh, on every host
+    listed (the first NNODES where NNODES > 1). NNODES > 1 without one: every node runs the launcher
+    itself (--no_ssh) with its --node_rank, from a hostfile written here that only counts the nodes
+    (their names are never looked up). Several nodes must agree on the port: 29500 unless MASTER_PORT."""
+    if settings.hostfile is None and settings.nnodes == 1:
+        return ["--master_port", str(settings.master_port or free_port()),
+                *launcher_devices(processes, gpus, visible)]
+    port = settings.master_port or DEFAULT_MULTI_NODE_PORT
+    common = ["--num_gpus", str(processes), "--master_port", str(port)]
+    if settings.nnodes > 1:
+        common = ["--num_nodes", str(settings.nnodes), *common]
+    if settings.master_addr:
+        common += ["--master_addr", settings.master_addr]
+    if settings.hostfile is not None:
+        return ["--hostfile", str(settings.hostfile), *common]
+    hostfile = settings.work_dir / "nodes" / f"hostfile-node{settings.node_rank}"
+    hostfile.parent.mkdir(parents=True, exist_ok=True)
+    hostfile.write_text("".join(f"node-{rank} slots={processes}\n" for rank in range(settings.nnodes)))
+    return ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(settings.node_rank), *common]
+
+
 def main() -> int:
     if sys.argv[1:2] == ["gguf"]:  # its own arguments: gguf_export.main parses them
         import gguf_export
         return gguf_export.main(sys.argv[2:])
     parser = argparse.ArgumentParser(description="Publish the trained model, advance the curriculum, or print "
-                                                 "the launcher's device arguments.")
-    parser.add_argument("command", choices=("publish", "advance", "launcher-devices", "gguf"),
+                                                 "the launcher's device arguments (launcher-devices) or all its "
+                                                 "arguments: port, devices and nodes (launcher-args).")
+    parser.add_argument("command", choices=("publish", "advance", "launcher-devices", "launcher-args", "gguf"),
                         help="gguf: write a model folder as GGUF files (`util.py gguf --help`)")
-    parser.add_argument("--processes", type=int, default=1, help="launcher-devices: training processes")
-    parser.add_argument("--gpus", type=int, default=0, help="launcher-devices: GPUs torch sees")
+    parser.add_argument("--processes", type=int, default=1, help="launcher-*: training processes (per node)")
+    parser.add_argument("--gpus", type=int, default=0, help="launcher-*: GPUs torch sees")
     parser.add_argument("--retry-delay", type=float, default=DEFAULT_RETRY_DELAY, metavar="SECONDS",
                         help="wait before the first retry of a Hub call; doubles at each retry "
                              f"(default {DEFAULT_RETRY_DELAY:g})")
     args = parser.parse_args()
-    if args.command == "launcher-devices":
+    if args.command in ("launcher-devices", "launcher-args"):
         try:
-            print(" ".join(launcher_devices(args.processes, args.gpus, visible_gpus())))
+            if args.command == "launcher-devices":
+                arguments = launcher_devices(args.processes, args.gpus, visible_gpus())
+            else:
+                settings = config.settings_or_exit(quiet=True)
+                arguments = launcher_arguments(settings, args.processes, args.gpus, visible_gpus())
+            print(" ".join(arguments))
         except StageError as err:
             print(f"launcher: error: {err}", file=sys.stderr)
             return 2

@@ -40,6 +40,10 @@ def remove_deepspeed_shared_memory():
     runs (21 GB here). After each test the buffers that no live process maps go: those of this test's
     ended processes, never those of a test running beside it (pytest -n)."""
     yield
+    remove_unmapped_deepspeed_buffers()
+
+
+def remove_unmapped_deepspeed_buffers() -> None:
     in_use = mapped_shared_memory()
     for leftover in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         if str(leftover) not in in_use:

@@ -22,6 +22,7 @@ from typing import Callable
 import pytest
 
 import config
+import nodes
 import prep
 import preflight
 from hub_server import HubStandIn, Repo
@@ -175,6 +176,26 @@ CASES = [
     variable("GGUF_TYPES", "f16,q4_k", "must be none, or GGUF types from f32, f16, bf16, q8_0"),
     variable("NUM_PROCESSES", "0", "must be a whole number from 1 to 64"),
     variable("SEED", "-5", "must be a whole number from 0 to 4294967295"),
+    # ---- several nodes ----
+    variable("NNODES", "0", "must be a whole number from 1 to 4096"),
+    variable("NODE_RANK", "2", "must be below NNODES=2 (nodes count from 0)", NNODES="2",
+             MASTER_ADDR="10.0.0.1"),
+    variable("MASTER_PORT", "80", "must be auto or a whole number from 1024 to 65535"),
+    Case("MASTER_ADDR unset on several nodes", "config", {"NNODES": "2", "NODE_RANK": "1"},
+         "not set, but NNODES=2; set it to node 0's address", ("MASTER_ADDR",)),
+    Case("HOSTFILE missing", "config", {"HOSTFILE": "{tmp}/hosts"},
+         "no such file; write one `<host> slots=<GPUs>` line per node", ("HOSTFILE={tmp}/hosts",)),
+    Case("HOSTFILE on a node other than 0", "config",
+         {"HOSTFILE": "{tmp}/hosts", "NNODES": "2", "NODE_RANK": "1"},
+         "with HOSTFILE only node 0 runs trainer.sh", ("NODE_RANK=1",),
+         setup=write("hosts", "a slots=1\nb slots=1\n")),
+    Case("MASTER_ADDR not resolvable", "preflight",
+         {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "no-such-host.invalid"},
+         "cannot be resolved from this node", ("MASTER_ADDR=no-such-host.invalid",), script=True),
+    Case("WORK_DIR not shared with node 0", "preflight",
+         {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"},
+         "node 0's token did not appear here within 1s: WORK_DIR is not shared with node 0", ("WORK_DIR=",),
+         patch=lambda monkeypatch, tmp: monkeypatch.setattr(nodes, "SHARE_TIMEOUT_SECONDS", 1)),
     variable("HF_TOKEN", "hf_bad token", "contains whitespace; paste the token alone"),
     variable("SPACE_ID", "me/", "must be a repository name 'name' or 'owner/name'"),
     variable("USE_QUANT", "true", "USE_QUANT=true trains in bf16", PRECISION="fp16"),

@@ -61,6 +61,9 @@ def test_explicit_variable_wins_over_demo():
     ("TIMEOUT_BUFFER", "5", "timeout_buffer", 5.0),
     ("TARGET_PARAMETERS", "300M", "target_parameters", 300_000_000),
     ("NUM_PROCESSES", "auto", "num_processes", 0),
+    ("NNODES", "1", "nnodes", 1),
+    ("MASTER_PORT", "auto", "master_port", None),
+    ("MASTER_PORT", "29600", "master_port", 29600),
     ("ZERO_STAGE", "3", "zero_stage", 3),
     ("INPUT_DATASET", "me/corpus", "input_dataset", "me/corpus"),
 ])

@@ -1,7 +1,9 @@
 """Guards the whole product end to end on CPU: trainer.sh walks the demo curriculum to a working
-instruction-tuned model, with its TensorBoard losses, loss plot and model card; two-process DeepSpeed
-ZeRO-2 training, and 4-bit + LoRA training, resume exactly after kill -9 (and one process refuses the
-two's checkpoint in one line); one and two processes give the same train and eval losses; the trimmed
+instruction-tuned model, with its TensorBoard losses, loss plot and model card; two "nodes"
+(trainer.sh twice, NNODES=2) train like one node with two processes and publish once; two-process
+DeepSpeed ZeRO-2 checkpoints, one of them left by kill -9, resume on one process and one process's on
+two, continuing the same train and eval loss curve at the same global batch; 4-bit + LoRA training
+resumes exactly after kill -9; the trimmed
 gradient buckets train exactly like the original's; SEED repeats a 4-bit + LoRA run; the 4-bit +
 LoRA curriculum trains the chat markers' rows, publishes plain models to the Hub stand-in after a failed
 push and never shows the token; the timer stops training cleanly and publishes a loss even before the
@@ -20,6 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import remove_unmapped_deepspeed_buffers
 
 from config import CHAT_TOKENS
 
@@ -139,6 +143,9 @@ def prepare_twice(root, env, tmp_path) -> dict:
 
 def launch_training(root, env, processes=2, script=("train.py",)):
     env = {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(2 // processes)}
+    # DeepSpeed's CPU all-reduce names its shared memory by the master port: a killed run's buffers
+    # must not meet a new run that the system gives the same port.
+    remove_unmapped_deepspeed_buffers()
     with socket.socket() as probe:  # a free port for each launch: a killed run's port may linger
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
@@ -171,25 +178,97 @@ def kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes):
     return step_losses(reference_log), step_losses(resumed_log), step_losses(crashed_log)
 
 
-def test_two_process_zero2_resumes_exactly_after_kill(base_env, root, tmp_path):
-    env = {**base_env, "MAX_STEPS": "8", "SAVE_STEPS": "4", "LOGGING_STEPS": "2", "BATCH_SIZE": "4",
+def test_two_nodes_and_zero2_checkpoints_of_another_process_count_follow_one_curve(base_env, root, tmp_path):
+    # The global batch (16) is fixed; the processes change and with them the per-process batch: two
+    # processes x micro-batch 4 x 2 accumulation, or one x micro-batch 8 x 2. A small shard (82
+    # sequences, 5 steps an epoch) so that the runs cross an epoch boundary, where the Trainer's
+    # sampler must pick up at the same sequence whatever the split.
+    # 1. Two "nodes" on this machine (trainer.sh twice side by side, NNODES=2, one process each,
+    #    sharing WORK_DIR and OUTPUT_DIR): node 0 alone prepares, publishes and advances; the curve.
+    # 2. One node with two processes on that preparation, killed (-9) once checkpoint-2 is complete:
+    #    its steps 1-2 are the two nodes' steps.
+    # 3. Its checkpoint resumed by one process: the ZeRO-2 state of two is converted to DeepSpeed's
+    #    universal checkpoint (after a conversion killed midway), and steps 3-8 continue the curve.
+    # 4. checkpoint-6 of that one process, resumed by two: steps 7-8 continue the curve.
+    two, one = ({"BATCH_SIZE": "4", "GRADIENT_ACCUMULATION_STEPS": "2"},
+                {"BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "2"})
+    # Two of the 82 sequences are held out for the eval loss: 80 keep every epoch's micro-batches whole.
+    env = {**base_env, **two, "SHARD_SIZE": "200", "MAX_STEPS": "8", "SAVE_STEPS": "2", "LOGGING_STEPS": "1",
+           "EVAL_ROWS": "2", "RUN_ALL": "false", "OMP_NUM_THREADS": "1",
            "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
-    reference_losses, resumed_losses, _ = kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes=2)
-    assert min(resumed_losses.keys()) == 6, "the resumed run did not continue after checkpoint-4"
-    assert resumed_losses[8] == pytest.approx(reference_losses[8], rel=1e-4), (reference_losses, resumed_losses)
+    reference_losses, reference_eval = train_on_two_nodes(root, env, tmp_path)
 
-    # One process cannot take over the two processes' ZeRO state: a one-line error before anything
-    # loads, and the checkpoints stay for a run with two. (Without the finished stage's trained model,
-    # which a rerun would go on to publish without training.)
-    shutil.rmtree(Path(env["WORK_DIR"]) / "trained")
-    checkpoints = Path(env["WORK_DIR"]) / "checkpoints"
-    before = sorted(p.name for p in checkpoints.iterdir())
-    single = launch_training(root, env, processes=1)
-    single_log = single.communicate(timeout=300)[0]
-    assert single.returncode != 0
-    assert re.search(r"^train: \S+checkpoint-8 was written by 2 training process\(es\) and this run has 1: .*"
-                     r"NUM_PROCESSES=2", single_log, flags=re.M), single_log[-3000:]
-    assert "Traceback" not in single_log and sorted(p.name for p in checkpoints.iterdir()) == before
+    # One node from here on, with its own run state (the two nodes advanced theirs past this stage).
+    env = {**env, "WORK_DIR": str(tmp_path / "work2"), "OUTPUT_DIR": str(tmp_path / "output2")}
+    shutil.copytree(Path(base_env["WORK_DIR"]) / "prep", tmp_path / "work2" / "prep")
+    checkpoints = tmp_path / "work2" / "checkpoints"
+    crashing = launch_training(root, env, processes=2)
+    deadline = time.time() + 300
+    while not (checkpoints / "checkpoint-2" / "train-llama-complete.json").exists():
+        assert time.time() < deadline and crashing.poll() is None, "no checkpoint-2 was written"
+        time.sleep(0.2)
+    os.killpg(crashing.pid, signal.SIGKILL)
+    crashed_losses = step_losses(crashing.communicate()[0])
+    assert sorted(crashed_losses)[:2] == [1, 2]
+    for step, loss in crashed_losses.items():
+        assert loss == pytest.approx(reference_losses[step], rel=1e-4), (crashed_losses, reference_losses)
+
+    def resume(processes, batch, first_step):
+        run = launch_training(root, {**env, **batch}, processes=processes)
+        log = run.communicate(timeout=600)[0]
+        assert run.returncode == 0, log[-4000:]
+        converted = (rf"^train: checkpoint-{first_step - 1} was written by {3 - processes} training "
+                     rf"process\(es\) and this run has {processes}: converted its ZeRO state to DeepSpeed's "
+                     r"universal checkpoint in [\d.]+s \(\S+global_step\d+_universal\); resuming from it$")
+        assert re.search(converted, log, flags=re.M), log[-4000:]
+        losses = step_losses(log)
+        assert sorted(losses) == list(range(first_step, 9)), log[-4000:]
+        for step, loss in losses.items():
+            assert loss == pytest.approx(reference_losses[step], abs=1e-3), (processes, losses,
+                                                                             reference_losses)
+        # The final eval loss: one row on each of two processes, or both in one batch on one.
+        assert float(EVAL_LINE.findall(log)[-1][1]) == pytest.approx(reference_eval, abs=1e-3)
+        return log
+
+    # A conversion killed midway left its temporary folder, named in `latest_universal`: the next run
+    # removes it and converts again.
+    killed = checkpoints / "checkpoint-2" / ".global_step2_universal.tmp-killed"
+    (killed / "zero").mkdir(parents=True)
+    (checkpoints / "checkpoint-2" / "latest_universal").write_text(killed.name)
+    log = resume(1, one, first_step=3)
+    assert f"removed a temporary folder left by an interrupted run: {killed}" in log
+    # The stage finished: without its trained model and its last checkpoint, a rerun resumes checkpoint-6.
+    shutil.rmtree(tmp_path / "work2" / "trained")
+    shutil.rmtree(checkpoints / "checkpoint-8")
+    resume(2, two, first_step=7)
+
+
+def train_on_two_nodes(root, env, tmp_path) -> tuple[dict[int, float], float]:
+    """trainer.sh on two "nodes" side by side (one process each); the step losses and the final eval
+    loss, after checking that both saw the shared WORK_DIR and that node 0 alone prepared, published
+    and advanced."""
+    import util
+
+    env = {**env, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(util.free_port()),
+           "NUM_PROCESSES": "1"}
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as out:
+            node_env = {**env, "NODE_RANK": str(rank)}
+            nodes.append(subprocess.Popen(["bash", "trainer.sh"], cwd=root, env=node_env, stdout=out,
+                                          stderr=subprocess.STDOUT))
+    codes = [node.wait(timeout=900) for node in nodes]
+    node0, node1 = (log.read_text() for log in logs)
+    assert codes == [0, 0], (node0[-3000:], node1[-3000:])
+    assert "WORK_DIR is shared by the 2 nodes" in node0 and "WORK_DIR is shared by the 2 nodes" in node1
+    assert "=== publish" in node0 and "=== publish" not in node1
+    assert "nodes: node 0 prepared pretrain INIT=0" in node1 and "=== wait for node 0 to publish" in node1
+    state = json.loads((Path(env["OUTPUT_DIR"]) / "run_state.json").read_text())
+    assert len(state["history"]) == 1 and (Path(env["OUTPUT_DIR"]) / "train-llama" / "publish.json").is_file()
+    losses = step_losses(node0)
+    assert sorted(losses) == list(range(1, 9)) and not step_losses(node1)  # only global rank 0 logs
+    return losses, float(EVAL_LINE.findall(node0)[-1][1])
 
 
 def test_seed_repeats_a_quantized_run_and_it_resumes_exactly_after_kill(base_env, root, tmp_path):
@@ -207,29 +286,6 @@ def test_seed_repeats_a_quantized_run_and_it_resumes_exactly_after_kill(base_env
     assert {step: reference_losses[step] for step in crashed_losses} == crashed_losses
     assert sorted(resumed_losses) == [5, 6, 7, 8], "the resumed run did not continue after checkpoint-4"
     assert {step: reference_losses[step] for step in resumed_losses} == resumed_losses
-
-
-def test_one_and_two_processes_give_the_same_loss_curve_at_the_same_global_batch(base_env, root, tmp_path):
-    # A small shard (82 sequences, 2 held out for the eval loss), so that the run crosses epoch
-    # boundaries, where a partial batch would split differently on one and on two processes. (10
-    # micro-batches an epoch: an even number, since the Trainer ends an epoch with a shorter
-    # accumulation when GA does not divide it.)
-    env = {**base_env, "SHARD_SIZE": "200", "EPOCHS": "6", "BATCH_SIZE": "8", "LOGGING_STEPS": "1",
-           "SAVE_STEPS": "1000", "EVAL_ROWS": "2",
-           "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
-    two_env = prepare_twice(root, env, tmp_path)
-    one = launch_training(root, {**env, "GRADIENT_ACCUMULATION_STEPS": "2"}, processes=1)
-    one_log = one.communicate(timeout=600)[0]
-    two = launch_training(root, {**two_env, "GRADIENT_ACCUMULATION_STEPS": "1"}, processes=2)
-    two_log = two.communicate(timeout=600)[0]
-    assert one.returncode == 0 and two.returncode == 0, (one_log[-2000:], two_log[-2000:])
-    one_losses, two_losses = step_losses(one_log), step_losses(two_log)
-    assert len(one_losses) >= 5 and one_losses.keys() == two_losses.keys()
-    for step, loss in one_losses.items():
-        assert two_losses[step] == pytest.approx(loss, rel=1e-4), (one_losses, two_losses)
-    # The final eval loss too: one row on each of the two processes, two in one batch on one.
-    one_eval, two_eval = (EVAL_LINE.findall(text) for text in (one_log, two_log))
-    assert len(one_eval) == 1 and float(two_eval[0][1]) == pytest.approx(float(one_eval[0][1]), rel=1e-4)
 
 
 def test_trimmed_buckets_and_fused_checks_train_exactly_like_deepspeeds_own(base_env, root, tmp_path):

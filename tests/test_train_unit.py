@@ -2,8 +2,9 @@
 writing that step's checkpoint, the last step is always logged, checkpoints of another stage are set
 aside with a line saying why (never resumed, never deleted silently), half-written checkpoints are
 removed and the last complete one resumed, a finished stage is not trained again, a full disk is
-recognised in the errors torch and safetensors raise, a ZeRO checkpoint is
-resumed only by as many processes as wrote it (a one-line error otherwise), the DeepSpeed
+recognised in the errors torch and safetensors raise, a ZeRO checkpoint written by another number of
+processes goes through DeepSpeed's universal checkpoint (a failed conversion is one line and leaves the
+checkpoint as it was), the DeepSpeed
 configuration keeps the original's settings (with its gradient buckets trimmed to what they can hold,
 and ZeRO-2 run as ZeRO-1 only for 4-bit + LoRA on one process), precision follows the device, and an
 evaluation gives one line with its loss and perplexity, on a batch that gives every process a row."""
@@ -209,18 +210,25 @@ def test_zero_stage_drops_to_1_only_for_quantized_single_process_runs(stage, use
     assert config.deepspeed_config(s, "bf16", 11_000_000, processes)["zero_optimization"]["stage"] == used
 
 
-def test_a_checkpoint_resumes_only_with_the_process_count_that_wrote_it(tmp_path):
+def test_a_checkpoint_of_another_process_count_is_converted_and_a_failed_conversion_keeps_it(tmp_path):
     checkpoint = tmp_path / "checkpoint-4"
     (checkpoint / "global_step4").mkdir(parents=True)
+    (checkpoint / "latest").write_text("global_step4")
     assert train.checkpoint_world_size(checkpoint) is None  # ZeRO-0: nothing sharded
-    train.check_resumable(checkpoint, 3)
+    assert not train.needs_universal(checkpoint, 3)
     for rank in (0, 1):
         (checkpoint / "global_step4" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
     (checkpoint / "global_step4" / "mp_rank_00_model_states.pt").touch()
     assert train.checkpoint_world_size(checkpoint) == 2
-    train.check_resumable(checkpoint, 2)
-    with pytest.raises(SystemExit, match=r"written by 2 training process\(es\) and this run has 1.*NUM_PROCESSES=2"):
-        train.check_resumable(checkpoint, 1)
+    assert not train.needs_universal(checkpoint, 2) and train.needs_universal(checkpoint, 1)
+    # Empty state files cannot be converted: one line naming the checkpoint and the way on, and the
+    # checkpoint is left as it was (no converted folder, no temporary one).
+    before = sorted(p.relative_to(checkpoint) for p in checkpoint.rglob("*"))
+    failed = (r"^train: converting \S+checkpoint-4 \(written by 2 process\(es\)\) to DeepSpeed's universal "
+              r"checkpoint failed: .*NUM_PROCESSES=2")
+    with pytest.raises(SystemExit, match=failed):
+        train.convert_to_universal(checkpoint, 1)
+    assert sorted(p.relative_to(checkpoint) for p in checkpoint.rglob("*")) == before
 
 
 def test_cpu_precision(settings):

@@ -1,5 +1,6 @@
-"""Guards trainer.sh's contract: valid shell, and a bad setup stops at the checks with a non-zero
-exit that names the failed stage and the variable, before any preparation or training runs."""
+"""Guards trainer.sh's contract: valid shell, a bad setup stops at the checks with a non-zero exit
+that names the failed stage and the variable, before any preparation or training runs, and the
+DeepSpeed launcher gets the GPUs, port and nodes the settings name."""
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,25 @@ def test_launcher_keeps_the_gpus_that_cuda_visible_devices_names(root):
                             cwd=root, env=env, capture_output=True, text=True)
     assert result.returncode == 2
     assert "CUDA_VISIBLE_DEVICES='GPU-8f2c'" in result.stderr and "by number" in result.stderr
+
+
+def test_launcher_arguments_for_one_node_a_hostfile_and_nodes_started_one_by_one(tmp_path):
+    import config
+    import util
+
+    def settings(**env):
+        folders = {"WORK_DIR": str(tmp_path / "work"), "OUTPUT_DIR": str(tmp_path / "out")}
+        return config.load_settings({**folders, **env})
+
+    assert util.launcher_arguments(settings(MASTER_PORT="12345"), 2, 0, None) == [
+        "--master_port", "12345", "--num_gpus", "2"]
+    nodes = settings(NNODES="3", NODE_RANK="1", MASTER_ADDR="10.0.0.1")
+    no_ssh = util.launcher_arguments(nodes, 4, 4, "0,1,2,3")
+    hostfile = tmp_path / "work" / "nodes" / "hostfile-node1"
+    assert no_ssh == ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", "1", "--num_nodes", "3",
+                      "--num_gpus", "4", "--master_port", "29500", "--master_addr", "10.0.0.1"]
+    assert hostfile.read_text() == "node-0 slots=4\nnode-1 slots=4\nnode-2 slots=4\n"
+    (tmp_path / "hosts").write_text("gpu-a slots=8\ngpu-b slots=8\n")
+    with_hostfile = settings(HOSTFILE=str(tmp_path / "hosts"), MASTER_PORT="29600")
+    assert util.launcher_arguments(with_hostfile, 8, 8, None) == [
+        "--hostfile", str(tmp_path / "hosts"), "--num_gpus", "8", "--master_port", "29600"]
