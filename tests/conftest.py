@@ -2,6 +2,7 @@
 shared memory that DeepSpeed's CPU processes leave behind."""
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,9 +45,16 @@ def remove_deepspeed_shared_memory():
 
 
 def remove_unmapped_deepspeed_buffers() -> None:
+    """A process creates its buffer (tens of MB written) before it maps it, and its peers wait for the
+    name: a buffer is removed only when no process maps it and it is older than any creation takes,
+    so that a run starting beside (another test suite, pytest -n) never loses one."""
     in_use = mapped_shared_memory()
     for leftover in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
-        if str(leftover) not in in_use:
+        try:
+            settled = time.time() - leftover.stat().st_mtime > 30
+        except FileNotFoundError:
+            continue
+        if settled and str(leftover) not in in_use:
             leftover.unlink(missing_ok=True)
 
 
