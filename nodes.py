@@ -16,7 +16,6 @@ preflight.py calls check_shared_storage.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 import uuid
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import config
+import util
 
 SHARE_TIMEOUT_SECONDS = 300
 POLL_SECONDS = 1.0
@@ -38,28 +38,15 @@ def nodes_dir(settings: config.Settings) -> Path:
     return settings.work_dir / "nodes"
 
 
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def write_json(path: Path, data: dict) -> None:
-    import util  # imported here: util is large and config-only callers need none of it
-
-    util.write_json_atomic(path, data)
-
-
 def run_token(settings: config.Settings) -> str | None:
     """This run's token: the one node 0 wrote (node 0) or this node acknowledged (the others)."""
     name = "share.json" if settings.node_rank == 0 else f"ack-{settings.node_rank}.json"
-    data = read_json(nodes_dir(settings) / name)
+    data = util.read_json(nodes_dir(settings) / name)
     return data.get("token") if isinstance(data, dict) else None
 
 
 def raise_if_a_node_failed(settings: config.Settings, token: str | None) -> None:
-    failure = read_json(nodes_dir(settings) / "failed.json")
+    failure = util.read_json(nodes_dir(settings) / "failed.json")
     if isinstance(failure, dict) and token is not None and failure.get("token") == token:
         raise NodeWaitError(f"node {failure.get('node')} failed in its stage '{failure.get('stage')}' (exit "
                             f"{failure.get('status')}); this node stops too: see that node's log")
@@ -88,8 +75,8 @@ def check_shared_storage(settings: config.Settings) -> str | None:
     if settings.node_rank == 0:
         token, others = uuid.uuid4().hex, range(1, settings.nnodes)
         while time.time() < deadline:
-            write_json(folder / "share.json", {"token": token, "written_at": time.time()})
-            answers = [read_json(folder / f"ack-{rank}.json") or {} for rank in others]
+            util.write_json_atomic(folder / "share.json", {"token": token, "written_at": time.time()})
+            answers = [util.read_json(folder / f"ack-{rank}.json") or {} for rank in others]
             missing = [rank for rank, answer in zip(others, answers) if answer.get("token") != token]
             if not missing:
                 return None
@@ -97,11 +84,11 @@ def check_shared_storage(settings: config.Settings) -> str | None:
         return (f"WORK_DIR={settings.work_dir}: node(s) {', '.join(map(str, missing))} did not answer within "
                 f"{timeout:.0f}s: WORK_DIR is not shared with them, or they were not started (run trainer.sh "
                 f"on every node with NNODES={settings.nnodes} and its NODE_RANK), or their NNODES differs")
-    first = read_json(folder / "share.json")
+    first = util.read_json(folder / "share.json")
     while time.time() < deadline:
-        current = read_json(folder / "share.json")
+        current = util.read_json(folder / "share.json")
         if isinstance(current, dict) and current != first:
-            write_json(folder / f"ack-{settings.node_rank}.json", {"token": current["token"]})
+            util.write_json_atomic(folder / f"ack-{settings.node_rank}.json", {"token": current["token"]})
             return None
         time.sleep(POLL_SECONDS)
     return (f"WORK_DIR={settings.work_dir}: node 0's token did not appear here within {timeout:.0f}s: "
@@ -133,7 +120,7 @@ def wait_for_preparation(settings: config.Settings) -> None:
     manifest_path = settings.prep_dir / "manifest.json"
 
     def ready(token):
-        manifest = read_json(manifest_path)
+        manifest = util.read_json(manifest_path)
         same = isinstance(manifest, dict) and manifest.get("stage_key") == settings.stage_key()
         return True if same else None
 
@@ -146,7 +133,7 @@ def wait_for_advance(settings: config.Settings, stage_round: int) -> int:
     path = nodes_dir(settings) / "advanced.json"
 
     def ready(token):
-        data = read_json(path)
+        data = util.read_json(path)
         same = isinstance(data, dict) and (data.get("token"), data.get("round")) == (token, stage_round)
         return int(data["status"]) if same else None
 
@@ -164,10 +151,10 @@ def main() -> int:
         elif len(args) == 2 and args[0] == "wait-advanced":
             print(wait_for_advance(settings, int(args[1])))
         elif len(args) == 3 and args[0] == "advanced":
-            write_json(folder / "advanced.json", {"token": run_token(settings), "round": int(args[1]),
+            util.write_json_atomic(folder / "advanced.json", {"token": run_token(settings), "round": int(args[1]),
                                                   "status": int(args[2])})
         elif len(args) == 3 and args[0] == "failed":
-            write_json(folder / "failed.json", {"token": run_token(settings), "node": settings.node_rank,
+            util.write_json_atomic(folder / "failed.json", {"token": run_token(settings), "node": settings.node_rank,
                                                 "stage": args[1], "status": int(args[2])})
         else:
             print("usage: nodes.py wait-prep | wait-advanced <round> | advanced <round> <status> | "

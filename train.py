@@ -15,7 +15,6 @@ import resource
 import shutil
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -103,22 +102,9 @@ def convert_to_universal(checkpoint: Path, processes: int) -> str:
                              f"delete {checkpoint.parent} to start this stage over") from err
         done = f"converted its ZeRO state to DeepSpeed's universal checkpoint in {time.time() - started:.1f}s"
     # ds_to_universal named its temporary folder in `latest_universal`; name the final one.
-    write_text_atomic(checkpoint / "latest_universal", target.name)
+    util.write_text_atomic(checkpoint / "latest_universal", target.name)
     return (f"train: {checkpoint.name} was written by {written_by} training process(es) and this run has "
             f"{processes}: {done} ({target}); resuming from it")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file through a temporary file, an fsync and a rename (a reader never sees
-    half of it); a kill leaves only a `.<name>.tmp-*` file, which util.remove_stale_temporaries knows."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    util.fsync_path(path.parent)
 
 
 def resolve_precision(settings: config.Settings) -> str:
@@ -165,7 +151,7 @@ def key_differences(old: Any, new: dict) -> str:
 
 def trained_stage_key(settings: config.Settings) -> Any:
     """The stage whose training finished last (WORK_DIR/trained), or None."""
-    summary = read_json(settings.trained_dir / "summary.json")
+    summary = util.read_json(settings.trained_dir / "summary.json")
     return summary.get("stage_key") if isinstance(summary, dict) and summary.get("completed") else None
 
 
@@ -187,14 +173,6 @@ def clear_other_stage(settings: config.Settings, old_key: Any) -> None:
     shutil.rmtree(settings.checkpoint_dir, ignore_errors=True)
 
 
-def read_json(path: Path) -> Any:
-    """The JSON in `path`, or None where it is missing or half written."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return [path for path in stage_checkpoints(checkpoint_dir) if is_complete(path)]
 
@@ -203,7 +181,7 @@ def resume_checkpoint(settings: config.Settings) -> str | None:
     """The newest complete checkpoint of this same stage, or None. Half-written checkpoints are removed,
     and the checkpoints of another stage set aside, by rank 0; every rank picks among complete ones."""
     stage_file = settings.checkpoint_dir / "stage.json"
-    old_key = read_json(stage_file)
+    old_key = util.read_json(stage_file)
     if old_key == settings.stage_key():
         if is_main_process():
             discard_incomplete_checkpoints(settings.checkpoint_dir)
@@ -219,7 +197,7 @@ def resume_checkpoint(settings: config.Settings) -> str | None:
 def finished_summary(settings: config.Settings) -> dict | None:
     """The summary of this stage's completed training, when a run was stopped after it (while
     publishing, say): the rerun goes on to publish instead of training again."""
-    summary = read_json(settings.trained_dir / "summary.json")
+    summary = util.read_json(settings.trained_dir / "summary.json")
     same = isinstance(summary, dict) and summary.get("stage_key") == settings.stage_key()
     return summary if same and summary.get("completed") else None
 

@@ -172,15 +172,14 @@ def sync_tree(path: Path) -> None:
 TEMPORARY_PATTERNS = (".*.tmp-*", ".*.old-*")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file, an fsync and a rename, so a reader never sees half a file,
-    even after a power cut."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary file, an fsync and a rename, so a reader never sees half a file,
+    even after a power cut; a kill leaves only a `.<name>.tmp-*` file (remove_stale_temporaries)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         # mkstemp creates the file readable by its owner only; these files are meant to be shared.
@@ -190,6 +189,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager
@@ -597,12 +600,17 @@ def fenced(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}\n"
 
 
+def read_json(path: Path) -> Any:
+    """The JSON in `path`, or None where it is missing or half written."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in `path`; {} where it is missing, unreadable or not an object."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    value = read_json(path)
     return value if isinstance(value, dict) else {}
 
 

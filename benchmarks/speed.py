@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
 import train  # noqa: E402
+import util  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -116,12 +116,6 @@ def write_corpus(path: Path, megabytes: float) -> int:
     return rows
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_logged(command: list[str], env: dict[str, str], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as handle:
@@ -181,7 +175,7 @@ def run_pipeline(args: argparse.Namespace, name: str, run: Run, corpus: Path) ->
     devices = subprocess.run([sys.executable, "util.py", "launcher-devices", "--processes", "1", "--gpus", gpus],
                              cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.split()
     log = args.out / name / "train.log"
-    run_logged(["deepspeed", "--master_port", str(free_port()), *devices, *profiled(args, name), "train.py"], env, log)
+    run_logged(["deepspeed", "--master_port", str(util.free_port()), *devices, *profiled(args, name), "train.py"], env, log)
     summary = json.loads((work / "trained" / "summary.json").read_text())
     subprocess.run(["rm", "-rf", str(work / "checkpoints"), str(work / "trained" / "model")], check=True)
     speed = measured_speed(window_speeds(log.read_text()))

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 
 from conftest import remove_unmapped_deepspeed_buffers
 
+import util
 from config import CHAT_TOKENS
 
 pytestmark = pytest.mark.slow
@@ -146,9 +146,7 @@ def launch_training(root, env, processes=2, script=("train.py",)):
     # DeepSpeed's CPU all-reduce names its shared memory by the master port: a killed run's buffers
     # must not meet a new run that the system gives the same port.
     remove_unmapped_deepspeed_buffers()
-    with socket.socket() as probe:  # a free port for each launch: a killed run's port may linger
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
+    port = str(util.free_port())  # a free port for each launch: a killed run's port may linger
     return subprocess.Popen(["deepspeed", "--master_port", port, "--num_gpus", str(processes), *script],
                             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -247,8 +245,6 @@ def train_on_two_nodes(root, env, tmp_path) -> tuple[dict[int, float], float]:
     """trainer.sh on two "nodes" side by side (one process each); the step losses and the final eval
     loss, after checking that both saw the shared WORK_DIR and that node 0 alone prepared, published
     and advanced."""
-    import util
-
     env = {**env, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(util.free_port()),
            "NUM_PROCESSES": "1"}
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
