@@ -67,6 +67,7 @@ RUNS = {
     "1b-nf4-stock-liger": Run(12288, stock_shape=(4, 1, True), quant=True, liger=True),
 }
 DEFAULT_RUNS = list(RUNS)
+LOSS_RUNS = ("fast", "plain", "plain-whole", "fast-again")
 # Each run is compared with the stock run of its own shape.
 STOCK_PAIR = {"1b": "1b-stock-liger", "1b-no-liger": "1b-stock", "300m": "300m-stock-liger",
               "300m-zero1": "300m-stock-liger", "1b-zero1": "1b-stock-liger",
@@ -86,6 +87,11 @@ def parse_args() -> argparse.Namespace:
                         help="instead: FACTOR 6144 for 200 steps with the defaults, the plain path (no Liger, "
                              "checkpointing, micro-batch 4; and at micro-batch 32) and the defaults again, at the "
                              "same global batch and seed")
+    parser.add_argument("--loss-runs", default=",".join(LOSS_RUNS),
+                        help=f"with --loss-check, comma-separated, of {', '.join(LOSS_RUNS)}")
+    parser.add_argument("--curves", type=Path,
+                        help="with --loss-check, loss curves of runs trained before (OUT/loss_curves.json of an "
+                             "earlier call on the same corpus), compared with this call's")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, a few steps: checks this script")
     parser.add_argument("--profile", action="store_true",
                         help="also profile optimizer steps 8-12 of each run (benchmarks/step_profile.py): "
@@ -242,30 +248,43 @@ def loss_check(args: argparse.Namespace, corpus: Path) -> int:
     run that separates the two differences: the plain path's kernels at the fast path's micro-batch
     (so fast against it is Liger and recomputation alone, it against plain is the accumulation of
     micro-batches alone); and the fast path again, whose difference from the first is the GPU's own
-    run-to-run noise, the floor under the others."""
+    run-to-run noise, the floor under the others. --loss-runs and --curves split the four runs over
+    calls that are each shorter than a time limit; the curves are in OUT/loss_curves.json."""
     factor, batch, whole = (384, "1", "4") if args.smoke else (6144, "4", "32")
     plain = {"USE_LIGER": "false", "GRADIENT_CHECKPOINTING": "true"}
     runs = {"fast": Run(factor), "plain": Run(factor, {**plain, "BATCH_SIZE": batch}),
             "plain-whole": Run(factor, {**plain, "BATCH_SIZE": whole}), "fast-again": Run(factor)}
-    curves = {}
-    for name, run in runs.items():
-        result = run_pipeline(args, f"loss-{name}", run, corpus)
-        curves[name] = dict((step, loss) for step, loss in result["losses"])
+    curves = json.loads(args.curves.read_text()) if args.curves else {}
+    for name in args.loss_runs.split(","):
+        if name not in runs:
+            raise SystemExit(f"speed.py: no loss run {name!r}; choose from {', '.join(runs)}")
+        result = run_pipeline(args, f"loss-{name}", runs[name], corpus)
+        curves[name] = {str(step): loss for step, loss in result["losses"]}
+        (args.out / "loss_curves.json").write_text(json.dumps(curves, indent=1))
         print(f"{name}: {result['batch']} x {result['accumulation']}, checkpointing {result['checkpointing']}, "
               f"Liger {result['liger']}: {result['tokens_per_second']:,.0f} tok/s", flush=True)
-    steps = sorted(set.intersection(*(set(curve) for curve in curves.values())))
-    pairs = [("fast", "plain"), ("fast", "plain-whole"), ("plain-whole", "plain"), ("fast-again", "fast")]
-    print("| step | " + " | ".join(curves) + " | " + " | ".join(f"{a} vs {b}" for a, b in pairs) + " |")
-    print("|---" * (1 + len(curves) + len(pairs)) + "|")
+    print(loss_table(curves))
+    return 0
+
+
+def loss_table(curves: dict[str, dict[str, float]]) -> str:
+    """Each logged step's loss per run, and the relative difference of each pair of runs that is present."""
+    names = [name for name in LOSS_RUNS if name in curves]
+    steps = sorted(set.intersection(*(set(curves[name]) for name in names)), key=int)
+    pairs = [(a, b) for a, b in [("fast", "plain"), ("fast", "plain-whole"), ("plain-whole", "plain"),
+                                 ("fast-again", "fast")] if a in curves and b in curves]
+    lines = ["| step | " + " | ".join(names) + " | " + " | ".join(f"{a} vs {b}" for a, b in pairs) + " |",
+             "|---" * (1 + len(names) + len(pairs)) + "|"]
     largest = dict.fromkeys(pairs, 0.0)
     for step in steps:
         differences = [abs(curves[a][step] - curves[b][step]) / curves[b][step] for a, b in pairs]
         largest = {pair: max(largest[pair], d) for pair, d in zip(pairs, differences)}
-        print(f"| {step} | " + " | ".join(f"{curves[n][step]:.4f}" for n in curves) + " | "
-              + " | ".join(f"{100 * d:.2f}%" for d in differences) + " |")
+        lines.append(f"| {step} | " + " | ".join(f"{curves[n][step]:.4f}" for n in names) + " | "
+                     + " | ".join(f"{100 * d:.2f}%" for d in differences) + " |")
     for (a, b), value in largest.items():
-        print(f"largest difference, {a} vs {b}, over {len(steps)} logged steps: {100 * value:.2f}%")
-    return 0
+        mean = statistics.mean(abs(curves[a][s] - curves[b][s]) / curves[b][s] for s in steps) if steps else 0.0
+        lines.append(f"{a} vs {b}, over {len(steps)} logged steps: largest {100 * value:.2f}%, mean {100 * mean:.2f}%")
+    return "\n".join(lines)
 
 
 def main() -> int:
