@@ -511,14 +511,11 @@ def batch_plan(settings: config.Settings):
 
 def zero_setup(settings: config.Settings, trainable: int) -> tuple[int, tuple[int, bool] | None]:
     """The ZeRO stage and gradient buckets that deepspeed_config chose (ZeRO-0 has no buckets), for the
-    log and the summary; fuses DeepSpeed's gradient checks, and logs what differs from the settings."""
+    log and the summary; logs what differs from the settings."""
     zero_stage = config.zero_stage_for(settings, world_size())
     if zero_stage != settings.zero_stage:
         log(f"note: ZERO_STAGE={settings.zero_stage} runs as ZeRO-{zero_stage}: one process has nothing to "
             "partition, and ZeRO-1's optimizer step costs less host time for LoRA's many small tensors")
-    if zero_stage in (1, 2) and not util.fuse_zero_gradient_checks():
-        log(f"note: util.fuse_zero_gradient_checks knows DeepSpeed {util.VERIFIED_DEEPSPEED} only; this "
-            "DeepSpeed's own per-tensor gradient checks stay (slower on small steps)")
     return zero_stage, config.deepspeed_buckets(trainable, world_size()) if zero_stage else None
 
 

@@ -53,9 +53,6 @@ MAX_RETRY_DELAY = 60.0  # also the most a Hub's Retry-After header makes us wait
 # HF_HUB_DOWNLOAD_TIMEOUT, its timeout for other requests, overrides it when set.
 DEFAULT_HUB_TIMEOUT = 60.0
 HISTORY_LENGTH = 50
-# The DeepSpeed whose ZeRO optimizer fuse_zero_gradient_checks was read and tested against: another
-# version may have changed the methods it replaces.
-VERIFIED_DEEPSPEED = "0.19.8"
 
 
 def process_rank() -> int:
@@ -80,65 +77,6 @@ def visible_gpus() -> str | None:
 
 def is_main_process() -> bool:
     return process_rank() == 0
-
-
-def foreach_norms(tensors: list, dtype):
-    """The L2 norm of each tensor as one `dtype` tensor, from foreach kernels (one per group of
-    tensors, not one per tensor). inf or NaN in a tensor makes its norm inf or NaN."""
-    import torch
-
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype))
-
-
-def fuse_zero_gradient_checks() -> bool:
-    """Makes DeepSpeed's ZeRO-1/2 optimizer test its gradients for inf/NaN, and take their norm for
-    clipping, with one foreach kernel each instead of a few kernels per gradient tensor.
-
-    DeepSpeed 0.19 does both one tensor at a time: about 16 launches per tensor, 4,000 a step for
-    LoRA's 252 adapter tensors, and a small NF4 + LoRA step is bound by the host launching kernels
-    (BENCHMARKS.md: 1.3 to 1.6 times the tokens/s on an H200). The decisions stay DeepSpeed's: a step
-    with an inf or NaN gradient is skipped, and the norm combines fp64 per-tensor norms as before.
-    Returns False, changing nothing, under another DeepSpeed than VERIFIED_DEEPSPEED."""
-    import deepspeed
-
-    if deepspeed.__version__ != VERIFIED_DEEPSPEED:
-        return False
-    import torch
-    from deepspeed import comm as dist
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
-    from deepspeed.runtime.zero import stage_1_and_2
-    from deepspeed.runtime.zero.utils import get_norm_dtype
-
-    optimizer_class = stage_1_and_2.DeepSpeedZeroOptimizer
-    per_tensor_norm = optimizer_class.get_grad_norm_direct
-
-    def has_overflow_partitioned_grads_serial(self):
-        grads = [g for group in range(len(self.bit16_groups)) for g in (self.averaged_gradients[group] or [])
-                 if g is not None]
-        if not grads:
-            return torch.zeros(1, dtype=torch.bool, device=self.device)
-        # An L2 norm is inf or NaN exactly when an element is, or when the squares overflow fp32. Such a
-        # finite gradient (|g| > 1.8e19) DeepSpeed skips too, but one call later: its norm's fp32 sum of
-        # squares turns inf and step() rejects the norm. That needs the norm computed, which gradient
-        # clipping (always 1.0 here) guarantees.
-        return (~torch.isfinite(foreach_norms(grads, torch.float32))).any().reshape(1)
-
-    def get_grad_norm_direct(self, gradients, params, norm_type=2):
-        unpadded = [g for g in gradients if not getattr(g, "_zero_padding", False)]
-        pairs = list(zip(unpadded, params))
-        if (float(norm_type) != 2.0 or self.model_parallel_rank != 0 or not pairs
-                or any(getattr(p, "ds_pipe_replicated", False) for _, p in pairs)):
-            return per_tensor_norm(self, gradients, params, norm_type)
-        total = foreach_norms([g for g, _ in pairs], get_norm_dtype()).pow(2).sum().float()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
-        self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
-        total = total.pow(0.5)
-        mask_nan_or_inf_with_val_inplace(total, device=self.device)
-        return total
-
-    optimizer_class.has_overflow_partitioned_grads_serial = has_overflow_partitioned_grads_serial
-    optimizer_class.get_grad_norm_direct = get_grad_norm_direct
-    return True
 
 
 def log(message: str) -> None:

@@ -5,10 +5,12 @@ lets prep.py train a 52,000-token tokenizer on it and prepare each shape (FACTOR
 and USE_QUANT), trains each run for --steps optimizer steps through the DeepSpeed launcher as
 trainer.sh does (no settings but FACTOR, the data and the step count), trains stock TRL
 (benchmarks/stock_trl.py) on the same shape in the same call, and prints one table: tokens/s, MFU,
-peak memory against preflight's estimate, and the ratio to stock. Runs and logs stay in --out.
+peak memory against preflight's estimate, and the ratio to stock (or, for a run on two GPUs, to its
+run on one). Runs and logs stay in --out.
 
     python3 benchmarks/speed.py --out /tmp/speed                  # every run below
     python3 benchmarks/speed.py --runs 1b,1b-stock-liger           # some of them
+    python3 benchmarks/speed.py --runs 300m,300m-2gpu,1b,1b-2gpu   # scaling: one GPU against two, same global batch
     python3 benchmarks/speed.py --loss-check                       # fast path against plain (and the noise), 200 steps
     python3 benchmarks/speed.py --smoke                            # CPU, tiny shapes: the script itself
 
@@ -45,6 +47,7 @@ class Run:
     stock_shape: tuple[int, int, bool] | None = None  # or on (micro-batch, accumulation, checkpointing)
     liger: bool = False  # stock only
     quant: bool = False  # stock only
+    gpus: int = 1  # pipeline only: training processes, one per GPU, at the same global batch
 
     @property
     def is_stock(self) -> bool:
@@ -65,14 +68,16 @@ RUNS = {
     "1b-nf4-b8": Run(12288, {"USE_QUANT": "true", "BATCH_SIZE": "8", "GRADIENT_CHECKPOINTING": "true"}),
     "1b-nf4-stock": Run(12288, stock_shape=(4, 1, True), quant=True),
     "1b-nf4-stock-liger": Run(12288, stock_shape=(4, 1, True), quant=True, liger=True),
+    "300m-2gpu": Run(6144, gpus=2),
+    "1b-2gpu": Run(12288, gpus=2),
 }
-DEFAULT_RUNS = list(RUNS)
+DEFAULT_RUNS = [name for name, run in RUNS.items() if run.gpus == 1]  # a machine with one GPU
 LOSS_RUNS = ("fast", "plain", "plain-whole", "fast-again")
-# Each run is compared with the stock run of its own shape.
-STOCK_PAIR = {"1b": "1b-stock-liger", "1b-no-liger": "1b-stock", "300m": "300m-stock-liger",
-              "300m-zero1": "300m-stock-liger", "1b-zero1": "1b-stock-liger",
-              "1b-nf4": "1b-nf4-stock", "1b-nf4-b4": "1b-nf4-stock",
-              "1b-nf4-b8": "1b-nf4-stock"}
+# Each run is compared with the stock run of its own shape, and a run on two GPUs with its run on one.
+PAIR = {"1b": "1b-stock-liger", "1b-no-liger": "1b-stock", "300m": "300m-stock-liger",
+        "300m-zero1": "300m-stock-liger", "1b-zero1": "1b-stock-liger",
+        "1b-nf4": "1b-nf4-stock", "1b-nf4-b4": "1b-nf4-stock", "1b-nf4-b8": "1b-nf4-stock",
+        "300m-2gpu": "300m", "1b-2gpu": "1b"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -177,8 +182,9 @@ def run_pipeline(args: argparse.Namespace, name: str, run: Run, corpus: Path) ->
     work.mkdir(parents=True)
     (work / "prep").symlink_to(prepared)
     env = pipeline_env(args, run, corpus, work)
-    gpus = "0" if args.smoke else "1"
-    devices = subprocess.run([sys.executable, "util.py", "launcher-devices", "--processes", "1", "--gpus", gpus],
+    gpus = "0" if args.smoke else str(run.gpus)
+    devices = subprocess.run([sys.executable, "util.py", "launcher-devices", "--processes", str(run.gpus),
+                              "--gpus", gpus],
                              cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.split()
     log = args.out / name / "train.log"
     run_logged(["deepspeed", "--master_port", str(util.free_port()), *devices, *profiled(args, name), "train.py"], env, log)
@@ -193,7 +199,7 @@ def run_pipeline(args: argparse.Namespace, name: str, run: Run, corpus: Path) ->
             "quant": summary["use_quant"], "settings": run.settings, "tokens_per_second": speed,
             "mfu": speed * summary["flops_per_token"] / flops if flops else None,
             "peak_gib": summary["peak_memory_gib"], "estimate_gib": summary["estimated_peak_gib"],
-            "losses": summary["losses"], "max_length": summary["max_length"]}
+            "losses": summary["losses"], "max_length": summary["max_length"], "processes": summary["world_size"]}
 
 
 def run_stock(args: argparse.Namespace, name: str, run: Run, results: dict[str, dict]) -> dict:
@@ -227,17 +233,18 @@ def run_stock(args: argparse.Namespace, name: str, run: Run, results: dict[str, 
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| run | model | what | micro-batch x accumulation | tokens/s | MFU | peak GiB (estimate) | vs stock |",
+    lines = ["| run | model | what | micro-batch x accumulation | tokens/s | MFU | peak GiB (estimate) | ratio |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         what = ("stock TRL" if r["kind"] == "stock" else "this pipeline") + (", NF4 + LoRA" if r["quant"] else "")
         what += ", Liger" if r["liger"] else ""
         what += "".join(f", {k}={v}" for k, v in r["settings"].items() if k not in ("USE_QUANT", "USE_LIGER"))
+        what += f", {r['processes']} GPUs" if r.get("processes", 1) > 1 else ""
         shape = f"{r['batch']} x {r['accumulation']}{', checkpointing' if r['checkpointing'] else ''}"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         peak = f"{r['peak_gib']:.1f}" + (f" ({r['estimate_gib']:.1f})" if r["estimate_gib"] is not None else "")
-        pair = results.get(STOCK_PAIR.get(name, ""))
-        ratio = f"{r['tokens_per_second'] / pair['tokens_per_second']:.2f}x" if pair else ""
+        pair = results.get(PAIR.get(name, ""))
+        ratio = f"{r['tokens_per_second'] / pair['tokens_per_second']:.2f}x {pair['name']}" if pair else ""
         lines.append(f"| {name} | {r['parameters'] / 1e6:,.0f}M | {what} | {shape} | {r['tokens_per_second']:,.0f} | "
                      f"{mfu} | {peak} | {ratio} |")
     return "\n".join(lines)

@@ -3,20 +3,10 @@ with a torch.profiler window over optimizer steps --first..--last and writes OUT
 step, CUDA kernels launched per step, the time the GPU was busy per step, then the operator tables.
 
 A step whose GPU is busy for much less than its wall time is bound by the host launching kernels,
-and then the number of kernels per step is what to compare. Used by `gpu_benchmarks.sh profile` and
-`gpu_benchmarks.sh buckets`.
+and then the number of kernels per step is what to compare. `benchmarks/speed.py --profile` runs it.
 Usage (alone, or after `deepspeed` whose --local_rank argument is dropped):
   python3 benchmarks/step_profile.py [--out DIR/name --first 8 --last 12] SCRIPT [SCRIPT ARGS]
-Without --out nothing is profiled. These switches run train.py (or, for --liger, stock_trl.py too)
-with a setting the pipeline does not use, to measure what it costs in the same call:
-  --no-bf16-overflow-check  bf16 check_grad_overflow off (the pipeline keeps it: a step whose
-                            gradients are not finite is skipped instead of applied)
-  --original-buckets        the original's two 5e8-element buckets instead of config.deepspeed_buckets'
-  --liger                   Liger's fused RMSNorm, SwiGLU and RoPE kernels (SFTConfig use_liger_kernel)
-  --deepspeed-zero-checks   DeepSpeed's own per-tensor overflow check and gradient norm instead of
-                            util.fuse_zero_gradient_checks' foreach kernels
-  --zero-stage-as-set       ZERO_STAGE exactly as set, without config.zero_stage_for running ZeRO-2
-                            as ZeRO-1 for 4-bit + LoRA on one process
+Without --out nothing is profiled.
 """
 from __future__ import annotations
 
@@ -34,11 +24,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="profile, and write OUT.txt")
     parser.add_argument("--first", type=int, default=8, help="optimizer step the window starts at")
     parser.add_argument("--last", type=int, default=12, help="optimizer step the window ends at")
-    parser.add_argument("--no-bf16-overflow-check", action="store_true")
-    parser.add_argument("--original-buckets", action="store_true")
-    parser.add_argument("--liger", action="store_true")
-    parser.add_argument("--deepspeed-zero-checks", action="store_true")
-    parser.add_argument("--zero-stage-as-set", action="store_true")
     parser.add_argument("script", type=Path)
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     return parser.parse_args([a for a in sys.argv[1:] if not a.startswith("--local_rank")])
@@ -106,45 +91,11 @@ def add_profiler(args: argparse.Namespace) -> None:
     transformers.Trainer.__init__ = init_with_profiler
 
 
-def change_pipeline_settings(args: argparse.Namespace) -> None:
-    import config
-
-    if args.original_buckets:
-        config.deepspeed_buckets = lambda trainable, world_size: (config.ORIGINAL_BUCKET_ELEMENTS, True)
-    if args.no_bf16_overflow_check:
-        pipeline_config = config.deepspeed_config
-
-        def without_overflow_check(*positional):
-            out = pipeline_config(*positional)
-            out["bf16"]["check_grad_overflow"] = False
-            return out
-
-        config.deepspeed_config = without_overflow_check
-    if args.liger:
-        import trl
-
-        post_init = trl.SFTConfig.__post_init__
-
-        def with_liger(self):
-            self.use_liger_kernel = True
-            post_init(self)
-
-        trl.SFTConfig.__post_init__ = with_liger
-    if args.deepspeed_zero_checks:
-        import util
-
-        util.fuse_zero_gradient_checks = lambda: True  # train.py calls it through the module
-    if args.zero_stage_as_set:
-        # train.py and config.deepspeed_config both look the function up in the module at call time.
-        config.zero_stage_for = lambda settings, world_size: settings.zero_stage
-
-
 def main() -> int:
     args = parse_args()
     if args.out:
         add_profiler(args)
     sys.path.insert(0, str(REPO))
-    change_pipeline_settings(args)
     sys.argv = [str(args.script), *args.script_args]
     runpy.run_path(str(args.script), run_name="__main__")
     return 0

@@ -7,7 +7,7 @@ The rows are already packed (random token ids, every row exactly --length long),
 no per-shape attention set-up. Prints one line: tokens/s and torch's peak allocated memory; --json
 also writes them to a file. A step's time is the whole cycle from one optimizer step's end to the next
 (batch loading, forward, backward, optimizer, logging), which is what the pipeline's step lines measure
-too. Like report.py for those lines, the tokens/s is the median over windows of --logging-steps steps
+too. Like speed.py for those lines, the tokens/s is the median over windows of --logging-steps steps
 (each step line covers LOGGING_STEPS steps), after the first --warmup steps.
 Usage: python3 benchmarks/stock_trl.py --hidden 2048 --vocab-rows 1216 --batch 4 --length 2048 --quant
 """
@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
-    parser.add_argument("--logging-steps", type=int, default=2, help="as LOGGING_STEPS in gpu_benchmarks.sh")
+    parser.add_argument("--logging-steps", type=int, default=2, help="steps per measured window, as LOGGING_STEPS")
     parser.add_argument("--quant", action="store_true", help="NF4 base + LoRA instead of full bf16")
     parser.add_argument("--checkpointing", action="store_true", help="activation (gradient) checkpointing")
     parser.add_argument("--liger", action="store_true", help="Liger's kernels through TRL's use_liger_kernel")

@@ -284,11 +284,10 @@ def test_seed_repeats_a_quantized_run_and_it_resumes_exactly_after_kill(base_env
     assert {step: reference_losses[step] for step in resumed_losses} == resumed_losses
 
 
-def test_trimmed_buckets_and_fused_checks_train_exactly_like_deepspeeds_own(base_env, root, tmp_path):
-    # config.deepspeed_buckets drops memory and util.fuse_zero_gradient_checks kernel launches, not
-    # arithmetic: one process, ZeRO-2 with gradient accumulation, against the original's two overlapped
-    # 5e8-element buckets and DeepSpeed's per-tensor gradient checks (benchmarks/step_profile.py). bf16,
-    # because DeepSpeed runs its overflow check only in reduced precision.
+def test_trimmed_buckets_train_exactly_like_the_originals(base_env, root, tmp_path):
+    # config.deepspeed_buckets drops memory, not arithmetic: one process, ZeRO-2 with gradient
+    # accumulation, against the original's two overlapped 5e8-element buckets (tests/original_buckets.py).
+    # bf16, because DeepSpeed runs its overflow check only in reduced precision.
     env = {**base_env, "MAX_STEPS": "5", "LOGGING_STEPS": "1", "SAVE_STEPS": "5", "BATCH_SIZE": "2",
            "GRADIENT_ACCUMULATION_STEPS": "2", "PRECISION": "bf16",
            "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
@@ -296,13 +295,11 @@ def test_trimmed_buckets_and_fused_checks_train_exactly_like_deepspeeds_own(base
     trimmed = launch_training(root, env, processes=1)
     trimmed_log = trimmed.communicate(timeout=600)[0]
     original = launch_training(root, original_env, processes=1,
-                               script=("benchmarks/step_profile.py", "--original-buckets", "--deepspeed-zero-checks",
-                                       "train.py"))
+                               script=("tests/original_buckets.py",))
     original_log = original.communicate(timeout=600)[0]
     assert trimmed.returncode == 0 and original.returncode == 0, (trimmed_log[-2000:], original_log[-2000:])
     assert "500,000,000-element gradient buckets, overlapped" in original_log
     assert re.search(r"bf16, ZeRO-2 \([\d,]+-element gradient buckets\)", trimmed_log)
-    assert "own per-tensor gradient checks stay" not in trimmed_log  # the fused checks ran
     trimmed_losses, original_losses = step_losses(trimmed_log), step_losses(original_log)
     assert len(trimmed_losses) == 5 and trimmed_losses == original_losses
     norms, original_norms = (
@@ -310,7 +307,7 @@ def test_trimmed_buckets_and_fused_checks_train_exactly_like_deepspeeds_own(base
                                                      "trainer_state.json").read_text())["log_history"]
          if "grad_norm" in entry] for e in (env, original_env))
     assert len(norms) == 5 and norms == pytest.approx(original_norms, rel=1e-5)
-    assert min(norms) > 1.0  # above the clipping threshold: the fused norm scaled every update
+    assert min(norms) > 1.0  # above the clipping threshold: the norm scaled every update
 
 
 def instruction_files_in_three_formats(root: Path, folder: Path) -> str:

@@ -1,5 +1,5 @@
 """Guards validate_setup.py: on this CPU machine the stack passes (exit 0) with the tiny LLaMA's
-forward/backward check (whose foreach gradient norms must match per-tensor ones); missing packages,
+forward/backward check; missing packages,
 version drift and broken settings are reported; `--reuse` skips the checks only after they all passed
 for the same machine boot, software, checking code and settings."""
 import json
@@ -21,7 +21,7 @@ def test_cpu_machine_passes_with_forward_backward(root, base_env):
     assert "[2/8] ⊘ CUDA: skipped (CPU only" in result.stdout
     [step] = [line for line in lines if "training step" in line]
     assert step.startswith("[8/8] ✓ training step: forward/backward of a tiny LLaMA on cpu")
-    assert "gradients finite, foreach norms match" in step
+    assert "gradients finite" in step
     assert "validate_setup: 7 passed, 0 failed, 1 skipped" in result.stdout
     assert "Traceback" not in result.stderr
 
@@ -41,24 +41,6 @@ def test_a_changed_setting_or_package_repeats_the_checks(base_env, monkeypatch):
     assert validate_setup.passed_before(config.load_settings({**base_env, "ZERO_STAGE": "1"})) is None
     monkeypatch.setattr(validate_setup, "installed_version", lambda name: "9.9" if name == "torch" else "1.0")
     assert validate_setup.passed_before(settings) is None
-
-
-@pytest.mark.parametrize("broken", ["scaled", "nan-blind"])
-def test_training_step_fails_when_foreach_norms_are_wrong(monkeypatch, broken):
-    import torch
-
-    import util
-
-    real = util.foreach_norms
-
-    def wrong(tensors, dtype):
-        norms = real(tensors, dtype)
-        return norms * 1.01 if broken == "scaled" else torch.nan_to_num(norms)
-
-    monkeypatch.setattr(util, "foreach_norms", wrong)
-    result = validate_setup.check_training_step()
-    assert result.status == validate_setup.FAIL
-    assert ("differ from per-tensor ones" if broken == "scaled" else "NaN gradient is not NaN") in result.detail
 
 
 def test_requirement_ranges_are_read_from_requirements_txt():
