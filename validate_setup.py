@@ -184,7 +184,7 @@ def check_deepspeed() -> CheckResult:
     warnings = []
     if not torch.cuda.is_available() and name != "cpu":
         warnings.append(f"no GPU but DeepSpeed's accelerator is '{name}'; trainer.sh sets DS_ACCELERATOR=cpu")
-    ops = op_compatibility(accelerator)
+    ops = op_compatibility()
     missing_optimizers = [op for op in ("cpu_adam", "fused_adam") if not ops.get(op)]
     warnings += [f"DeepSpeed op {op} cannot be built here (optional: training uses PyTorch's AdamW)"
                  for op in missing_optimizers]
@@ -195,7 +195,7 @@ def check_deepspeed() -> CheckResult:
                   warnings=warnings)
 
 
-def op_compatibility(accelerator) -> dict[str, bool]:
+def op_compatibility() -> dict[str, bool]:
     """ds_report's op table: builder.is_compatible() for each op (its chatter is kept off stdout)."""
     from deepspeed.ops.op_builder.all_ops import ALL_OPS
 
