@@ -370,7 +370,7 @@ def main() -> int:
     if reuse and settings is not None and (when := passed_before(settings)):
         print(f"validate_setup: every check passed at {when} with this same machine boot, software and "
               f"settings ({validation_record(settings)}); not repeated (delete that file to repeat them)")
-        return 0
+        return config.ExitCode.OK
     checks = build_checks(settings, problems)
     results: list[CheckResult] = []
     print(f"validate_setup: {len(checks)} checks of the software stack", flush=True)
@@ -382,10 +382,10 @@ def main() -> int:
     print(f"validate_setup: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped, "
           f"{warnings} warning(s)")
     if counts[FAIL]:
-        return 1
+        return config.ExitCode.FAILED
     if settings is not None:
         record_passed(settings)
-    return 0
+    return config.ExitCode.OK
 
 
 if __name__ == "__main__":
