@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("at least one type")
     except ValueError as err:
         print(f"gguf: error: --types={args.types!r}: must be {err}", file=sys.stderr)
-        return config.ExitCode.FAILED
+        return config.ExitCode.CONFIG
     try:
         for type_name in types:
             target = output_path(args.folder, args.out, type_name, len(types) > 1)
