@@ -2,9 +2,9 @@
 
 Every variable is declared once in `VARIABLES` (name, aliases, default, demo default, meaning, parser).
 `load_settings()` parses them all, collects every problem, and raises one `ConfigError` listing them;
-scripts call `settings_or_exit()` which prints the problems and exits with status 2 before any heavy
-import. `python3 config.py` prints the resolved configuration; `python3 config.py --markdown` prints
-the README's variable table.
+scripts call `settings_or_exit()` which prints the problems and exits with status 2 (`ExitCode.CONFIG`,
+the table of every script's exit statuses) before any heavy import. `python3 config.py` prints the
+resolved configuration; `python3 config.py --markdown` prints the README's variable table.
 
 This module imports only the standard library, so validation costs milliseconds.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import importlib.util
 import json
 import math
@@ -35,6 +36,27 @@ VOCAB_MULTIPLE = 64
 # LoRA settings of the original pipeline (r, alpha, dropout, target projections).
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ExitCode(enum.IntEnum):
+    """The exit status of every script, one number per meaning. Defined here, not in util, because
+    config.py exits with CONFIG itself and cannot import util (util imports config). trainer.sh ends with
+    the status of the stage that failed and tests INCOMPLETE by its number (a test keeps the two equal).
+    Each comment is that code's row of TROUBLESHOOTING.md's 'Exit codes' table, `meaning | what to do`:
+    tests/test_docker_and_docs.py compares them."""
+
+    # the stage did its work, or found it done already | nothing
+    OK = 0
+    # a check failed or an input is bad (data, model, Hub, disk) | fix what stderr names and run again
+    FAILED = 1
+    # a variable or a command-line argument is invalid, named on stderr | correct what is named
+    CONFIG = 2
+    # training stopped early (time limit or SIGTERM); the stage stays current | run again: training resumes
+    INCOMPLETE = 3
+    # the loss or the logits became NaN or infinite; nothing was published | lower LEARNING_RATE or use bf16
+    NOT_FINITE = 4
+    # another node failed, or node 0 did not get there in time | read that node's log, start every node again
+    NODE_FAILED = 5
 
 
 class ConfigError(ValueError):
@@ -898,7 +920,7 @@ def _build_topology(values: dict, problems: list[str]) -> Topology | None:
 
 
 def settings_or_exit(env: Mapping[str, str] | None = None, quiet: bool = False) -> Settings:
-    """For scripts: the settings, or every problem on stderr and exit status 2."""
+    """For scripts: the settings, or every problem on stderr and exit status ExitCode.CONFIG."""
     env = os.environ if env is None else env
     if not quiet:
         for warning in misspelling_warnings(env):
@@ -908,7 +930,7 @@ def settings_or_exit(env: Mapping[str, str] | None = None, quiet: bool = False) 
     except ConfigError as err:
         for problem in err.problems:
             print(f"config error: {problem}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(ExitCode.CONFIG)
 
 
 def describe(settings: Settings) -> str:
@@ -993,23 +1015,23 @@ def main() -> int:
     args = sys.argv[1:]
     if args == ["--markdown"]:
         print(markdown_table())
-        return 0
+        return ExitCode.OK
     if len(args) == 2 and args[0] == "--get":
         # For trainer.sh: one resolved setting, printed bare.
         if args[1] == "hf_token":
             print("config.py: the token is never printed", file=sys.stderr)
-            return 2
+            return ExitCode.CONFIG
         names = sorted(f.name for f in dataclasses.fields(Settings) if f.name not in ("hf_token", "sources"))
         if args[1] not in names:
             close = difflib.get_close_matches(args[1], names, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
             print(f"config.py: --get {args[1]}: no such setting; {hint}one of {', '.join(names)}", file=sys.stderr)
-            return 2
+            return ExitCode.CONFIG
         value = getattr(settings_or_exit(quiet=True), args[1])
         print(str(value).lower() if isinstance(value, bool) else value)
-        return 0
+        return ExitCode.OK
     print(describe(settings_or_exit()))
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -179,11 +179,11 @@ def main() -> int:
     for path, what in ((weights_dir / "config.json", "a model folder"), (args.heldout, "a held-out file")):
         if not path.is_file():
             print(f"evaluate: {path} does not exist; pass {what}", file=sys.stderr)
-            return 1
+            return config.ExitCode.FAILED
     started = time.monotonic()
     evaluation = evaluate_heldout(args.model_dir, args.heldout, args.limit)
     report(evaluation, time.monotonic() - started)
-    return 0
+    return config.ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("at least one type")
     except ValueError as err:
         print(f"gguf: error: --types={args.types!r}: must be {err}", file=sys.stderr)
-        return 1
+        return config.ExitCode.CONFIG
     try:
         for type_name in types:
             target = output_path(args.folder, args.out, type_name, len(types) > 1)
@@ -319,12 +319,12 @@ def main(argv: list[str] | None = None) -> int:
             util.log(f"gguf: wrote {target} ({util.byte_text(target.stat().st_size)}, {type_name})")
     except ExportError as err:
         print(f"gguf: error: {err}", file=sys.stderr)
-        return 1
+        return config.ExitCode.FAILED
     except OSError as err:
         print(f"gguf: error: {err.filename or args.out or args.folder}: {err.strerror or err}; "
               "free space or fix the permissions, then run it again", file=sys.stderr)
-        return 1
-    return 0
+        return config.ExitCode.FAILED
+    return config.ExitCode.OK
 
 
 if __name__ == "__main__":

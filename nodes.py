@@ -27,7 +27,6 @@ import util
 
 SHARE_TIMEOUT_SECONDS = 300
 POLL_SECONDS = 1.0
-EXIT_NODE_FAILED = 4
 
 
 class NodeWaitError(RuntimeError):
@@ -159,11 +158,11 @@ def main() -> int:
         else:
             print("usage: nodes.py wait-prep | wait-advanced <round> | advanced <round> <status> | "
                   "failed <stage> <status>", file=sys.stderr)
-            return 2
+            return config.ExitCode.CONFIG
     except NodeWaitError as err:
         print(f"nodes: {err}", file=sys.stderr)
-        return EXIT_NODE_FAILED
-    return 0
+        return config.ExitCode.NODE_FAILED
+    return config.ExitCode.OK
 
 
 if __name__ == "__main__":

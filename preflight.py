@@ -609,7 +609,7 @@ def main() -> int:
         settings = config.load_settings()
     except config.ConfigError as err:
         print_config_errors(err.problems, total)
-        return 2
+        return config.ExitCode.CONFIG
     print(f"preflight: {total} checks for {settings.phase} INIT={settings.init} (preset {settings.preset})")
     results = [check_configuration(settings, environment_warnings)]
     print_result(1, total, "configuration", results[0])
@@ -622,8 +622,8 @@ def main() -> int:
           f"{warnings} warning(s)")
     if counts[FAIL]:
         print("preflight: fix the ✗ lines above before spending GPU time")
-        return 1
-    return 0
+        return config.ExitCode.FAILED
+    return config.ExitCode.OK
 
 
 if __name__ == "__main__":

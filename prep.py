@@ -1184,13 +1184,13 @@ def main() -> int:
     util.remove_stale_temporaries(settings.work_dir)
     if finished_preparation(settings):
         util.log(f"prep: {settings.prep_dir} already holds this stage's preparation; reusing it")
-        return 0
+        return config.ExitCode.OK
     try:
         prepare(settings)
     except PrepError as err:
         print(f"prep error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return config.ExitCode.FAILED
+    return config.ExitCode.OK
 
 
 if __name__ == "__main__":

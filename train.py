@@ -25,7 +25,6 @@ import memory
 import util
 from util import is_main_process, local_rank, log, one_line, replace_directory, world_size, write_json_atomic
 
-EXIT_NOT_FINITE = 3
 # Written into a checkpoint folder after every rank has saved its part: only such a folder is resumed.
 COMPLETE_MARKER = "train-llama-complete.json"
 # A failed save with less free space than this is taken for a full disk (see disk_full).
@@ -696,7 +695,7 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     }
     save_trained(settings, trainer, tokenizer, summary)
     print_summary(summary)
-    return 0
+    return config.ExitCode.OK
 
 
 def disk_full(err: BaseException) -> bool:
@@ -740,19 +739,19 @@ def main() -> int:
         log(f"train: {util.stage_text(settings.stage_key())} already finished training ({finished.get('steps')} "
             f"steps, final loss {finished.get('final_loss')}; {settings.trained_dir}); nothing to train, "
             "publishing comes next")
-        return 0
+        return config.ExitCode.OK
     try:
         return run_training(settings, manifest)
     except TrainingStopped as err:
         print(f"train: {err}", file=sys.stderr)
-        return EXIT_NOT_FINITE
+        return config.ExitCode.NOT_FINITE
     except Exception as err:
         if not disk_full(err) and free_bytes(settings) > LOW_DISK_BYTES:
             raise
         message = stop_on_full_disk(settings, err)
         if is_main_process():
             print(message, file=sys.stderr, flush=True)
-        return 1
+        return config.ExitCode.FAILED
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ while true; do
   fi
   section "train"
   run_training "$work_dir/STOP" "${launcher[@]}" train.py
-  # Exit 3 from advance: the stage was stopped early (timer or signal) and stays current; a rerun resumes it.
+  # Exit 3 of advance (config.ExitCode.INCOMPLETE): the stage stopped early and stays current; rerun resumes.
   advance_rc=0
   if [ "$node_rank" -eq 0 ]; then
     section "publish"

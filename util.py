@@ -6,8 +6,8 @@ HF_TOKEN is set and OUTPUT_REPO is `owner/name`. `advance` moves the curriculum 
 (OUTPUT_DIR/run_state.json, and the Space's INIT/INST variables), only for a training run that completed
 and was published. `gguf FOLDER [OUT]` writes a model folder as GGUF files (gguf_export.py).
 
-Exit status: 0 done; 1 a failure explained in one line on stderr; 2 a configuration problem;
-3 (`advance` only) the stage is incomplete, so the run state was left as it was.
+Exit status (config.ExitCode): FAILED with a one-line explanation on stderr; `advance` ends with
+INCOMPLETE for a stage that stopped early, whose run state stays as it was.
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ import config
 
 T = TypeVar("T")
 
-EXIT_INCOMPLETE = 3
 PUBLISH_MARKER = config.PUBLISH_MARKER  # defined in config, which reads it before util can be imported
 NOT_COPIED = ("README.md", PUBLISH_MARKER, ".*")  # publish writes the first two itself; hidden files stay
 PUBLISHED_FILE_MODE, PUBLISHED_FOLDER_MODE = 0o644, 0o755
@@ -872,7 +871,7 @@ def publish(settings: config.Settings, retry_delay: float) -> int:
         log(f"publish: saved {folder}")
     if not settings.pushes_to_hub:
         log("publish: not pushed to the Hub (that needs HF_TOKEN and OUTPUT_REPO as owner/name)")
-        return 0
+        return config.ExitCode.OK
     try:
         check_token(settings, retry_delay)
         for folder in folders:
@@ -882,7 +881,7 @@ def publish(settings: config.Settings, retry_delay: float) -> int:
         reason = str(err) if isinstance(err, StageError) else f"{type(err).__name__}: {err}"
         raise StageError(f"{one_line(reason, 500)}. The model is saved locally at {folders[0]}; the run "
                          "state was not advanced; run `python3 util.py publish` again to retry the push") from None
-    return 0
+    return config.ExitCode.OK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -964,7 +963,7 @@ def advance(settings: config.Settings, retry_delay: float) -> int:
     if not summary.get("completed"):
         log(f"advance: {current} is incomplete (stopped by the {summary.get('stopped_by') or 'interruption'}); "
             f"the run state stays; rerunning continues from the checkpoint in {settings.checkpoint_dir}")
-        return EXIT_INCOMPLETE
+        return config.ExitCode.INCOMPLETE
     check_published(settings, digest)
     is_last_shard = summary.get("is_last_shard")
     if not isinstance(is_last_shard, bool):
@@ -984,7 +983,7 @@ def advance(settings: config.Settings, retry_delay: float) -> int:
             raise StageError(f"{err}; {settings.state_file} already says INIT={state['init']} "
                              f"INST={str(state['inst']).lower()}: set those Space variables by hand") from None
     log(advance_line(settings, state, current, paused))
-    return 0
+    return config.ExitCode.OK
 
 
 def advance_line(settings: config.Settings, state: dict[str, Any], current: str, paused: bool) -> str:
@@ -1068,10 +1067,10 @@ def main() -> int:
             print(" ".join(arguments))
         except StageError as err:
             print(f"launcher: error: {err}", file=sys.stderr)
-            return 2
-        return 0
+            return config.ExitCode.CONFIG
+        return config.ExitCode.OK
     if not is_main_process():
-        return 0
+        return config.ExitCode.OK
     settings = config.settings_or_exit()
     stage = publish if args.command == "publish" else advance
     try:
@@ -1079,7 +1078,7 @@ def main() -> int:
     except StageError as err:
         print(f"{args.command}: error: {redact(one_line(str(err), 1000), settings.hf_token)}",
               file=sys.stderr, flush=True)
-        return 1
+        return config.ExitCode.FAILED
 
 
 if __name__ == "__main__":

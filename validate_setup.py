@@ -183,7 +183,7 @@ def check_deepspeed() -> CheckResult:
     warnings = []
     if not torch.cuda.is_available() and name != "cpu":
         warnings.append(f"no GPU but DeepSpeed's accelerator is '{name}'; trainer.sh sets DS_ACCELERATOR=cpu")
-    ops = op_compatibility(accelerator)
+    ops = op_compatibility()
     missing_optimizers = [op for op in ("cpu_adam", "fused_adam") if not ops.get(op)]
     warnings += [f"DeepSpeed op {op} cannot be built here (optional: training uses PyTorch's AdamW)"
                  for op in missing_optimizers]
@@ -194,7 +194,7 @@ def check_deepspeed() -> CheckResult:
                   warnings=warnings)
 
 
-def op_compatibility(accelerator) -> dict[str, bool]:
+def op_compatibility() -> dict[str, bool]:
     """ds_report's op table: builder.is_compatible() for each op (its chatter is kept off stdout)."""
     from deepspeed.ops.op_builder.all_ops import ALL_OPS
 
@@ -349,7 +349,7 @@ def main() -> int:
     if reuse and settings is not None and (when := passed_before(settings)):
         print(f"validate_setup: every check passed at {when} with this same machine boot, software and "
               f"settings ({validation_record(settings)}); not repeated (delete that file to repeat them)")
-        return 0
+        return config.ExitCode.OK
     checks = build_checks(settings, problems)
     results: list[CheckResult] = []
     print(f"validate_setup: {len(checks)} checks of the software stack", flush=True)
@@ -361,10 +361,10 @@ def main() -> int:
     print(f"validate_setup: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped, "
           f"{warnings} warning(s)")
     if counts[FAIL]:
-        return 1
+        return config.ExitCode.FAILED
     if settings is not None:
         record_passed(settings)
-    return 0
+    return config.ExitCode.OK
 
 
 if __name__ == "__main__":

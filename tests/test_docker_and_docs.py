@@ -1,7 +1,8 @@
 """Guards the Dockerfile (installs the README's dependency files, copies everything trainer.sh needs,
 runs as uid 1000, starts trainer.sh; hadolint where installed) and TROUBLESHOOTING.md (every quoted
-message exists verbatim in the code, so the guide cannot drift)."""
+message exists verbatim in the code, its exit-code table is config.ExitCode's: the guide cannot drift)."""
 import fnmatch
+import inspect
 import re
 import shlex
 import shutil
@@ -162,3 +163,33 @@ def test_guide_covers_each_area_and_explains_its_format():
         assert heading in text
     assert "```\n> Message: `a fixed part of the message`\n```" in text.split("## Configuration")[0]
     assert text.count("**Fix.**") >= 30
+
+
+def exit_code_comments() -> list[tuple[int, str, str]]:
+    """(code, meaning, what to do) from the comment line above each member of config.ExitCode."""
+    rows, comment = [], None
+    for line in inspect.getsource(config.ExitCode).splitlines():
+        line = line.strip()
+        if line.startswith("# "):
+            comment = line[2:]
+        elif (member := re.fullmatch(r"([A-Z_]+) = (\d+)", line)):
+            assert comment and comment.count(" | ") == 1, f"{member[1]}: no `meaning | what to do` comment"
+            meaning, action = comment.split(" | ")
+            rows.append((int(member[2]), meaning, action))
+            comment = None
+    return rows
+
+
+def exit_code_table() -> list[tuple[int, str, str]]:
+    """(code, meaning, what to do) of TROUBLESHOOTING.md's exit-code table, code spans' backticks dropped."""
+    section = (ROOT / "TROUBLESHOOTING.md").read_text().split("## Exit codes\n", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip().replace("`", "") for cell in line.strip("|").split("|")]
+            for line in section.splitlines() if re.match(r"\| \d+ \|", line)]
+    return [(int(code), meaning, action) for code, meaning, action in rows]
+
+
+def test_exit_code_table_is_config_exit_code():
+    documented, defined = exit_code_table(), exit_code_comments()
+    assert [code for code, _, _ in defined] == [int(member) for member in config.ExitCode]
+    assert [code for code, _, _ in documented] == [0, 1, 2, 3, 4, 5]
+    assert documented == defined

@@ -558,7 +558,7 @@ def test_incomplete_stage_is_published_but_does_not_advance(root, base_env, tiny
     settings = train_stage(base_env, tiny_model, completed=False, stopped_by="timer", steps=17)
     assert run_util(root, base_env, "publish").returncode == 0
     result = run_util(root, base_env, "advance")
-    assert result.returncode == util.EXIT_INCOMPLETE
+    assert result.returncode == config.ExitCode.INCOMPLETE == 3
     assert "pretrain INIT=0 (shard 0) is incomplete (stopped by the timer)" in result.stdout
     assert "continues from the checkpoint" in result.stdout
     assert not settings.state_file.exists()

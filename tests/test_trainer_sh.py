@@ -1,6 +1,9 @@
 """Guards trainer.sh's contract: valid shell, a bad setup stops at the checks with a non-zero exit
 that names the failed stage and the variable, before any preparation or training runs, and the
-DeepSpeed launcher gets the GPUs, port and nodes the settings name."""
+DeepSpeed launcher gets the GPUs, port and nodes the settings name; the stopped-early status it tests is
+config.ExitCode.INCOMPLETE."""
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +11,14 @@ from pathlib import Path
 
 def test_shell_syntax(root):
     assert subprocess.run(["bash", "-n", "trainer.sh"], cwd=root).returncode == 0
+
+
+def test_stopped_early_status_is_config_exit_code_incomplete(root):
+    """trainer.sh tests advance's status by its number (no Python start for a constant)."""
+    import config
+
+    tested = re.findall(r'\[ "\$advance_rc" -eq (\d+) \] && break', (root / "trainer.sh").read_text())
+    assert tested == [str(int(config.ExitCode.INCOMPLETE))] == ["3"]
 
 
 def run(root, env):
@@ -29,6 +40,29 @@ def test_missing_dataset_stops_at_preflight(base_env, root, tmp_path):
     assert "INPUT_DATASET" in result.stdout + result.stderr
     assert "stage 'preflight' failed" in result.stderr
     assert not (Path(base_env["WORK_DIR"]) / "prep").exists()
+
+
+def test_a_node_stops_with_node_failed_when_another_node_failed(base_env, root, tmp_path):
+    """nodes.py, which trainer.sh runs on nodes other than 0, ends with config.ExitCode.NODE_FAILED
+    when failed.json names this run's token, and with CONFIG for a call it does not know."""
+    import config
+
+    nodes = Path(base_env["WORK_DIR"]) / "nodes"
+    nodes.mkdir(parents=True)
+    (nodes / "ack-1.json").write_text(json.dumps({"token": "run-7"}))
+    failure = {"token": "run-7", "node": 0, "stage": "train", "status": 4}
+    (nodes / "failed.json").write_text(json.dumps(failure))
+    env = {**base_env, "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1"}
+
+    def call(*args):
+        return subprocess.run([sys.executable, "nodes.py", *args], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    waited = call("wait-advanced", "1")
+    assert waited.returncode == config.ExitCode.NODE_FAILED == 5, waited.stderr
+    assert waited.stderr == ("nodes: node 0 failed in its stage 'train' (exit 4); this node stops too: "
+                             "see that node's log\n")
+    assert call("wait").returncode == config.ExitCode.CONFIG
 
 
 def test_launcher_keeps_the_gpus_that_cuda_visible_devices_names(root):
