@@ -23,15 +23,24 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import config
 import memory
 import util
-from memory import (CPU_PROCESS_BYTES, advice_to_fit, cpu_precision_bytes, describe_estimate,
-                    estimate_training_memory, gib, lora_parameter_count, training_precision_bytes)
+from memory import (
+    CPU_PROCESS_BYTES,
+    advice_to_fit,
+    cpu_precision_bytes,
+    describe_estimate,
+    estimate_training_memory,
+    gib,
+    lora_parameter_count,
+    training_precision_bytes,
+)
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 SYMBOLS = {PASS: "✓", FAIL: "✗", SKIP: "⊘"}

@@ -328,8 +328,9 @@ def _keep_4bit_layers_differentiable(model) -> None:
 
 
 def _attach_lora(model, gradient_checkpointing: bool, trained_tokens: list[int]):
-    import config
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    import config
 
     # Freezes the 4-bit base, upcasts norms/embeddings to fp32 for stable training and, with
     # checkpointing, makes the inputs require grad so that gradients reach the adapters.

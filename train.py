@@ -11,12 +11,11 @@ import json
 import math
 import os
 import re
-import resource
 import shutil
-import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -239,33 +238,10 @@ def flops_per_token(topology: config.Topology, vocab_rows: int, max_length: int)
             + 12 * topology.num_layers * topology.hidden_size * max_length)
 
 
-def peak_memory_gib() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 def logged_losses(log_history: list[dict]) -> list[tuple[int, float]]:
     """(step, loss) of every logged step of this stage. The Trainer keeps its log history in each
     checkpoint, so a resumed run, even one resumed at the final step, still has the whole curve."""
     return [(entry["step"], float(entry["loss"])) for entry in log_history if "loss" in entry and "step" in entry]
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), inf where that overflows a float (NaN stays NaN)."""
-    return math.inf if loss > 700 else math.exp(loss)
-
-
-def eval_line(step: int, max_steps: int, logs: dict) -> str:
-    return (f"eval {step:>6}/{max_steps} | loss {float(logs['eval_loss']):8.4f} | "
-            f"perplexity {perplexity(float(logs['eval_loss'])):10.3f} | {logs['eval_runtime']:.1f}s")
 
 
 def logged_eval_losses(log_history: list[dict]) -> list[tuple[int, float]]:
@@ -274,97 +250,13 @@ def logged_eval_losses(log_history: list[dict]) -> list[tuple[int, float]]:
 
 
 def make_callbacks(settings: config.Settings, stop_file: Path, mfu_per_token_per_second: float | None):
-    """The step logger, the NaN guard, the timer/SIGTERM stop and the checkpoint completion marker,
-    as TrainerCallbacks. `mfu_per_token_per_second`: flops_per_token over the processes' combined
-    peak, which turns tokens/s into MFU (None: not shown)."""
-    import torch
-    import torch.distributed as dist
-    from transformers import TrainerCallback
+    """The step logger (with the NaN guard), the time/signal stop and the checkpoint completion marker
+    (callbacks.py). `mfu_per_token_per_second`: flops_per_token over the processes' combined peak."""
+    import callbacks
 
-    def distributed() -> bool:
-        return dist.is_available() and dist.is_initialized()
-
-    class StepLog(TrainerCallback):
-        """One fixed-format line per logging step on rank 0; the last step is always logged, so a
-        stage shorter than LOGGING_STEPS still has a final loss."""
-
-        def __init__(self):
-            self.start_time = self.start_step = self.last_time = None
-            self.last_tokens = self.start_tokens = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start_time = self.last_time = time.time()
-            self.start_step, self.last_tokens = state.global_step, state.num_input_tokens_seen
-            self.start_tokens = state.num_input_tokens_seen
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= state.max_steps:
-                control.should_log = True
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "eval_loss" in logs:
-                log(eval_line(state.global_step, state.max_steps, logs))
-            if not logs or "loss" not in logs:
-                return
-            loss, step = float(logs["loss"]), state.global_step
-            now = time.time()
-            tokens_per_s = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
-            self.last_time, self.last_tokens = now, state.num_input_tokens_seen
-            per_step = (now - self.start_time) / max(step - self.start_step, 1)
-            mfu = f"mfu {100 * tokens_per_s * mfu_per_token_per_second:5.1f}% | " if mfu_per_token_per_second else ""
-            log(f"step {step:>6}/{state.max_steps} | loss {loss:8.4f} | lr {logs.get('learning_rate', 0):.3e} | "
-                f"{tokens_per_s:>9,.0f} tok/s | {mfu}mem {peak_memory_gib():6.2f} GiB | "
-                f"eta {format_duration(per_step * (state.max_steps - step))}")
-            if not math.isfinite(loss):
-                # Stop before this step's checkpoint is written: the last good checkpoint stays.
-                control.should_save = False
-                control.should_training_stop = True
-
-    class TimeAndSignalStop(TrainerCallback):
-        """Stops every rank at the same step when the time limit passes, on SIGTERM, or when
-        trainer.sh leaves the stop file (it traps the container's SIGTERM); logs the loss so far and
-        saves a checkpoint."""
-
-        def __init__(self):
-            self.deadline = (settings.started_at or time.time()) + settings.time_limit_minutes * 60
-            self.signalled = False
-            self.stopped_by: str | None = None
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-
-        def _on_sigterm(self, signum, frame):
-            self.signalled = True
-
-        def _local_reason(self) -> int:
-            if self.signalled or stop_file.exists():
-                return 2
-            return 1 if time.time() >= self.deadline else 0
-
-        def on_step_end(self, args, state, control, **kwargs):
-            reason = torch.tensor([self._local_reason()], device=args.device)
-            if distributed():
-                dist.all_reduce(reason, op=dist.ReduceOp.MAX)
-            if reason.item() and state.global_step < state.max_steps:
-                self.stopped_by = "signal" if reason.item() == 2 else "timer"
-                log(f"Timer stop at step {state.global_step} ({self.stopped_by}): saving a checkpoint")
-                control.should_training_stop = True
-                control.should_save = True
-                control.should_log = True
-
-    class MarkCheckpointComplete(TrainerCallback):
-        """After every rank has written its part of a checkpoint, rank 0 flushes the folder to disk and
-        writes the completion marker last: a folder without it was cut short and is never resumed."""
-
-        def on_save(self, args, state, control, **kwargs):
-            if distributed():
-                dist.barrier()
-            if is_main_process():
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                started = time.time()
-                util.sync_tree(folder)
-                write_json_atomic(folder / COMPLETE_MARKER, {"step": state.global_step, "processes": world_size()})
-                log(f"checkpoint: {folder.name} complete (flushed to disk in {time.time() - started:.1f}s)")
-
-    return StepLog(), TimeAndSignalStop(), MarkCheckpointComplete()
+    deadline = (settings.started_at or time.time()) + settings.time_limit_minutes * 60
+    return (callbacks.StepLog(mfu_per_token_per_second), callbacks.TimeAndSignalStop(deadline, stop_file),
+            callbacks.MarkCheckpointComplete(COMPLETE_MARKER))
 
 
 def training_arguments(settings: config.Settings, plan, precision: str, use_cpu: bool, fused_kernels: bool,
@@ -458,19 +350,6 @@ def plan_evaluation(settings: config.Settings, eval_split, batch_size: int) -> t
     log(f"eval: loss and perplexity on {measured:,} held-out sequences every {settings.eval_steps} steps "
         "and at the end")
     return batch, measured
-
-
-def perplexity_trainer():
-    """TRL's SFTTrainer that logs the perplexity beside every eval loss, for the tracker and the log."""
-    from trl import SFTTrainer
-
-    class PerplexitySFTTrainer(SFTTrainer):
-        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-            if "eval_loss" in logs:
-                logs["eval_perplexity"] = perplexity(float(logs["eval_loss"]))
-            super().log(logs, start_time)
-
-    return PerplexitySFTTrainer
 
 
 def prepare_tracker(settings: config.Settings, trainer, resume: str | None) -> None:
@@ -579,6 +458,8 @@ def save_trained(settings, trainer, tokenizer, summary: dict) -> None:
 
 
 def print_summary(summary: dict) -> None:
+    from callbacks import format_duration
+
     log("=" * 72)
     log(f"training {'complete' if summary['completed'] else 'stopped by ' + str(summary['stopped_by'])}: "
         f"{summary['phase']} INIT={summary['stage_key']['init']} shard {summary['stage_key']['shard_index']}")
@@ -589,37 +470,51 @@ def print_summary(summary: dict) -> None:
         log(f"  eval loss      {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.3f}, "
             f"{summary['eval_sequences']:,} held-out sequences)")
     mfu = f", MFU {100 * summary['mfu']:.1f}%" if summary["mfu"] is not None else ""
-    log(f"  wall time      {format_duration(summary['wall_seconds'])} ({summary['tokens_per_second']:,.0f} tok/s{mfu})")
-    log(f"  peak memory    {summary['peak_memory_gib']:.2f} GiB per process (estimated {summary['estimated_peak_gib']:.2f}), "
-        f"{summary['world_size']} process(es)")
+    log(f"  wall time      {format_duration(summary['wall_seconds'])} "
+        f"({summary['tokens_per_second']:,.0f} tok/s{mfu})")
+    log(f"  peak memory    {summary['peak_memory_gib']:.2f} GiB per process "
+        f"(estimated {summary['estimated_peak_gib']:.2f}), {summary['world_size']} process(es)")
     log("=" * 72)
 
 
-def run_training(settings: config.Settings, manifest: dict) -> int:
+def quiet_libraries() -> None:
+    """transformers' and datasets' progress bars and warnings off: StepLog's lines are the log."""
     import datasets
-    import torch
     import transformers
-    from transformers import AutoTokenizer
-    from transformers.trainer_callback import PrinterCallback
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
-    rank = local_rank()
-    use_cpu = not torch.cuda.is_available()
-    if not use_cpu:
-        torch.cuda.set_device(rank)
-    precision = resolve_precision(settings)
-    plan, machine = batch_plan(settings)
-    stop_file = settings.work_dir / "STOP"
-    resume = resume_checkpoint(settings)
-    universal = bool(resume) and needs_universal(Path(resume), world_size())
+
+
+def clear_leftovers(settings: config.Settings) -> None:
+    """What an earlier, killed run of this stage left (rank 0): the stop file, a half-written
+    WORK_DIR/trained, temporary files among the checkpoints. prep.py has cleaned WORK_DIR itself."""
     if is_main_process():
-        stop_file.unlink(missing_ok=True)
+        (settings.work_dir / "STOP").unlink(missing_ok=True)
         shutil.rmtree(settings.work_dir / ".trained-staging", ignore_errors=True)
-        util.remove_stale_temporaries(settings.checkpoint_dir)  # prep.py has cleaned WORK_DIR itself
+        util.remove_stale_temporaries(settings.checkpoint_dir)
+
+
+@dataclass
+class Inputs:
+    """What prep.py prepared, loaded: the tokenizer, the training rows, the held-out rows (or None),
+    and the model with its trainable and total parameter counts and embedding rows."""
+    tokenizer: Any
+    dataset: Any
+    eval_split: Any
+    model: Any
+    trainable: int
+    total: int
+    vocab_rows: int
+
+
+def load_inputs(settings: config.Settings, checkpointing: bool, use_cpu: bool) -> Inputs:
+    import datasets
+    import transformers
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(settings.prep_dir / "tokenizer")
     dataset = datasets.load_from_disk(str(settings.prep_dir / "dataset"))
@@ -627,73 +522,105 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     # LoRA's adapters are drawn when load_model attaches them, before the Trainer seeds, and torch
     # seeds itself randomly at start-up: without this SEED would not repeat a USE_QUANT run.
     transformers.set_seed(settings.seed)
-    model, trainable, total = load_model(settings, plan.gradient_checkpointing, rank, chat_token_ids(tokenizer))
-    vocab_rows = model.get_input_embeddings().weight.shape[0]
+    model, trainable, total = load_model(settings, checkpointing, local_rank(), chat_token_ids(tokenizer))
     if not use_cpu and not settings.use_quant:
-        model.to(f"cuda:{rank}")  # DeepSpeed would move it anyway; the sanity check then runs on the GPU
+        model.to(f"cuda:{local_rank()}")  # DeepSpeed would move it anyway; the sanity check then runs on the GPU
     if is_main_process():
         sanity_forward(model, dataset)
+    vocab_rows = model.get_input_embeddings().weight.shape[0]
+    return Inputs(tokenizer, dataset, eval_split, model, trainable, total, vocab_rows)
 
-    eval_batch, eval_sequences = plan_evaluation(settings, eval_split, plan.batch_size)
-    args = training_arguments(settings, plan, precision, use_cpu, machine.fused_kernels, trainable,
+
+def training_summary(settings: config.Settings, manifest: dict, trainer, inputs: Inputs, run: dict) -> dict:
+    """summary.json: what was trained, how it went, and on what (`run`: the plan, the card, the
+    callbacks, the eval losses and timings that run_training gathered)."""
+    from callbacks import peak_memory_gib, perplexity
+
+    state, plan, machine = trainer.state, run["plan"], run["machine"]
+    losses, eval_losses, stopper = logged_losses(state.log_history), run["eval_losses"], run["stopper"]
+    tokens_per_second = (state.num_input_tokens_seen - run["step_log"].start_tokens) / max(run["wall"], 1e-9)
+    mfu = run["mfu_per_token_per_second"]
+    return {
+        "stage_key": settings.stage_key(), "phase": settings.phase,
+        "completed": stopper.stopped_by is None, "stopped_by": stopper.stopped_by,
+        "steps": state.global_step, "total_steps": state.max_steps,
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "first_loss": losses[0][1] if losses else math.nan, "final_loss": losses[-1][1] if losses else math.nan,
+        "losses": losses, "wall_seconds": run["wall"],
+        "eval_losses": eval_losses, "eval_loss": eval_losses[-1][1] if eval_losses else None,
+        "eval_perplexity": perplexity(eval_losses[-1][1]) if eval_losses else None,
+        "eval_sequences": run["eval_sequences"], "report_to": settings.report_to,
+        "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * mfu if mfu else None,
+        "flops_per_token": run["token_flops"],
+        "peak_memory_gib": peak_memory_gib(), "estimated_peak_gib": plan.estimate["allocated"] / memory.GIB,
+        "parameters": inputs.total, "trainable_parameters": inputs.trainable,
+        "precision": run["precision"], "world_size": trainer.accelerator.num_processes,
+        "use_quant": settings.use_quant,
+        "is_last_shard": manifest["is_last_shard"], "topology": settings.stage_key()["topology"],
+        "vocab_rows": inputs.vocab_rows, "batch_size": plan.batch_size, "max_length": settings.max_length,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps, "global_batch_size": plan.global_batch,
+        "gradient_checkpointing": plan.gradient_checkpointing, "zero_stage": run["zero_stage"],
+        "deepspeed_buckets": run["buckets"], "fused_kernels": machine.fused_kernels,
+        "card": run["card"],
+    }
+
+
+def run_training(settings: config.Settings, manifest: dict) -> int:
+    import torch
+    from transformers.trainer_callback import PrinterCallback
+
+    from callbacks import PerplexitySFTTrainer
+
+    quiet_libraries()
+    use_cpu = not torch.cuda.is_available()
+    if not use_cpu:
+        torch.cuda.set_device(local_rank())
+    precision = resolve_precision(settings)
+    plan, machine = batch_plan(settings)
+    resume = resume_checkpoint(settings)
+    universal = bool(resume) and needs_universal(Path(resume), world_size())
+    clear_leftovers(settings)
+    inputs = load_inputs(settings, plan.gradient_checkpointing, use_cpu)
+
+    eval_batch, eval_sequences = plan_evaluation(settings, inputs.eval_split, plan.batch_size)
+    args = training_arguments(settings, plan, precision, use_cpu, machine.fused_kernels, inputs.trainable,
                               eval_batch, universal)
-    zero_stage, buckets = zero_setup(settings, trainable)
+    zero_stage, buckets = zero_setup(settings, inputs.trainable)
     card = "CPU" if use_cpu else torch.cuda.get_device_name()
-    token_flops = flops_per_token(settings.topology, vocab_rows, settings.max_length)
+    token_flops = flops_per_token(settings.topology, inputs.vocab_rows, settings.max_length)
     card_flops = peak_flops(card)
     # Tokens/s (of all processes) times this is the MFU; None where the card's peak is not known.
     mfu_per_token_per_second = token_flops / (card_flops * world_size()) if card_flops else None
-    step_log, stopper, marker = make_callbacks(settings, stop_file, mfu_per_token_per_second)
-    trainer = perplexity_trainer()(model=model, args=args, train_dataset=dataset,
-                                   eval_dataset=eval_split if eval_batch else None,
-                                   processing_class=tokenizer, callbacks=[step_log, stopper, marker])
+    step_log, stopper, marker = make_callbacks(settings, settings.work_dir / "STOP", mfu_per_token_per_second)
+    trainer = PerplexitySFTTrainer(model=inputs.model, args=args, train_dataset=inputs.dataset,
+                                   eval_dataset=inputs.eval_split if eval_batch else None,
+                                   processing_class=inputs.tokenizer, callbacks=[step_log, stopper, marker])
     trainer.remove_callback(PrinterCallback)  # StepLog prints the one fixed-format line instead
     prepare_tracker(settings, trainer, resume)
     if universal:
         if is_main_process():
             log(convert_to_universal(Path(resume), world_size()))
         trainer.accelerator.wait_for_everyone()  # the other ranks load what rank 0 converted
-    processes = trainer.accelerator.num_processes
     log(memory.describe_plan(plan, settings.max_length))
-    log(f"training: {len(dataset):,} sequences, {settings.run_epochs:g} epochs, {precision}, "
+    log(f"training: {len(inputs.dataset):,} sequences, {settings.run_epochs:g} epochs, {precision}, "
         f"ZeRO-{zero_stage}{bucket_note(buckets)}, {'Liger kernels' if machine.fused_kernels else 'no fused kernels'}; "
         f"estimated peak {memory.gib(plan.estimate['allocated'])} allocated per process"
         + (f", resuming from {resume}" if resume else ""))
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
-    state = trainer.state
-    losses = logged_losses(state.log_history)
+    losses = logged_losses(trainer.state.log_history)
     if losses and not math.isfinite(losses[-1][1]):
         raise TrainingStopped(f"training stopped: the loss became {losses[-1][1]} at step {losses[-1][0]}; "
                               f"the last good checkpoint in {settings.checkpoint_dir} is kept and nothing is "
                               "published (lower LEARNING_RATE, or use PRECISION=bf16 instead of fp16)")
     wall = time.time() - started
     eval_losses = final_evaluation(trainer, eval_batch is not None, stopper.stopped_by is not None)
-    tokens_per_second = (state.num_input_tokens_seen - step_log.start_tokens) / max(wall, 1e-9)
-    summary = {
-        "stage_key": settings.stage_key(), "phase": settings.phase,
-        "completed": stopper.stopped_by is None, "stopped_by": stopper.stopped_by,
-        "steps": state.global_step, "total_steps": state.max_steps,
-        "tokens_seen": int(state.num_input_tokens_seen),
-        "first_loss": losses[0][1] if losses else math.nan, "final_loss": losses[-1][1] if losses else math.nan,
-        "losses": losses, "wall_seconds": wall,
-        "eval_losses": eval_losses, "eval_loss": eval_losses[-1][1] if eval_losses else None,
-        "eval_perplexity": perplexity(eval_losses[-1][1]) if eval_losses else None,
-        "eval_sequences": eval_sequences, "report_to": settings.report_to,
-        "tokens_per_second": tokens_per_second,
-        "mfu": tokens_per_second * mfu_per_token_per_second if mfu_per_token_per_second else None,
-        "flops_per_token": token_flops,
-        "peak_memory_gib": peak_memory_gib(), "estimated_peak_gib": plan.estimate["allocated"] / memory.GIB,
-        "parameters": total, "trainable_parameters": trainable,
-        "precision": precision, "world_size": processes, "use_quant": settings.use_quant,
-        "is_last_shard": manifest["is_last_shard"], "topology": settings.stage_key()["topology"],
-        "vocab_rows": vocab_rows, "batch_size": plan.batch_size, "max_length": settings.max_length,
-        "gradient_accumulation_steps": plan.gradient_accumulation_steps, "global_batch_size": plan.global_batch,
-        "gradient_checkpointing": plan.gradient_checkpointing, "zero_stage": zero_stage,
-        "deepspeed_buckets": buckets, "fused_kernels": machine.fused_kernels,
-        "card": card,
-    }
-    save_trained(settings, trainer, tokenizer, summary)
+    summary = training_summary(settings, manifest, trainer, inputs, {
+        "plan": plan, "machine": machine, "precision": precision, "card": card, "zero_stage": zero_stage,
+        "buckets": buckets, "token_flops": token_flops, "mfu_per_token_per_second": mfu_per_token_per_second,
+        "step_log": step_log, "stopper": stopper, "wall": wall, "eval_losses": eval_losses,
+        "eval_sequences": eval_sequences})
+    save_trained(settings, trainer, inputs.tokenizer, summary)
     print_summary(summary)
     return config.ExitCode.OK
 

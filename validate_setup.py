@@ -22,13 +22,23 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import config
 import util
-from preflight import (FAIL, PASS, SKIP, CheckResult, failed, nf4_round_trip_error, passed, print_result,
-                       quiet_bitsandbytes, skipped)
+from preflight import (
+    FAIL,
+    PASS,
+    SKIP,
+    CheckResult,
+    failed,
+    nf4_round_trip_error,
+    passed,
+    print_result,
+    quiet_bitsandbytes,
+    skipped,
+)
 
 ROOT = Path(__file__).resolve().parent
 # Import name -> distribution name in requirements.txt.
@@ -115,9 +125,8 @@ def check_quantization(use_quant: bool) -> CheckResult:
 
 
 def tiny_llama(vocab: int = 256):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     topology = config.Topology(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                intermediate_size=128, vocab_size=vocab)
@@ -170,9 +179,8 @@ def check_attention() -> CheckResult:
 
 def check_deepspeed() -> CheckResult:
     """What ds_report tells: the accelerator, the launcher, and which ops can be built here."""
-    import torch
-
     import deepspeed
+    import torch
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config  # noqa: E402
 
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, required=True, help="hidden size; config.py picks the rest")
@@ -68,8 +69,8 @@ def build_model(args: argparse.Namespace, folder: Path):
 
 
 def packed_rows(args: argparse.Namespace):
-    from datasets import Dataset
     import torch
+    from datasets import Dataset
 
     generator = torch.Generator().manual_seed(0)
     rows = args.batch * args.accumulation * (args.steps + 1)

@@ -18,8 +18,8 @@ import argparse
 import json
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 DATA_DIR = Path(__file__).resolve().parent
 SEED = 20240607

@@ -14,18 +14,18 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import pytest
+from hub_server import HubStandIn, Repo
 
 import config
 import nodes
-import prep
 import preflight
-from hub_server import HubStandIn, Repo
+import prep
 
 TOKEN = "hf_BADINPUTSsecret0123456789"
 GIB = 2**30

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_pipeline import generate_text, step_losses
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,8 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from huggingface_hub.errors import HfHubHTTPError
-
 from hub_server import HubStandIn, point_datasets_at
+from huggingface_hub.errors import HfHubHTTPError
 
 TOKEN = "hf_TESTdatasets0123456789abcdef"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

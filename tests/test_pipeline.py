@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import remove_unmapped_deepspeed_buffers
 
 import util

@@ -12,11 +12,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hub_server import HubStandIn, Repo
 
 import config
 import memory
 import preflight
-from hub_server import HubStandIn, Repo
 
 TOKEN = "hf_PREFLIGHTsecret0123456789"
 GIB = 2**30
@@ -179,8 +179,8 @@ LLAMA_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "m
 
 def write_model_folder(folder, model_config=LLAMA_CONFIG):
     """What check_input_model reads: a LLaMA config.json, a tokenizer and whole safetensors weights."""
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(model_config))

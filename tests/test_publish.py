@@ -12,21 +12,21 @@ import json
 import math
 import os
 import re
-import stat
-import time
 import shutil
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from hub_server import HubStandIn, Repo
 from huggingface_hub.errors import HfHubHTTPError
 
 import config
 import util
-from hub_server import HubStandIn, Repo
 
 TOKEN = "hf_TESTsecret0123456789abcdef"
 REPO = "tester/tiny-llama"
@@ -211,7 +211,7 @@ def test_local_publish_loads_generates_and_has_a_model_card(root, base_env, tiny
     assert front["library_name"] == "transformers" and "llama" in front["tags"]
     for fact in (f"{tiny_model.parameters:,}", settings.topology.describe(), "12,345", "40 of 40",
                  f"final {FINAL_LOSS:.4f}", "pretrain, INIT=0, shard 0", "trained from scratch",
-                 datetime.datetime.now(datetime.timezone.utc).date().isoformat(), '"HF_TOKEN": "unset"', '"LEARNING_RATE": 0.002'):
+                 datetime.datetime.now(datetime.UTC).date().isoformat(), '"HF_TOKEN": "unset"', '"LEARNING_RATE": 0.002'):
         assert fact in card, fact
     marker = json.loads((folder / "publish.json").read_text())
     assert marker["stage_key"] == settings.stage_key() and marker["hub"] is None

@@ -1,5 +1,5 @@
 """Guards train.py's pieces that a whole run cannot easily provoke: a NaN loss stops training without
-writing that step's checkpoint, the last step is always logged, checkpoints of another stage are set
+writing that step's checkpoint, the last step is always logged, a stop file stops training with a checkpoint, checkpoints of another stage are set
 aside with a line saying why (never resumed, never deleted silently), half-written checkpoints are
 removed and the last complete one resumed, a finished stage is not trained again, a full disk is
 recognised in the errors torch and safetensors raise, a ZeRO checkpoint written by another number of
@@ -15,6 +15,7 @@ import signal
 
 import pytest
 
+import callbacks
 import config
 import train
 
@@ -37,10 +38,8 @@ def settings(tmp_path):
     return config.load_settings({"OUTPUT_DIR": str(tmp_path / "out"), "WORK_DIR": str(tmp_path / "work")})
 
 
-def test_nan_loss_stops_training_and_skips_the_checkpoint(settings, tmp_path, capsys):
-    pytest_handler = signal.getsignal(signal.SIGTERM)
-    step_log, *_ = train.make_callbacks(settings, tmp_path / "STOP", None)  # installs train.py's SIGTERM handler
-    signal.signal(signal.SIGTERM, pytest_handler)
+def test_nan_loss_stops_training_and_skips_the_checkpoint(capsys):
+    step_log = callbacks.StepLog(None)
     step_log.on_train_begin(None, State(), Control())
     control = Control()
     step_log.on_log(None, State(), control, logs={"loss": 2.5, "learning_rate": 1e-3})
@@ -52,24 +51,20 @@ def test_nan_loss_stops_training_and_skips_the_checkpoint(settings, tmp_path, ca
     assert "mfu" not in line  # no peak known for the card (CPU)
 
 
-def test_the_step_line_shows_mfu_where_the_cards_peak_is_known(settings, tmp_path, capsys):
-    pytest_handler = signal.getsignal(signal.SIGTERM)
-    step_log, *_ = train.make_callbacks(settings, tmp_path / "STOP", 1e-6)  # 1e6 tokens/s would be 100%
-    signal.signal(signal.SIGTERM, pytest_handler)
+def test_the_step_line_shows_mfu_where_the_cards_peak_is_known(capsys):
+    step_log = callbacks.StepLog(1e-6)  # 1e6 tokens/s would be 100%
     step_log.on_train_begin(None, State(), Control())
     step_log.on_log(None, State(), Control(), logs={"loss": 2.5, "learning_rate": 1e-3})
     line = capsys.readouterr().out.splitlines()[0]
     assert re.search(r" tok/s \| mfu +\d+\.\d% \| mem ", line), line
 
 
-def test_an_eval_gives_one_line_with_loss_and_perplexity(settings, tmp_path, capsys):
-    pytest_handler = signal.getsignal(signal.SIGTERM)
-    step_log, *_ = train.make_callbacks(settings, tmp_path / "STOP", None)
-    signal.signal(signal.SIGTERM, pytest_handler)
+def test_an_eval_gives_one_line_with_loss_and_perplexity(capsys):
+    step_log = callbacks.StepLog(None)
     step_log.on_train_begin(None, State(), Control())
     step_log.on_log(None, State(), Control(), logs={"eval_loss": 2.0, "eval_runtime": 1.25})
     assert capsys.readouterr().out == "eval     20/100 | loss   2.0000 | perplexity      7.389 | 1.2s\n"
-    assert train.perplexity(800.0) == math.inf
+    assert callbacks.perplexity(800.0) == math.inf
 
 
 def test_eval_losses_come_from_the_log_history():
@@ -85,10 +80,21 @@ def test_the_eval_batch_gives_every_process_at_least_one_row(rows, batch, proces
     assert train.eval_batch_size(rows, batch, processes) == expected
 
 
-def test_the_last_step_is_always_logged(settings, tmp_path):
+def test_a_stop_file_stops_every_rank_at_the_step_with_a_checkpoint(settings, tmp_path):
     pytest_handler = signal.getsignal(signal.SIGTERM)
-    step_log, *_ = train.make_callbacks(settings, tmp_path / "STOP", None)
+    _, stopper, _ = train.make_callbacks(settings, tmp_path / "STOP", None)  # installs train.py's SIGTERM handler
     signal.signal(signal.SIGTERM, pytest_handler)
+    args, control = type("Args", (), {"device": "cpu"})(), Control()
+    control.should_save = control.should_log = False
+    stopper.on_step_end(args, State(), control)
+    assert stopper.stopped_by is None and not control.should_training_stop
+    (tmp_path / "STOP").touch()
+    stopper.on_step_end(args, State(), control)
+    assert stopper.stopped_by == "signal" and control.should_training_stop and control.should_save
+
+
+def test_the_last_step_is_always_logged():
+    step_log = callbacks.StepLog(None)
     last, middle = Control(), Control()
     last.should_log = middle.should_log = False
     state = State()
