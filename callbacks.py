@@ -9,6 +9,7 @@
 
 train.py imports this module when training starts: transformers and TRL take seconds to import.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,10 @@ def perplexity(loss: float) -> float:
 
 
 def eval_line(step: int, max_steps: int, logs: dict) -> str:
-    return (f"eval {step:>6}/{max_steps} | loss {float(logs['eval_loss']):8.4f} | "
-            f"perplexity {perplexity(float(logs['eval_loss'])):10.3f} | {logs['eval_runtime']:.1f}s")
+    return (
+        f"eval {step:>6}/{max_steps} | loss {float(logs['eval_loss']):8.4f} | "
+        f"perplexity {perplexity(float(logs['eval_loss'])):10.3f} | {logs['eval_runtime']:.1f}s"
+    )
 
 
 class StepLog(TrainerCallback):
@@ -79,11 +82,16 @@ class StepLog(TrainerCallback):
         tokens_per_s = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
         self.last_time, self.last_tokens = now, state.num_input_tokens_seen
         per_step = (now - self.start_time) / max(step - self.start_step, 1)
-        mfu = (f"mfu {100 * tokens_per_s * self.mfu_per_token_per_second:5.1f}% | "
-               if self.mfu_per_token_per_second else "")
-        log(f"step {step:>6}/{state.max_steps} | loss {loss:8.4f} | lr {logs.get('learning_rate', 0):.3e} | "
+        mfu = (
+            f"mfu {100 * tokens_per_s * self.mfu_per_token_per_second:5.1f}% | "
+            if self.mfu_per_token_per_second
+            else ""
+        )
+        log(
+            f"step {step:>6}/{state.max_steps} | loss {loss:8.4f} | lr {logs.get('learning_rate', 0):.3e} | "
             f"{tokens_per_s:>9,.0f} tok/s | {mfu}mem {peak_memory_gib():6.2f} GiB | "
-            f"eta {format_duration(per_step * (state.max_steps - step))}")
+            f"eta {format_duration(per_step * (state.max_steps - step))}"
+        )
         if not math.isfinite(loss):
             # Stop before this step's checkpoint is written: the last good checkpoint stays.
             control.should_save = False

@@ -10,6 +10,7 @@ too. Generation is greedy and batched with left padding; the answer is the gener
 `eval_split_samples` answers a few conversations of prep.py's held-out split the same way, for the
 model card of an instruction model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,9 @@ def load_heldout(path: Path, limit: int | None) -> list[dict[str, str]]:
 
 def prompt_text(tokenizer, prompt: str) -> str:
     if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     return f"{tokenizer.bos_token or ''}<|user|>{prompt}{END_MARKER}<|bot|>"
 
 
@@ -80,13 +82,18 @@ def generate_answers(model, tokenizer, prompts: list[str]) -> list[str]:
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     for start in range(0, len(order), BATCH_SIZE):
-        batch = order[start:start + BATCH_SIZE]
+        batch = order[start : start + BATCH_SIZE]
         texts = [prompt_text(tokenizer, prompts[i]) for i in batch]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                    eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            output = model.generate(
+                **inputs,
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
         for i, tokens in zip(batch, new_tokens):
             answers[i] = answer_from(tokenizer.decode(tokens, skip_special_tokens=False), tokenizer)
     return answers
@@ -113,13 +120,21 @@ def eval_split_samples(model_dir: Path, eval_split: Path, count: int) -> list[di
         start, end = first_answer_span(row["assistant_masks"])
         prompt = row["input_ids"][:start]
         with torch.no_grad():
-            output = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                    eos_token_id=stop_token_ids(tokenizer),
-                                    pad_token_id=tokenizer.pad_token_id)
+            output = model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=MAX_NEW_TOKENS,
+                do_sample=False,
+                eos_token_id=stop_token_ids(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+            )
         shown = tokenizer.decode(prompt, skip_special_tokens=False).removeprefix(tokenizer.bos_token or "")
-        samples.append({"prompt": shown,
-                        "expected": answer_from(tokenizer.decode(row["input_ids"][start:end]), tokenizer),
-                        "answer": answer_from(tokenizer.decode(output[0, start:]), tokenizer)})
+        samples.append(
+            {
+                "prompt": shown,
+                "expected": answer_from(tokenizer.decode(row["input_ids"][start:end]), tokenizer),
+                "answer": answer_from(tokenizer.decode(output[0, start:]), tokenizer),
+            }
+        )
     return samples
 
 
@@ -137,14 +152,14 @@ def load_model_and_tokenizer(model_dir: Path):
     return model, tokenizer
 
 
-def evaluate_heldout(model_dir: Path, heldout_path: Path = config.DEMO_HELDOUT,
-                     limit: int | None = None) -> dict[str, Any]:
+def evaluate_heldout(
+    model_dir: Path, heldout_path: Path = config.DEMO_HELDOUT, limit: int | None = None
+) -> dict[str, Any]:
     """{"accuracy", "per_task": {task: accuracy}, "results": [{task, prompt, answer, predicted, correct}]}."""
     model, tokenizer = load_model_and_tokenizer(Path(model_dir))
     rows = load_heldout(Path(heldout_path), limit)
     predicted = generate_answers(model, tokenizer, [row["prompt"] for row in rows])
-    results = [{**row, "predicted": guess, "correct": guess == row["answer"]}
-               for row, guess in zip(rows, predicted)]
+    results = [{**row, "predicted": guess, "correct": guess == row["answer"]} for row, guess in zip(rows, predicted)]
     by_task: dict[str, list[bool]] = defaultdict(list)
     for result in results:
         by_task[result["task"]].append(result["correct"])
@@ -171,8 +186,7 @@ def report(evaluation: dict[str, Any], seconds: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description="Exact-match accuracy on held-out instruction prompts.")
     parser.add_argument("model_dir", type=Path, help="model folder with its tokenizer, or a prep folder")
-    parser.add_argument("--heldout", type=Path, default=config.DEMO_HELDOUT,
-                        help="JSON lines of task, prompt, answer")
+    parser.add_argument("--heldout", type=Path, default=config.DEMO_HELDOUT, help="JSON lines of task, prompt, answer")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N prompts")
     args = parser.parse_args()
     weights_dir, _ = model_and_tokenizer_dirs(args.model_dir)

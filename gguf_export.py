@@ -13,6 +13,7 @@ tokens.
 
 Exit status: 0 written; 1 bad input or a failure, in one line on stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,7 @@ class ExportError(Exception):
 @dataclass(frozen=True)
 class Tensor:
     """One tensor to write: its GGUF name, where it comes from, and how it is stored."""
+
     name: str
     file: Path  # the safetensors file that holds it
     source: str  # its name there
@@ -53,14 +55,20 @@ class Tensor:
 
 def file_type(type_name: str):
     import gguf
-    return {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-            "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[type_name]
+
+    return {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }[type_name]
 
 
 def tensor_type(type_name: str, shape: tuple[int, ...]):
     """How convert_hf_to_gguf.py stores a LLaMA tensor: vectors (norms) in f32, matrices in the asked
     type, q8_0 falling back to f16 for rows that are not whole 32-value blocks."""
     import gguf
+
     kinds = gguf.GGMLQuantizationType
     if len(shape) == 1:
         return kinds.F32
@@ -85,15 +93,22 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     architectures = model_config.get("architectures") or []
     if model_config.get("model_type") != "llama" or LLAMA_ARCHITECTURE not in architectures:
         found = ", ".join(architectures) or "no architectures"
-        raise ExportError(f"{path}: a {model_config.get('model_type')!r} model ({found}); "
-                          f"GGUF export takes a LLaMA ({LLAMA_ARCHITECTURE})")
+        raise ExportError(
+            f"{path}: a {model_config.get('model_type')!r} model ({found}); "
+            f"GGUF export takes a LLaMA ({LLAMA_ARCHITECTURE})"
+        )
     if model_config.get("quantization_config"):
         raise ExportError(f"{path}: the weights are quantized; export the published (merged 16-bit) model")
     rope = model_config.get("rope_parameters") or model_config.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default" or model_config.get("attention_bias") or \
-            model_config.get("mlp_bias"):
-        raise ExportError(f"{path}: rope scaling or bias terms, which this exporter does not write; "
-                          "use llama.cpp's convert_hf_to_gguf.py")
+    if (
+        rope.get("rope_type", "default") != "default"
+        or model_config.get("attention_bias")
+        or model_config.get("mlp_bias")
+    ):
+        raise ExportError(
+            f"{path}: rope scaling or bias terms, which this exporter does not write; "
+            "use llama.cpp's convert_hf_to_gguf.py"
+        )
     return model_config
 
 
@@ -103,8 +118,7 @@ def safetensors_files(folder: Path) -> list[Path]:
         return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
-    raise ExportError(f"{folder}: no model.safetensors (or its index); export a folder that "
-                      "save_pretrained wrote")
+    raise ExportError(f"{folder}: no model.safetensors (or its index); export a folder that save_pretrained wrote")
 
 
 def plan_tensors(folder: Path, model_config: dict[str, Any], type_name: str) -> list[Tensor]:
@@ -124,8 +138,9 @@ def plan_tensors(folder: Path, model_config: dict[str, Any], type_name: str) -> 
                     raise ExportError(f"{path}: tensor {source} has no place in a llama.cpp LLaMA")
                 stored = weights.get_slice(source)
                 shape = tuple(stored.get_shape())
-                permute = heads if name.endswith("attn_q.weight") else kv_heads if name.endswith(
-                    "attn_k.weight") else None
+                permute = (
+                    heads if name.endswith("attn_q.weight") else kv_heads if name.endswith("attn_k.weight") else None
+                )
                 qtype = tensor_type(type_name, shape)
                 planned.append(Tensor(name, path, source, shape, stored.get_dtype(), qtype, permute))
     return planned
@@ -134,8 +149,11 @@ def plan_tensors(folder: Path, model_config: dict[str, Any], type_name: str) -> 
 def rotary_permute(weights, heads: int):
     """llama.cpp's rotary embedding rotates adjacent pairs where transformers rotates the two halves of
     each head: convert_hf_to_gguf.py's LlamaModel.permute reorders the rows of q and k to match."""
-    return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def tokenizer_json(folder: Path) -> dict[str, Any]:
@@ -143,15 +161,23 @@ def tokenizer_json(folder: Path) -> dict[str, Any]:
     path = folder / "tokenizer.json"
     data = read_json(path, "GGUF export needs the fast tokenizer's tokenizer.json")
     pre = data.get("pre_tokenizer") or {}
-    if (data.get("model") or {}).get("type") != "BPE" or pre.get("type") != "ByteLevel" or \
-            not pre.get("use_regex", True) or data.get("normalizer"):
-        raise ExportError(f"{path}: a {(data.get('model') or {}).get('type')} model with a "
-                          f"{pre.get('type')} pre-tokenizer; GGUF export takes the byte-level BPE "
-                          "(ByteLevel pre-tokenizer, no normalizer) that this pipeline trains")
+    if (
+        (data.get("model") or {}).get("type") != "BPE"
+        or pre.get("type") != "ByteLevel"
+        or not pre.get("use_regex", True)
+        or data.get("normalizer")
+    ):
+        raise ExportError(
+            f"{path}: a {(data.get('model') or {}).get('type')} model with a "
+            f"{pre.get('type')} pre-tokenizer; GGUF export takes the byte-level BPE "
+            "(ByteLevel pre-tokenizer, no normalizer) that this pipeline trains"
+        )
     if pre.get("add_prefix_space"):
-        util.log(f"gguf: warning: {path} puts a space before text that lacks one and llama.cpp does not: "
-                 "there the first word of a prompt, and a word right after a special token, become other "
-                 "tokens unless the prompt has that space (TROUBLESHOOTING.md)")
+        util.log(
+            f"gguf: warning: {path} puts a space before text that lacks one and llama.cpp does not: "
+            "there the first word of a prompt, and a word right after a special token, become other "
+            "tokens unless the prompt has that space (TROUBLESHOOTING.md)"
+        )
     return data
 
 
@@ -167,11 +193,15 @@ def vocabulary(data: dict[str, Any], rows: int, folder: Path) -> tuple[list[str]
         if added.get("special"):
             special.add(added["id"])
     if max(by_id) >= rows:
-        raise ExportError(f"{folder}: the tokenizer has token id {max(by_id)} but the model only {rows} "
-                          "embedding rows; export a folder whose tokenizer and model were saved together")
+        raise ExportError(
+            f"{folder}: the tokenizer has token id {max(by_id)} but the model only {rows} "
+            "embedding rows; export a folder whose tokenizer and model were saved together"
+        )
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(rows)]
-    types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL if i in by_id
-             else gguf.TokenType.UNUSED for i in range(rows)]
+    types = [
+        gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED
+        for i in range(rows)
+    ]
     return tokens, [int(t) for t in types]
 
 
@@ -194,8 +224,9 @@ def add_tokenizer(writer, folder: Path, rows: int) -> None:
     if isinstance(special.chat_template, str):
         special.chat_template = util.serving_chat_template(special.chat_template)
     elif special.chat_template:
-        special.chat_template = [{**entry, "template": util.serving_chat_template(entry["template"])}
-                                 for entry in special.chat_template]
+        special.chat_template = [
+            {**entry, "template": util.serving_chat_template(entry["template"])} for entry in special.chat_template
+        ]
     special.add_special_token.setdefault("eos", False)  # said outright: llama.cpp's default varies by model
     special.add_to_gguf(writer, quiet=True)
     if END_OF_TURN in tokens:
@@ -234,8 +265,7 @@ def add_tensor_infos(writer, planned: list[Tensor]) -> None:
 
     for tensor in planned:
         nbytes = math.prod(gguf.quant_shape_to_byte_shape(tensor.shape, tensor.qtype))
-        writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), nbytes,
-                               raw_dtype=tensor.qtype)
+        writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), nbytes, raw_dtype=tensor.qtype)
 
 
 def write_tensor_data(writer, planned: list[Tensor]) -> None:
@@ -247,8 +277,7 @@ def write_tensor_data(writer, planned: list[Tensor]) -> None:
     # numpy has no bfloat16: such weights are read through torch (a slower import, so only then).
     framework = "pt" if any(t.stored_as == "BF16" for t in planned) else "numpy"
     with contextlib.ExitStack() as stack:
-        files = {path: stack.enter_context(safe_open(path, framework=framework))
-                 for path in {t.file for t in planned}}
+        files = {path: stack.enter_context(safe_open(path, framework=framework)) for path in {t.file for t in planned}}
         for tensor in planned:
             weights = files[tensor.file].get_tensor(tensor.source)
             weights = weights.float().numpy() if framework == "pt" else weights.astype(np.float32)
@@ -297,13 +326,18 @@ def output_path(folder: Path, out: Path | None, type_name: str, several: bool) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="util.py gguf", description="Write a LLaMA model folder as GGUF "
-                                     "files for llama.cpp, Ollama and LM Studio.")
+    parser = argparse.ArgumentParser(
+        prog="util.py gguf", description="Write a LLaMA model folder as GGUF files for llama.cpp, Ollama and LM Studio."
+    )
     parser.add_argument("folder", type=Path, help="a model folder, such as output/train-llama-it")
-    parser.add_argument("out", type=Path, nargs="?", help="a folder for the files (default: FOLDER), or a "
-                        ".gguf file for one type")
-    parser.add_argument("--types", default=",".join(DEFAULT_TYPES),
-                        help=f"comma-separated, from {', '.join(config.GGUF_TYPES)} (default %(default)s)")
+    parser.add_argument(
+        "out", type=Path, nargs="?", help="a folder for the files (default: FOLDER), or a .gguf file for one type"
+    )
+    parser.add_argument(
+        "--types",
+        default=",".join(DEFAULT_TYPES),
+        help=f"comma-separated, from {', '.join(config.GGUF_TYPES)} (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     try:
         types = config.parse_gguf_types(args.types)
@@ -321,8 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gguf: error: {err}", file=sys.stderr)
         return config.ExitCode.FAILED
     except OSError as err:
-        print(f"gguf: error: {err.filename or args.out or args.folder}: {err.strerror or err}; "
-              "free space or fix the permissions, then run it again", file=sys.stderr)
+        print(
+            f"gguf: error: {err.filename or args.out or args.folder}: {err.strerror or err}; "
+            "free space or fix the permissions, then run it again",
+            file=sys.stderr,
+        )
         return config.ExitCode.FAILED
     return config.ExitCode.OK
 

@@ -7,6 +7,7 @@ checkpointing left on `auto`, at the global batch the settings name. Pure functi
 and the numbers, except `machine_for`, which reads the GPUs (or the RAM) train.py will use.
 preflight.py checks a run against the estimate; train.py runs the plan.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,8 +54,9 @@ def lora_parameter_count(topology: config.Topology, rank: int = config.LORA_R) -
     return topology.num_layers * rank * per_layer
 
 
-def layer_activation_bytes(topology: config.Topology, precision_bytes: int, use_quant: bool,
-                           fused_kernels: bool = False) -> float:
+def layer_activation_bytes(
+    topology: config.Topology, precision_bytes: int, use_quant: bool, fused_kernels: bool = False
+) -> float:
     """Bytes that autograd keeps per token for one decoder layer until its backward runs.
 
     Full training: each RMSNorm keeps its fp32 input (4h) and 1/rms (4), its 16-bit normalized
@@ -92,8 +94,9 @@ def _layer_backward_work_bytes(topology: config.Topology, precision_bytes: int) 
     return precision_bytes * (topology.hidden_size + 3 * topology.intermediate_size)
 
 
-def fused_head_bytes(topology: config.Topology, vocab: int, tokens: int, precision_bytes: int,
-                     train_head: bool) -> dict[str, float]:
+def fused_head_bytes(
+    topology: config.Topology, vocab: int, tokens: int, precision_bytes: int, train_head: bool
+) -> dict[str, float]:
     """TRL's chunked log-prob head: it keeps a 16-bit copy of the scored hidden states and three fp32
     numbers per token; backward allocates an fp32 hidden gradient, an fp32 head-weight gradient
     (unless the head is frozen), a token x vocab tile and the 16-bit casts of both gradients."""
@@ -106,9 +109,16 @@ def fused_head_bytes(topology: config.Topology, vocab: int, tokens: int, precisi
     return {"saved": saved, "backward": backward}
 
 
-def activation_bytes(topology: config.Topology, vocab: int, tokens: int, precision_bytes: int,
-                     use_quant: bool, gradient_checkpointing: bool, trains_token_rows: bool = False,
-                     fused_kernels: bool = False) -> dict[str, float]:
+def activation_bytes(
+    topology: config.Topology,
+    vocab: int,
+    tokens: int,
+    precision_bytes: int,
+    use_quant: bool,
+    gradient_checkpointing: bool,
+    trains_token_rows: bool = False,
+    fused_kernels: bool = False,
+) -> dict[str, float]:
     """Peak activation memory, at the start of backward (everything saved + the head's backward) or
     during the first layer's backward, whichever is larger; with checkpointing only each layer's
     16-bit input is kept and one layer at a time is recomputed. `trains_token_rows` (4-bit + LoRA
@@ -125,9 +135,12 @@ def activation_bytes(topology: config.Topology, vocab: int, tokens: int, precisi
     full = layers * per_layer + common + max(head["backward"], layer_work)
     checkpoints = layers * p * topology.hidden_size * tokens
     recomputed = checkpoints + common + max(head["backward"], per_layer + layer_work)
-    return {"without_checkpointing": full, "with_checkpointing": recomputed,
-            "used": recomputed if gradient_checkpointing else full,
-            "loss_head": head["saved"] + head["backward"]}
+    return {
+        "without_checkpointing": full,
+        "with_checkpointing": recomputed,
+        "used": recomputed if gradient_checkpointing else full,
+        "loss_head": head["saved"] + head["backward"],
+    }
 
 
 def training_states(params: int, p: int, zero_stage: int, world_size: int) -> dict[str, float]:
@@ -141,14 +154,23 @@ def training_states(params: int, p: int, zero_stage: int, world_size: int) -> di
     16-bit gradient partition into a copy and cast that to fp32 (p + 4 bytes per sharded param)."""
     n = max(1, world_size)
     master = 4 if (p < 4 or zero_stage > 0) else 0
-    return {"weights": p * params / (n if zero_stage == 3 else 1),
-            "gradients": p * params / (n if zero_stage >= 2 else 1),
-            "optimizer_states": (master + ADAM_STATE_BYTES) * params / (n if zero_stage >= 1 else 1),
-            "step": 4 * params if zero_stage == 0 else (p + 4) * params / n}
+    return {
+        "weights": p * params / (n if zero_stage == 3 else 1),
+        "gradients": p * params / (n if zero_stage >= 2 else 1),
+        "optimizer_states": (master + ADAM_STATE_BYTES) * params / (n if zero_stage >= 1 else 1),
+        "step": 4 * params if zero_stage == 0 else (p + 4) * params / n,
+    }
 
 
-def deepspeed_buffers(params: int, trainable: int, p: int, zero_stage: int, use_quant: bool, world_size: int,
-                      buckets: tuple[int, bool] | None = None) -> dict[str, float]:
+def deepspeed_buffers(
+    params: int,
+    trainable: int,
+    p: int,
+    zero_stage: int,
+    use_quant: bool,
+    world_size: int,
+    buckets: tuple[int, bool] | None = None,
+) -> dict[str, float]:
     """DeepSpeed's own allocations. `backward`: the gradient buckets, allocated whole when backward
     starts and freed at its end: for ZeRO-1/2 one bucket, two with overlap_comm (double buffering);
     one for ZeRO-3. `buckets` is (elements, overlap_comm), config.deepspeed_buckets' choice unless
@@ -163,12 +185,23 @@ def deepspeed_buffers(params: int, trainable: int, p: int, zero_stage: int, use_
     return {"backward": 0.0, "resident": 0.0}
 
 
-def estimate_training_memory(topology: config.Topology, vocab_size: int, batch_size: int, max_length: int,
-                             precision_bytes: int, use_quant: bool, gradient_checkpointing: bool,
-                             zero_stage: int, world_size: int, *, gradient_accumulation_steps: int = 1,
-                             include_cuda_overhead: bool = True, trains_token_rows: bool = False,
-                             buckets: tuple[int, bool] | None = None,
-                             fused_kernels: bool = False) -> dict[str, float]:
+def estimate_training_memory(
+    topology: config.Topology,
+    vocab_size: int,
+    batch_size: int,
+    max_length: int,
+    precision_bytes: int,
+    use_quant: bool,
+    gradient_checkpointing: bool,
+    zero_stage: int,
+    world_size: int,
+    *,
+    gradient_accumulation_steps: int = 1,
+    include_cuda_overhead: bool = True,
+    trains_token_rows: bool = False,
+    buckets: tuple[int, bool] | None = None,
+    fused_kernels: bool = False,
+) -> dict[str, float]:
     """Peak GPU memory per process (bytes) for one training run, by term.
 
     The peak is the larger of two moments. At the start of backward: weights, optimizer states,
@@ -189,8 +222,9 @@ def estimate_training_memory(topology: config.Topology, vocab_size: int, batch_s
     p = precision_bytes
     vocab = config.padded_vocab(vocab_size)
     params = topology.parameter_count(vocab)
-    acts = activation_bytes(topology, vocab, batch_size * max_length, p, use_quant, gradient_checkpointing,
-                            trains_token_rows, fused_kernels)
+    acts = activation_bytes(
+        topology, vocab, batch_size * max_length, p, use_quant, gradient_checkpointing, trains_token_rows, fused_kernels
+    )
     trainable = lora_parameter_count(topology) if use_quant else params
     states = training_states(trainable, p, zero_stage, world_size)
     buffers = deepspeed_buffers(params, trainable, p, zero_stage, use_quant, world_size, buckets)
@@ -198,13 +232,22 @@ def estimate_training_memory(topology: config.Topology, vocab_size: int, batch_s
         quantized = _linear_parameter_count(topology)
         # NF4 projections; embeddings, head and norms stay frozen in 16 bit (DeepSpeed casts them).
         weights = quantized * NF4_BYTES_PER_PARAM + (params - quantized) * p
-        terms = {"weights": weights, "gradients": 0.0, "optimizer_states": 0.0,
-                 "lora": states["weights"] + states["gradients"] + states["optimizer_states"]}
+        terms = {
+            "weights": weights,
+            "gradients": 0.0,
+            "optimizer_states": 0.0,
+            "lora": states["weights"] + states["gradients"] + states["optimizer_states"],
+        }
     else:
-        terms = {"weights": states["weights"], "gradients": states["gradients"],
-                 "optimizer_states": states["optimizer_states"], "lora": 0.0}
-    static = terms["weights"] + states["optimizer_states"] + buffers["resident"] + (
-        states["weights"] if use_quant else 0.0)
+        terms = {
+            "weights": states["weights"],
+            "gradients": states["gradients"],
+            "optimizer_states": states["optimizer_states"],
+            "lora": 0.0,
+        }
+    static = (
+        terms["weights"] + states["optimizer_states"] + buffers["resident"] + (states["weights"] if use_quant else 0.0)
+    )
     gradients_in_backward = states["gradients"] if gradient_accumulation_steps > 1 else 0.0
     backward_peak = static + buffers["backward"] + gradients_in_backward + acts["used"]
     step_peak = static + states["gradients"] + states["step"]
@@ -212,13 +255,25 @@ def estimate_training_memory(topology: config.Topology, vocab_size: int, batch_s
     slack = ALLOCATOR_SLACK * allocated
     overhead = (CUDA_CONTEXT_BYTES + (NCCL_BYTES if world_size > 1 else 0)) if include_cuda_overhead else 0
     return {
-        "parameters": params, "trainable_parameters": trainable, "tokens_per_micro_batch": batch_size * max_length,
-        **terms, "deepspeed_buffers": buffers["backward"] + buffers["resident"], "optimizer_step": states["step"],
-        "activations": acts["used"], "activations_without_checkpointing": acts["without_checkpointing"],
-        "activations_with_checkpointing": acts["with_checkpointing"], "loss_head": acts["loss_head"],
-        "static": static, "deepspeed_buckets": buffers["backward"], "trained_gradients": states["gradients"],
-        "gradients_in_backward": gradients_in_backward, "backward_peak": backward_peak, "step_peak": step_peak,
-        "allocated": allocated, "allocator_slack": slack, "cuda_overhead": overhead,
+        "parameters": params,
+        "trainable_parameters": trainable,
+        "tokens_per_micro_batch": batch_size * max_length,
+        **terms,
+        "deepspeed_buffers": buffers["backward"] + buffers["resident"],
+        "optimizer_step": states["step"],
+        "activations": acts["used"],
+        "activations_without_checkpointing": acts["without_checkpointing"],
+        "activations_with_checkpointing": acts["with_checkpointing"],
+        "loss_head": acts["loss_head"],
+        "static": static,
+        "deepspeed_buckets": buffers["backward"],
+        "trained_gradients": states["gradients"],
+        "gradients_in_backward": gradients_in_backward,
+        "backward_peak": backward_peak,
+        "step_peak": step_peak,
+        "allocated": allocated,
+        "allocator_slack": slack,
+        "cuda_overhead": overhead,
         "total": allocated + slack + overhead,
     }
 
@@ -230,10 +285,17 @@ def describe_estimate(estimate: dict[str, float]) -> str:
         parts = [("gradients", estimate["trained_gradients"]), ("step temporaries", estimate["optimizer_step"])]
     else:
         moment = "at the start of backward"
-        parts = [("activations", estimate["activations"]), ("DeepSpeed buckets", estimate["deepspeed_buckets"]),
-                 ("gradients", estimate["gradients_in_backward"])]
-    parts = [("weights + optimizer states", estimate["static"]), *parts,
-             ("allocator reserve", estimate["allocator_slack"]), ("CUDA context", estimate["cuda_overhead"])]
+        parts = [
+            ("activations", estimate["activations"]),
+            ("DeepSpeed buckets", estimate["deepspeed_buckets"]),
+            ("gradients", estimate["gradients_in_backward"]),
+        ]
+    parts = [
+        ("weights + optimizer states", estimate["static"]),
+        *parts,
+        ("allocator reserve", estimate["allocator_slack"]),
+        ("CUDA context", estimate["cuda_overhead"]),
+    ]
     shown = ", ".join(f"{label} {size / GIB:.1f}" for label, size in parts if size >= 0.05 * GIB)
     return f"{gib(estimate['total'])} per GPU, peaking {moment} ({shown} GiB)"
 
@@ -274,9 +336,14 @@ def _shorter_sequences(kw: dict) -> list[dict]:
 
 
 def _change_text(before: dict, after: dict) -> str:
-    names = {"gradient_checkpointing": "GRADIENT_CHECKPOINTING", "batch_size": "BATCH_SIZE",
-             "gradient_accumulation_steps": "GRADIENT_ACCUMULATION_STEPS", "zero_stage": "ZERO_STAGE",
-             "use_quant": "USE_QUANT", "max_length": "MAX_LENGTH"}
+    names = {
+        "gradient_checkpointing": "GRADIENT_CHECKPOINTING",
+        "batch_size": "BATCH_SIZE",
+        "gradient_accumulation_steps": "GRADIENT_ACCUMULATION_STEPS",
+        "zero_stage": "ZERO_STAGE",
+        "use_quant": "USE_QUANT",
+        "max_length": "MAX_LENGTH",
+    }
     parts = []
     for key, name in names.items():
         if after.get(key) != before.get(key):
@@ -292,6 +359,7 @@ def advice_to_fit(estimate_kwargs: dict[str, Any], free_bytes: float) -> list[st
     that fits); if none does alone, the changes are combined in order (checkpointing, smaller
     batches, ZeRO stage, 4-bit + LoRA, shorter sequences) and the first combination that fits is
     given. An empty list means nothing tried fits."""
+
     def total(kw: dict) -> float:
         return estimate_training_memory(**kw)["total"]
 
@@ -300,8 +368,7 @@ def advice_to_fit(estimate_kwargs: dict[str, Any], free_bytes: float) -> list[st
 
     kw = dict(estimate_kwargs)
     groups = [[c] if c else [] for c in (_with_checkpointing(kw),)]
-    groups += [_smaller_batches(kw), _zero_stages(kw), [c] if (c := _with_quant(kw)) else [],
-               _shorter_sequences(kw)]
+    groups += [_smaller_batches(kw), _zero_stages(kw), [c] if (c := _with_quant(kw)) else [], _shorter_sequences(kw)]
     advice = []
     for group in groups:
         found = first_fitting(group)
@@ -341,6 +408,7 @@ def training_precision_bytes(settings: config.Settings) -> int:
 class Machine:
     """What a batch plan is made for: the training processes, their precision, whether Liger's
     kernels run, and the memory one process may use (`budget_bytes`, described by `budget_text`)."""
+
     world_size: int
     on_gpu: bool
     precision_bytes: int
@@ -352,6 +420,7 @@ class Machine:
 @dataclass(frozen=True)
 class BatchPlan:
     """Micro-batch, accumulation and checkpointing of a run, with the estimate they give and why."""
+
     batch_size: int
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
@@ -394,28 +463,48 @@ def machine_for(settings: config.Settings, world_size: int) -> Machine:
     if torch.cuda.is_available():
         count = min(world_size, torch.cuda.device_count()) or 1
         smallest = min((torch.cuda.get_device_properties(i) for i in range(count)), key=lambda p: p.total_memory)
-        return Machine(world_size, True, training_precision_bytes(settings), fused_kernels_enabled(settings, True),
-                       MEMORY_SHARE * smallest.total_memory,
-                       f"{MEMORY_SHARE:.0%} of the {gib(smallest.total_memory)} of a {smallest.name}")
+        return Machine(
+            world_size,
+            True,
+            training_precision_bytes(settings),
+            fused_kernels_enabled(settings, True),
+            MEMORY_SHARE * smallest.total_memory,
+            f"{MEMORY_SHARE:.0%} of the {gib(smallest.total_memory)} of a {smallest.name}",
+        )
     import psutil
 
     ram = psutil.virtual_memory().total
-    return Machine(world_size, False, cpu_precision_bytes(settings), fused_kernels_enabled(settings, False),
-                   MEMORY_SHARE * ram / world_size - CPU_PROCESS_BYTES,
-                   f"{MEMORY_SHARE:.0%} of {gib(ram)} of RAM shared by {world_size} process(es)")
+    return Machine(
+        world_size,
+        False,
+        cpu_precision_bytes(settings),
+        fused_kernels_enabled(settings, False),
+        MEMORY_SHARE * ram / world_size - CPU_PROCESS_BYTES,
+        f"{MEMORY_SHARE:.0%} of {gib(ram)} of RAM shared by {world_size} process(es)",
+    )
 
 
-def estimate_kwargs(settings: config.Settings, machine: Machine, batch_size: int, accumulation: int,
-                    checkpointing: bool) -> dict[str, Any]:
+def estimate_kwargs(
+    settings: config.Settings, machine: Machine, batch_size: int, accumulation: int, checkpointing: bool
+) -> dict[str, Any]:
     """The estimator's keyword arguments for these settings on `machine` (instruct tokenizers add the 3
     chat tokens; ZeRO's stage as config.zero_stage_for runs it)."""
     vocab = settings.vocab_size + (len(config.CHAT_TOKENS) if settings.inst else 0)
-    return dict(topology=settings.topology, vocab_size=vocab, batch_size=batch_size,
-                max_length=settings.max_length, precision_bytes=machine.precision_bytes,
-                use_quant=settings.use_quant, gradient_checkpointing=checkpointing,
-                zero_stage=config.zero_stage_for(settings, machine.world_size), world_size=machine.world_size,
-                gradient_accumulation_steps=accumulation, trains_token_rows=settings.use_quant and settings.inst,
-                fused_kernels=machine.fused_kernels, include_cuda_overhead=machine.on_gpu)
+    return dict(
+        topology=settings.topology,
+        vocab_size=vocab,
+        batch_size=batch_size,
+        max_length=settings.max_length,
+        precision_bytes=machine.precision_bytes,
+        use_quant=settings.use_quant,
+        gradient_checkpointing=checkpointing,
+        zero_stage=config.zero_stage_for(settings, machine.world_size),
+        world_size=machine.world_size,
+        gradient_accumulation_steps=accumulation,
+        trains_token_rows=settings.use_quant and settings.inst,
+        fused_kernels=machine.fused_kernels,
+        include_cuda_overhead=machine.on_gpu,
+    )
 
 
 def global_batch_for(settings: config.Settings, world_size: int) -> int:
@@ -425,10 +514,15 @@ def global_batch_for(settings: config.Settings, world_size: int) -> int:
     if batch is None or accumulation is None:
         return settings.global_batch_size
     product = batch * accumulation * world_size
-    if settings.sources.get("GLOBAL_BATCH_SIZE", "").startswith("environment") and settings.global_batch_size != product:
-        raise BatchError(f"GLOBAL_BATCH_SIZE={settings.global_batch_size}: BATCH_SIZE={batch} x "
-                         f"GRADIENT_ACCUMULATION_STEPS={accumulation} x {world_size} process(es) is {product}; "
-                         "set BATCH_SIZE or GRADIENT_ACCUMULATION_STEPS to auto, or unset GLOBAL_BATCH_SIZE")
+    if (
+        settings.sources.get("GLOBAL_BATCH_SIZE", "").startswith("environment")
+        and settings.global_batch_size != product
+    ):
+        raise BatchError(
+            f"GLOBAL_BATCH_SIZE={settings.global_batch_size}: BATCH_SIZE={batch} x "
+            f"GRADIENT_ACCUMULATION_STEPS={accumulation} x {world_size} process(es) is {product}; "
+            "set BATCH_SIZE or GRADIENT_ACCUMULATION_STEPS to auto, or unset GLOBAL_BATCH_SIZE"
+        )
     return product
 
 
@@ -438,15 +532,19 @@ def micro_batch_candidates(settings: config.Settings, machine: Machine, per_proc
     batch, accumulation = settings.batch_size, settings.gradient_accumulation_steps
     if batch is not None:
         if per_process % batch:
-            raise BatchError(f"BATCH_SIZE={batch}: must divide the {per_process} sequences per process "
-                             f"(GLOBAL_BATCH_SIZE={settings.global_batch_size} over {machine.world_size} "
-                             "process(es)); choose a divisor, or set BATCH_SIZE=auto")
+            raise BatchError(
+                f"BATCH_SIZE={batch}: must divide the {per_process} sequences per process "
+                f"(GLOBAL_BATCH_SIZE={settings.global_batch_size} over {machine.world_size} "
+                "process(es)); choose a divisor, or set BATCH_SIZE=auto"
+            )
         return [batch]
     if accumulation is not None:
         if per_process % accumulation:
-            raise BatchError(f"GRADIENT_ACCUMULATION_STEPS={accumulation}: must divide the {per_process} sequences "
-                             f"per process (GLOBAL_BATCH_SIZE={settings.global_batch_size} over "
-                             f"{machine.world_size} process(es)); choose a divisor, or set it to auto")
+            raise BatchError(
+                f"GRADIENT_ACCUMULATION_STEPS={accumulation}: must divide the {per_process} sequences "
+                f"per process (GLOBAL_BATCH_SIZE={settings.global_batch_size} over "
+                f"{machine.world_size} process(es)); choose a divisor, or set it to auto"
+            )
         return [per_process // accumulation]
     cap = per_process if machine.on_gpu else CPU_MAX_MICRO_BATCH
     return [size for size in range(min(cap, per_process), 0, -1) if per_process % size == 0]
@@ -456,39 +554,59 @@ def plan_batch(settings: config.Settings, machine: Machine) -> BatchPlan:
     """Micro-batch, accumulation and checkpointing for the settings left on `auto`: the largest
     micro-batch whose estimate fits the machine's budget without activation checkpointing, else with
     it, at the global batch the settings name; explicit settings are kept. Raises BatchError where the
-    settings cannot make up the global batch, or ask for Liger without a GPU. When nothing fits, the smallest micro-batch (with
-    checkpointing where that is `auto`) is planned, and preflight says what would fit."""
+    settings cannot make up the global batch, or ask for Liger without a GPU. When nothing fits, the
+    smallest micro-batch (with checkpointing where that is `auto`) is planned, and preflight says what
+    would fit."""
     if machine.fused_kernels and not machine.on_gpu:
-        raise BatchError("USE_LIGER=true needs a CUDA GPU (Liger's kernels have no CPU path); "
-                         "set USE_LIGER=auto or false")
+        raise BatchError(
+            "USE_LIGER=true needs a CUDA GPU (Liger's kernels have no CPU path); set USE_LIGER=auto or false"
+        )
     world = machine.world_size
     global_batch = global_batch_for(settings, world)
     if global_batch % world:
-        raise BatchError(f"GLOBAL_BATCH_SIZE={global_batch}: must be a multiple of the {world} training processes; "
-                         f"use {global_batch + world - global_batch % world}, or another NUM_PROCESSES")
+        raise BatchError(
+            f"GLOBAL_BATCH_SIZE={global_batch}: must be a multiple of the {world} training processes; "
+            f"use {global_batch + world - global_batch % world}, or another NUM_PROCESSES"
+        )
     per_process = global_batch // world
     candidates = micro_batch_candidates(settings, machine, per_process)
     checkpointing = [settings.gradient_checkpointing] if settings.gradient_checkpointing is not None else [False, True]
-    chosen = [name for name, value in (("BATCH_SIZE", settings.batch_size),
-                                       ("GRADIENT_ACCUMULATION_STEPS", settings.gradient_accumulation_steps),
-                                       ("GRADIENT_CHECKPOINTING", settings.gradient_checkpointing)) if value is None]
+    chosen = [
+        name
+        for name, value in (
+            ("BATCH_SIZE", settings.batch_size),
+            ("GRADIENT_ACCUMULATION_STEPS", settings.gradient_accumulation_steps),
+            ("GRADIENT_CHECKPOINTING", settings.gradient_checkpointing),
+        )
+        if value is None
+    ]
     for checkpoint in checkpointing:
         for size in candidates:
             kwargs = estimate_kwargs(settings, machine, size, per_process // size, checkpoint)
             total = estimate_training_memory(**kwargs)["total"]
             if total <= machine.budget_bytes:
-                why = (f"{', '.join(chosen)} auto: the largest micro-batch whose estimate ({gib(total)}) fits in "
-                       f"{machine.budget_text}" if chosen else "as set")
+                why = (
+                    f"{', '.join(chosen)} auto: the largest micro-batch whose estimate ({gib(total)}) fits in "
+                    f"{machine.budget_text}"
+                    if chosen
+                    else "as set"
+                )
                 return BatchPlan(size, per_process // size, checkpoint, world, kwargs, why)
     size, checkpoint = candidates[-1], checkpointing[-1]
     kwargs = estimate_kwargs(settings, machine, size, per_process // size, checkpoint)
-    why = (f"{', '.join(chosen)} auto, but even the smallest choice, estimated at "
-           f"{gib(estimate_training_memory(**kwargs)['total'])}, exceeds {machine.budget_text}" if chosen else "as set")
+    why = (
+        f"{', '.join(chosen)} auto, but even the smallest choice, estimated at "
+        f"{gib(estimate_training_memory(**kwargs)['total'])}, exceeds {machine.budget_text}"
+        if chosen
+        else "as set"
+    )
     return BatchPlan(size, per_process // size, checkpoint, world, kwargs, why)
 
 
 def describe_plan(plan: BatchPlan, max_length: int) -> str:
     """One line for the log: the global batch, how it is made up, and why."""
-    return (f"batch: {plan.global_batch} sequences ({plan.global_batch * max_length:,} tokens) per optimizer step = "
-            f"{plan.world_size} process(es) x micro-batch {plan.batch_size} x {plan.gradient_accumulation_steps} "
-            f"accumulation, activation checkpointing {'on' if plan.gradient_checkpointing else 'off'} ({plan.reason})")
+    return (
+        f"batch: {plan.global_batch} sequences ({plan.global_batch * max_length:,} tokens) per optimizer step = "
+        f"{plan.world_size} process(es) x micro-batch {plan.batch_size} x {plan.gradient_accumulation_steps} "
+        f"accumulation, activation checkpointing {'on' if plan.gradient_checkpointing else 'off'} ({plan.reason})"
+    )

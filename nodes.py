@@ -14,6 +14,7 @@ and publishing by the job's time limit (STARTUP_DURATION_TIMEOUT, from TRAINER_S
 for trainer.sh;
 preflight.py calls check_shared_storage.
 """
+
 from __future__ import annotations
 
 import sys
@@ -47,8 +48,10 @@ def run_token(settings: config.Settings) -> str | None:
 def raise_if_a_node_failed(settings: config.Settings, token: str | None) -> None:
     failure = util.read_json(nodes_dir(settings) / "failed.json")
     if isinstance(failure, dict) and token is not None and failure.get("token") == token:
-        raise NodeWaitError(f"node {failure.get('node')} failed in its stage '{failure.get('stage')}' (exit "
-                            f"{failure.get('status')}); this node stops too: see that node's log")
+        raise NodeWaitError(
+            f"node {failure.get('node')} failed in its stage '{failure.get('stage')}' (exit "
+            f"{failure.get('status')}); this node stops too: see that node's log"
+        )
 
 
 def master_address_problem(settings: config.Settings) -> str | None:
@@ -59,8 +62,10 @@ def master_address_problem(settings: config.Settings) -> str | None:
     try:
         socket.getaddrinfo(settings.master_addr, None)
     except (OSError, UnicodeError) as err:
-        return (f"MASTER_ADDR={settings.master_addr}: cannot be resolved from this node ({err}); set it to "
-                "node 0's IP address or a host name every node resolves")
+        return (
+            f"MASTER_ADDR={settings.master_addr}: cannot be resolved from this node ({err}); set it to "
+            "node 0's IP address or a host name every node resolves"
+        )
     return None
 
 
@@ -80,9 +85,11 @@ def check_shared_storage(settings: config.Settings) -> str | None:
             if not missing:
                 return None
             time.sleep(POLL_SECONDS)
-        return (f"WORK_DIR={settings.work_dir}: node(s) {', '.join(map(str, missing))} did not answer within "
-                f"{timeout:.0f}s: WORK_DIR is not shared with them, or they were not started (run trainer.sh "
-                f"on every node with NNODES={settings.nnodes} and its NODE_RANK), or their NNODES differs")
+        return (
+            f"WORK_DIR={settings.work_dir}: node(s) {', '.join(map(str, missing))} did not answer within "
+            f"{timeout:.0f}s: WORK_DIR is not shared with them, or they were not started (run trainer.sh "
+            f"on every node with NNODES={settings.nnodes} and its NODE_RANK), or their NNODES differs"
+        )
     first = util.read_json(folder / "share.json")
     while time.time() < deadline:
         current = util.read_json(folder / "share.json")
@@ -90,9 +97,11 @@ def check_shared_storage(settings: config.Settings) -> str | None:
             util.write_json_atomic(folder / f"ack-{settings.node_rank}.json", {"token": current["token"]})
             return None
         time.sleep(POLL_SECONDS)
-    return (f"WORK_DIR={settings.work_dir}: node 0's token did not appear here within {timeout:.0f}s: "
-            "WORK_DIR is not shared with node 0 (put it on storage every node mounts at the same path: NFS, "
-            "Lustre, a shared volume), or node 0 is not running")
+    return (
+        f"WORK_DIR={settings.work_dir}: node 0's token did not appear here within {timeout:.0f}s: "
+        "WORK_DIR is not shared with node 0 (put it on storage every node mounts at the same path: NFS, "
+        "Lustre, a shared volume), or node 0 is not running"
+    )
 
 
 def job_deadline(settings: config.Settings) -> float:
@@ -108,9 +117,11 @@ def wait_for(settings: config.Settings, what: str, ready) -> Any:
         if result is not None:
             return result
         if time.time() > deadline:
-            raise NodeWaitError(f"node 0 did not {what} before the job's time limit "
-                                f"(STARTUP_DURATION_TIMEOUT={settings.startup_duration_timeout:g} minutes); "
-                                "see node 0's log")
+            raise NodeWaitError(
+                f"node 0 did not {what} before the job's time limit "
+                f"(STARTUP_DURATION_TIMEOUT={settings.startup_duration_timeout:g} minutes); "
+                "see node 0's log"
+            )
         time.sleep(POLL_SECONDS)
 
 
@@ -150,14 +161,20 @@ def main() -> int:
         elif len(args) == 2 and args[0] == "wait-advanced":
             print(wait_for_advance(settings, int(args[1])))
         elif len(args) == 3 and args[0] == "advanced":
-            util.write_json_atomic(folder / "advanced.json", {"token": run_token(settings), "round": int(args[1]),
-                                                  "status": int(args[2])})
+            util.write_json_atomic(
+                folder / "advanced.json", {"token": run_token(settings), "round": int(args[1]), "status": int(args[2])}
+            )
         elif len(args) == 3 and args[0] == "failed":
-            util.write_json_atomic(folder / "failed.json", {"token": run_token(settings), "node": settings.node_rank,
-                                                "stage": args[1], "status": int(args[2])})
+            util.write_json_atomic(
+                folder / "failed.json",
+                {"token": run_token(settings), "node": settings.node_rank, "stage": args[1], "status": int(args[2])},
+            )
         else:
-            print("usage: nodes.py wait-prep | wait-advanced <round> | advanced <round> <status> | "
-                  "failed <stage> <status>", file=sys.stderr)
+            print(
+                "usage: nodes.py wait-prep | wait-advanced <round> | advanced <round> <status> | "
+                "failed <stage> <status>",
+                file=sys.stderr,
+            )
             return config.ExitCode.CONFIG
     except NodeWaitError as err:
         print(f"nodes: {err}", file=sys.stderr)

@@ -16,6 +16,7 @@ on the training settings. A token inside HF_ENDPOINT is never printed.
 Heavy modules are imported inside the checks that need them: torch for the GPU check,
 bitsandbytes only with USE_QUANT, datasets only for a dataset on the Hub.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -67,8 +68,8 @@ def skipped(detail: str, notes: list[str] | None = None, warnings: list[str] | N
     return CheckResult(SKIP, detail, notes or [], warnings or [])
 
 
-
 # Reporting Hub failures in one line.
+
 
 def hub_unreachable_reason(err: BaseException) -> str | None:
     """A short reason when `err` means the Hub could not be reached (connection refused, DNS,
@@ -94,8 +95,13 @@ def hub_unreachable_reason(err: BaseException) -> str | None:
 
 def _short_reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    for known in ("Connection refused", "Name or service not known", "Temporary failure in name resolution",
-                  "Network is unreachable", "No route to host"):
+    for known in (
+        "Connection refused",
+        "Name or service not known",
+        "Temporary failure in name resolution",
+        "Network is unreachable",
+        "No route to host",
+    ):
         if known in str(err):
             return known.lower()
     return text[:120]
@@ -130,11 +136,14 @@ def _http_status(err: BaseException) -> int | None:
 
 # The checks. Each takes the settings and returns a CheckResult.
 
+
 def check_configuration(settings: config.Settings, warnings: list[str]) -> CheckResult:
     topo = settings.topology
-    detail = (f"preset {settings.preset}; {settings.phase} INIT={settings.init} (shard {settings.shard_index}, "
-              f"{settings.run_epochs:g} epochs); model {topo.describe()}, "
-              f"{topo.parameter_count():,} parameters")
+    detail = (
+        f"preset {settings.preset}; {settings.phase} INIT={settings.init} (shard {settings.shard_index}, "
+        f"{settings.run_epochs:g} epochs); model {topo.describe()}, "
+        f"{topo.parameter_count():,} parameters"
+    )
     return passed(detail, warnings=[w.removeprefix("warning: ") for w in warnings])
 
 
@@ -142,14 +151,20 @@ def check_hub_token(settings: config.Settings) -> CheckResult:
     """The token is accepted, can write, and may write to OUTPUT_REPO's owner."""
     warnings = []
     if "/" in settings.output_repo and not settings.hf_token:
-        warnings.append(f"OUTPUT_REPO={settings.output_repo} names an owner but HF_TOKEN is unset: "
-                        "the model is published to OUTPUT_DIR only")
+        warnings.append(
+            f"OUTPUT_REPO={settings.output_repo} names an owner but HF_TOKEN is unset: "
+            "the model is published to OUTPUT_DIR only"
+        )
     if not (settings.pushes_to_hub or settings.space_id):
-        return skipped("not publishing to the Hub (needs HF_TOKEN and OUTPUT_REPO=owner/name) "
-                       "and not on a Space", warnings=warnings)
+        return skipped(
+            "not publishing to the Hub (needs HF_TOKEN and OUTPUT_REPO=owner/name) and not on a Space",
+            warnings=warnings,
+        )
     if not settings.hf_token:
-        return failed(f"SPACE_ID={settings.space_id} is set but HF_TOKEN is not: the run state cannot be kept "
-                      "in the Space's variables; add HF_TOKEN (write access) as a Space secret")
+        return failed(
+            f"SPACE_ID={settings.space_id} is set but HF_TOKEN is not: the run state cannot be kept "
+            "in the Space's variables; add HF_TOKEN (write access) as a Space secret"
+        )
     try:
         who = hub_api(settings).whoami(token=settings.hf_token)
     except Exception as err:
@@ -157,8 +172,10 @@ def check_hub_token(settings: config.Settings) -> CheckResult:
         if reason:
             return failed(hub_unreachable(settings, reason))
         if _http_status(err) == 401:
-            return failed(f"HF_TOKEN was rejected by {shown_endpoint(settings)} (401 Unauthorized); create a "
-                          f"token with write access at {shown_endpoint(settings)}/settings/tokens")
+            return failed(
+                f"HF_TOKEN was rejected by {shown_endpoint(settings)} (401 Unauthorized); create a "
+                f"token with write access at {shown_endpoint(settings)}/settings/tokens"
+            )
         raise
     return _judge_token(settings, who, warnings)
 
@@ -167,16 +184,21 @@ def _judge_token(settings: config.Settings, who: dict, warnings: list[str]) -> C
     name = who.get("name", "?")
     role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
-        return failed(f"HF_TOKEN (user {name}) is read-only; pushing {settings.output_repo} needs a token "
-                      "with write access")
+        return failed(
+            f"HF_TOKEN (user {name}) is read-only; pushing {settings.output_repo} needs a token with write access"
+        )
     if settings.pushes_to_hub:
         owner = settings.output_repo.split("/")[0]
         orgs = {org.get("name") for org in who.get("orgs") or []}
         if owner != name and owner not in orgs:
-            warnings.append(f"OUTPUT_REPO owner '{owner}' is neither the token's user ({name}) nor one of "
-                            "its organizations: the push may be refused")
-    return passed(f"accepted by {shown_endpoint(settings)} as user {name}" + (f" ({role} token)" if role else ""),
-                  warnings=warnings)
+            warnings.append(
+                f"OUTPUT_REPO owner '{owner}' is neither the token's user ({name}) nor one of "
+                "its organizations: the push may be refused"
+            )
+    return passed(
+        f"accepted by {shown_endpoint(settings)} as user {name}" + (f" ({role} token)" if role else ""),
+        warnings=warnings,
+    )
 
 
 def judge_memory(estimate_kwargs: dict[str, Any], free_by_gpu: dict[str, float]) -> CheckResult:
@@ -187,15 +209,20 @@ def judge_memory(estimate_kwargs: dict[str, Any], free_by_gpu: dict[str, float])
         advice = advice_to_fit(estimate_kwargs, tightest_free)
         notes = [f"would fit: {a}" for a in advice] or [
             "no single setting change fits: use more GPUs (with ZERO_STAGE=3) or a smaller model "
-            "(lower FACTOR or TARGET_PARAMETERS)"]
-        return failed(f"estimated {describe_estimate(estimate)} > {gib(tightest_free)} free on {tightest_name}",
-                      notes=notes)
+            "(lower FACTOR or TARGET_PARAMETERS)"
+        ]
+        return failed(
+            f"estimated {describe_estimate(estimate)} > {gib(tightest_free)} free on {tightest_name}", notes=notes
+        )
     warnings = []
     if estimate["total"] > 0.9 * tightest_free:
-        warnings.append(f"the estimate uses {estimate['total'] / tightest_free:.0%} of {tightest_name}'s free "
-                        "memory; an out-of-memory error is possible")
-    return passed(f"estimated {describe_estimate(estimate)}; {gib(tightest_free)} free on {tightest_name}",
-                  warnings=warnings)
+        warnings.append(
+            f"the estimate uses {estimate['total'] / tightest_free:.0%} of {tightest_name}'s free "
+            "memory; an out-of-memory error is possible"
+        )
+    return passed(
+        f"estimated {describe_estimate(estimate)}; {gib(tightest_free)} free on {tightest_name}", warnings=warnings
+    )
 
 
 def judge_cpu_memory(estimate_kwargs: dict[str, Any], available_bytes: float) -> CheckResult:
@@ -205,17 +232,21 @@ def judge_cpu_memory(estimate_kwargs: dict[str, Any], available_bytes: float) ->
     processes = kwargs["world_size"]
     per_process = estimate_training_memory(**kwargs)["total"] + CPU_PROCESS_BYTES
     need = processes * per_process
-    detail = (f"training on CPU ({processes} process(es) at {8 * kwargs['precision_bytes']}-bit) needs an "
-              f"estimated {gib(need)} of RAM")
+    detail = (
+        f"training on CPU ({processes} process(es) at {8 * kwargs['precision_bytes']}-bit) needs an "
+        f"estimated {gib(need)} of RAM"
+    )
     if need > available_bytes:
         advice = advice_to_fit(kwargs, available_bytes / processes - CPU_PROCESS_BYTES)
         notes = [f"would fit: {a}" for a in advice] or [
-            "no single setting change fits: train on a GPU, or a smaller model (lower FACTOR or TARGET_PARAMETERS)"]
+            "no single setting change fits: train on a GPU, or a smaller model (lower FACTOR or TARGET_PARAMETERS)"
+        ]
         return failed(f"{detail} > {gib(available_bytes)} available", notes=notes)
     warnings = []
     if need > 0.9 * available_bytes:
-        warnings.append(f"the estimate uses {need / available_bytes:.0%} of the available RAM; "
-                        "an out-of-memory kill is possible")
+        warnings.append(
+            f"the estimate uses {need / available_bytes:.0%} of the available RAM; an out-of-memory kill is possible"
+        )
     return passed(f"{detail}; {gib(available_bytes)} available", warnings=warnings)
 
 
@@ -228,18 +259,23 @@ def check_gpu_memory(settings: config.Settings) -> CheckResult:
     count = torch.cuda.device_count() if on_gpu else 1
     world = settings.num_processes or count
     if on_gpu and world > count:
-        return failed(f"NUM_PROCESSES={settings.num_processes} but only {count} GPU(s) are visible; "
-                      "set NUM_PROCESSES=auto or at most the GPU count")
+        return failed(
+            f"NUM_PROCESSES={settings.num_processes} but only {count} GPU(s) are visible; "
+            "set NUM_PROCESSES=auto or at most the GPU count"
+        )
     if on_gpu and settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        return failed(f"PRECISION=bf16 but GPU 0 ({torch.cuda.get_device_name(0)}) has no bf16 support; "
-                      "use PRECISION=auto (fp16 there)")
+        return failed(
+            f"PRECISION=bf16 but GPU 0 ({torch.cuda.get_device_name(0)}) has no bf16 support; "
+            "use PRECISION=auto (fp16 there)"
+        )
     try:
         plan = memory.plan_batch(settings, memory.machine_for(settings, world))
     except memory.BatchError as err:
         return failed(str(err))
     if on_gpu:
-        free_by_gpu = {f"GPU {i} ({torch.cuda.get_device_name(i)})": torch.cuda.mem_get_info(i)[0]
-                       for i in range(world)}
+        free_by_gpu = {
+            f"GPU {i} ({torch.cuda.get_device_name(i)})": torch.cuda.mem_get_info(i)[0] for i in range(world)
+        }
         result = judge_memory(plan.estimate_kwargs, free_by_gpu)
     else:
         import psutil
@@ -250,6 +286,7 @@ def check_gpu_memory(settings: config.Settings) -> CheckResult:
 
 
 # Disk.
+
 
 def _folder_bytes(path: Path) -> int:
     if path.is_file():
@@ -271,16 +308,24 @@ def folder_problem(name: str, folder: Path) -> str | None:
         where = "is" if anchor == folder else f"lies under {anchor}, which is"
         return f"{name}={folder}: {where} a file, not a folder; set {name} to a folder (created if missing)"
     if not os.access(anchor, os.W_OK | os.X_OK):
-        return (f"{name}={folder}: {anchor} is not writable by this user; set {name} to a writable folder "
-                "or change its permissions")
+        return (
+            f"{name}={folder}: {anchor} is not writable by this user; set {name} to a writable folder "
+            "or change its permissions"
+        )
     return None
 
 
 def check_folders(settings: config.Settings) -> CheckResult:
     """OUTPUT_DIR and WORK_DIR can be written: otherwise prep, training or publishing fails late. On
     several nodes started one by one (no HOSTFILE), every node must see the same WORK_DIR (nodes.py)."""
-    problems = [problem for problem in (folder_problem("OUTPUT_DIR", settings.output_dir),
-                                        folder_problem("WORK_DIR", settings.work_dir)) if problem]
+    problems = [
+        problem
+        for problem in (
+            folder_problem("OUTPUT_DIR", settings.output_dir),
+            folder_problem("WORK_DIR", settings.work_dir),
+        )
+        if problem
+    ]
     if problems:
         return failed(problems[0], notes=problems[1:])
     shared = ""
@@ -311,8 +356,12 @@ def disk_needs(settings: config.Settings, on_gpu: bool) -> dict[str, dict[str, f
     checkpoint = trained * (2 * weight_bytes + 12) + (params * 2 if settings.use_quant else 0)
     # USE_QUANT merges the adapter into a bf16 model before saving it.
     model = params * (2 if settings.use_quant else weight_bytes)
-    work = {"prepared data": prepared, "prepared model": 4 * params,
-            "checkpoints": 3 * checkpoint, "trained model": model}
+    work = {
+        "prepared data": prepared,
+        "prepared model": 4 * params,
+        "checkpoints": 3 * checkpoint,
+        "trained model": model,
+    }
     output = {"published model": model}
     if settings.save_adapter and settings.use_quant:
         work["trained adapter"] = output["published adapter"] = 4 * lora
@@ -333,8 +382,10 @@ def check_disk(settings: config.Settings) -> CheckResult:
         where = " and ".join(entry["folders"])
         summaries.append(f"{gib(entry['need'])} needed, {gib(free)} free for {where}")
         if entry["need"] > free:
-            problems.append(f"{where}: needs ~{gib(entry['need'])} but {gib(free)} is free; free space or set "
-                            "WORK_DIR/OUTPUT_DIR to a larger disk")
+            problems.append(
+                f"{where}: needs ~{gib(entry['need'])} but {gib(free)} is free; free space or set "
+                "WORK_DIR/OUTPUT_DIR to a larger disk"
+            )
         elif entry["need"] > 0.8 * free:
             warnings.append(f"{where}: the run will use {entry['need'] / free:.0%} of the free space")
     breakdown = "; ".join(f"{name} {gib(size)}" for items in needs.values() for name, size in items.items())
@@ -344,6 +395,7 @@ def check_disk(settings: config.Settings) -> CheckResult:
 
 
 # Quantization.
+
 
 def quiet_bitsandbytes() -> None:
     """bitsandbytes logs a warning about an optional CPU kernel package on import; it changes nothing."""
@@ -373,19 +425,24 @@ def check_quantization(settings: config.Settings) -> CheckResult:
     try:
         import bitsandbytes
     except ImportError as err:
-        return failed(f"USE_QUANT=true but bitsandbytes cannot be imported ({err}); install it with "
-                      "`pip install -r requirements.txt -c constraints.txt`, or set USE_QUANT=false")
+        return failed(
+            f"USE_QUANT=true but bitsandbytes cannot be imported ({err}); install it with "
+            "`pip install -r requirements.txt -c constraints.txt`, or set USE_QUANT=false"
+        )
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     error = nf4_round_trip_error(device)
     if not math.isfinite(error) or error >= 0.15:
-        return failed(f"bitsandbytes {bitsandbytes.__version__}: NF4 round trip on {device} has relative error "
-                      f"{error:.3f} (expected < 0.15); this bitsandbytes build does not work on this device")
+        return failed(
+            f"bitsandbytes {bitsandbytes.__version__}: NF4 round trip on {device} has relative error "
+            f"{error:.3f} (expected < 0.15); this bitsandbytes build does not work on this device"
+        )
     return passed(f"bitsandbytes {bitsandbytes.__version__}: NF4 round trip on {device}, relative error {error:.3f}")
 
 
 # The input model.
+
 
 def check_input_model(settings: config.Settings) -> CheckResult:
     """The model this run continues from: a local folder through prep.py's own checks (files, a LLaMA
@@ -418,8 +475,10 @@ def _check_hub_model(settings: config.Settings, var: str) -> CheckResult:
     except GatedRepoError:
         return failed(f"{var}: {where}, and the Hub repo is gated; accept its terms with the HF_TOKEN account")
     except RepositoryNotFoundError:
-        return failed(f"{var}: {where}, and no model {settings.source_repo} on {shown_endpoint(settings)} "
-                      "(or it is private and HF_TOKEN has no access); run the earlier stage first or fix INPUT_REPO")
+        return failed(
+            f"{var}: {where}, and no model {settings.source_repo} on {shown_endpoint(settings)} "
+            "(or it is private and HF_TOKEN has no access); run the earlier stage first or fix INPUT_REPO"
+        )
     except Exception as err:
         reason = hub_unreachable_reason(err)
         if reason:
@@ -433,6 +492,7 @@ def _check_hub_model(settings: config.Settings, var: str) -> CheckResult:
 
 
 # The dataset.
+
 
 def _local_dataset(value: str | None) -> Path | None:
     if not value:
@@ -516,17 +576,22 @@ def _check_hub_dataset(settings: config.Settings, repo_id: str, variable: str) -
 
 # Sanity warnings.
 
+
 def sanity_warnings(settings: config.Settings, world_size: int) -> list[str]:
     """The original's warnings on settings that are legal but probably not meant."""
     warnings = []
     effective = memory.global_batch_for(settings, world_size)
     tokens = effective * settings.max_length
     if effective < 8:
-        warnings.append(f"the global batch is {effective} sequences per optimizer step: very noisy gradients; "
-                        "raise GLOBAL_BATCH_SIZE (or GRADIENT_ACCUMULATION_STEPS)")
+        warnings.append(
+            f"the global batch is {effective} sequences per optimizer step: very noisy gradients; "
+            "raise GLOBAL_BATCH_SIZE (or GRADIENT_ACCUMULATION_STEPS)"
+        )
     if tokens > 8 * 2**20:
-        warnings.append(f"the global batch is {tokens:,} tokens per optimizer step: few steps per shard; "
-                        "lower GLOBAL_BATCH_SIZE (or BATCH_SIZE and GRADIENT_ACCUMULATION_STEPS)")
+        warnings.append(
+            f"the global batch is {tokens:,} tokens per optimizer step: few steps per shard; "
+            "lower GLOBAL_BATCH_SIZE (or BATCH_SIZE and GRADIENT_ACCUMULATION_STEPS)"
+        )
     if not 1e-5 <= settings.learning_rate <= 1e-2:
         warnings.append(f"LEARNING_RATE={settings.learning_rate:g} is outside the usual 1e-5..1e-2")
     if settings.max_length & (settings.max_length - 1):
@@ -538,16 +603,20 @@ def sanity_warnings(settings: config.Settings, world_size: int) -> list[str]:
     if settings.weight_decay > 0.3:
         warnings.append(f"WEIGHT_DECAY={settings.weight_decay:g} is unusually high (0.01..0.1 is common)")
     if settings.use_quant and settings.first_run:
-        warnings.append("USE_QUANT=true on the first pretraining run trains LoRA adapters on a random 4-bit "
-                        "base: the model can barely learn; pretrain in 16 bit first")
+        warnings.append(
+            "USE_QUANT=true on the first pretraining run trains LoRA adapters on a random 4-bit "
+            "base: the model can barely learn; pretrain in 16 bit first"
+        )
     if settings.precision == "fp16":
         warnings.append("PRECISION=fp16 can overflow (NaN loss); prefer bf16 where the GPU supports it")
     if settings.timeout_buffer < 5:
         warnings.append(f"TIMEOUT_BUFFER={settings.timeout_buffer:g} minutes may be too short to save and publish")
     embeddings = 2 * config.padded_vocab(settings.vocab_size) * settings.topology.hidden_size
     if embeddings > 0.5 * settings.topology.parameter_count():
-        warnings.append(f"embeddings are {embeddings / settings.topology.parameter_count():.0%} of the model's "
-                        "parameters: a smaller VOCAB_SIZE or a larger FACTOR balances it")
+        warnings.append(
+            f"embeddings are {embeddings / settings.topology.parameter_count():.0%} of the model's "
+            "parameters: a smaller VOCAB_SIZE or a larger FACTOR balances it"
+        )
     return warnings
 
 
@@ -558,8 +627,11 @@ def check_sanity(settings: config.Settings) -> CheckResult:
     except memory.BatchError:
         return skipped("the batch settings disagree (the memory check says how)")
     warnings = sanity_warnings(settings, world)
-    return passed(f"global batch {effective} sequences x {settings.max_length} tokens, "
-                  f"learning rate {settings.learning_rate:g}, {settings.run_epochs:g} epochs", warnings=warnings)
+    return passed(
+        f"global batch {effective} sequences x {settings.max_length} tokens, "
+        f"learning rate {settings.learning_rate:g}, {settings.run_epochs:g} epochs",
+        warnings=warnings,
+    )
 
 
 def _gpu_count() -> int:
@@ -627,8 +699,7 @@ def main() -> int:
         print_result(index, total, name, results[-1])
     counts = {status: sum(r.status == status for r in results) for status in (PASS, FAIL, SKIP)}
     warnings = sum(len(r.warnings) for r in results)
-    print(f"preflight: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped, "
-          f"{warnings} warning(s)")
+    print(f"preflight: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped, {warnings} warning(s)")
     if counts[FAIL]:
         print("preflight: fix the ✗ lines above before spending GPU time")
         return config.ExitCode.FAILED

@@ -17,6 +17,7 @@ What other stages import: `resolve_source(settings) -> Path`, `local_model_candi
 `INSTRUCT_COLUMNS`, `INSTRUCT_FORMS`, `open_data_source`, `iter_rows`, `check_columns`,
 `add_chat_tokens(tokenizer) -> int`.
 """
+
 from __future__ import annotations
 
 import csv
@@ -35,8 +36,7 @@ import config
 import util
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".json", ".parquet", ".csv")
-ALLOWED_FORMS = ("a Hub dataset id or a local .txt, .jsonl, .json, .parquet or .csv file, "
-                 "or a folder of them")
+ALLOWED_FORMS = "a Hub dataset id or a local .txt, .jsonl, .json, .parquet or .csv file, or a folder of them"
 UNUSABLE_LIMIT = 0.01  # more than 1% unusable rows in a shard stops the run
 EXAMPLES_SHOWN = 3
 BATCH_ROWS = 1000
@@ -83,6 +83,7 @@ class UnusableRow(Exception):
 
 # ---- where rows come from ----
 
+
 @dataclass
 class DataSource:
     variable: str  # INPUT_DATASET or INSTRUCT_DATASET
@@ -123,12 +124,14 @@ def open_one_source(spec: str, variable: str, token: str | None) -> DataSource:
     except ValueError as err:
         raise PrepError(f"{variable}={spec}: must be {err}") from None
     path = Path(base).expanduser()
-    chosen = dict(column=options.get("column"), weight=float(options.get("weight", 1.0)),
-                  split=options.get("split", "train"))
+    chosen = dict(
+        column=options.get("column"), weight=float(options.get("weight", 1.0)), split=options.get("split", "train")
+    )
     if path.is_file():
         if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
-            raise PrepError(f"{variable}={spec}: unsupported file type {path.suffix or '(none)'!r}; "
-                            f"allowed: {ALLOWED_FORMS}")
+            raise PrepError(
+                f"{variable}={spec}: unsupported file type {path.suffix or '(none)'!r}; allowed: {ALLOWED_FORMS}"
+            )
         return DataSource(variable, spec, [path], **chosen)
     if path.is_dir():
         return DataSource(variable, spec, folder_files(path, variable, spec), **chosen)
@@ -139,13 +142,17 @@ def open_one_source(spec: str, variable: str, token: str | None) -> DataSource:
 
 def folder_files(folder: Path, variable: str, spec: str) -> list[Path]:
     # Hidden files and folders (.git, .cache of a Hub snapshot) are not data.
-    files = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     data = [p for p in files if p.suffix.lower() in SUPPORTED_EXTENSIONS]
     if not data:
         found = sorted({p.suffix or p.name for p in files}) or ["nothing"]
-        raise PrepError(f"{variable}={spec}: the folder holds no data files (found: {', '.join(found)}); "
-                        f"allowed: {ALLOWED_FORMS}")
+        raise PrepError(
+            f"{variable}={spec}: the folder holds no data files (found: {', '.join(found)}); allowed: {ALLOWED_FORMS}"
+        )
     ignored = len(files) - len(data)
     if ignored:
         util.log(f"{variable}: reading {len(data)} data files in {folder}; ignoring {ignored} other files")
@@ -160,15 +167,25 @@ def open_hub_dataset(spec: str, variable: str, token: str | None):
     repo_id, options = config.split_dataset_spec(spec)
     split = options.get("split", "train")
     try:
-        loaded = datasets.load_dataset(repo_id, name=options.get("config"), data_dir=options.get("data_dir"),
-                                       data_files=options.get("data_files"), streaming=True, token=token)
+        loaded = datasets.load_dataset(
+            repo_id,
+            name=options.get("config"),
+            data_dir=options.get("data_dir"),
+            data_files=options.get("data_files"),
+            streaming=True,
+            token=token,
+        )
     except Exception as err:  # datasets raises many types for a missing or unreachable dataset
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PrepError(f"{variable}={spec}: not a local file or folder, and opening it as a Hub dataset failed "
-                        f"({first_line}); allowed: {ALLOWED_FORMS}") from err
+        raise PrepError(
+            f"{variable}={spec}: not a local file or folder, and opening it as a Hub dataset failed "
+            f"({first_line}); allowed: {ALLOWED_FORMS}"
+        ) from err
     if split not in loaded:
-        raise PrepError(f"{variable}={spec}: the Hub dataset has no {split!r} split (splits: {', '.join(loaded)}); "
-                        "name one with ?split=")
+        raise PrepError(
+            f"{variable}={spec}: the Hub dataset has no {split!r} split (splits: {', '.join(loaded)}); "
+            "name one with ?split="
+        )
     return loaded[split]
 
 
@@ -229,8 +246,7 @@ def _source_rows(source: DataSource, skip: int) -> Iterator[dict]:
                 if skip >= count:
                     skip -= count
                     continue
-            for row in READERS[file_kind(path)](path, skip):
-                yield row
+            yield from READERS[file_kind(path)](path, skip)
             skip = 0
     except UnreadableData as err:
         raise PrepError(f"{source.variable}: {err}") from None
@@ -312,11 +328,15 @@ def read_jsonl(path: Path, skip: int) -> Iterator[dict]:
         try:
             row = json.loads(line)
         except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
-            raise UnreadableData(f"{path} line {number}: not valid JSON ({err}); each line must be one "
-                                 "JSON object such as {\"text\": \"...\"}") from None
+            raise UnreadableData(
+                f"{path} line {number}: not valid JSON ({err}); each line must be one "
+                'JSON object such as {"text": "..."}'
+            ) from None
         if not isinstance(row, dict):
-            raise UnreadableData(f"{path} line {number}: a JSON {type(row).__name__}, not an object; each line "
-                                 "must be one JSON object such as {\"text\": \"...\"}")
+            raise UnreadableData(
+                f"{path} line {number}: a JSON {type(row).__name__}, not an object; each line "
+                'must be one JSON object such as {"text": "..."}'
+            )
         yield row
 
 
@@ -328,8 +348,9 @@ def read_json_array(path: Path, skip: int) -> Iterator[dict]:
         raise UnreadableData(f"{path}: not valid JSON ({err}); use a JSON array of objects or JSON Lines") from None
     for number, row in enumerate(rows[skip:], skip + 1):
         if not isinstance(row, dict):
-            raise UnreadableData(f"{path} item {number}: a JSON {type(row).__name__}, not an object such as "
-                                 "{\"text\": \"...\"}")
+            raise UnreadableData(
+                f'{path} item {number}: a JSON {type(row).__name__}, not an object such as {{"text": "..."}}'
+            )
         yield row
 
 
@@ -363,7 +384,11 @@ def read_csv(path: Path, skip: int) -> Iterator[dict]:
 
 
 READERS: dict[str, Callable[[Path, int], Iterator[dict]]] = {
-    ".txt": read_txt, ".jsonl": read_jsonl, "json-array": read_json_array, ".parquet": read_parquet, ".csv": read_csv,
+    ".txt": read_txt,
+    ".jsonl": read_jsonl,
+    "json-array": read_json_array,
+    ".parquet": read_parquet,
+    ".csv": read_csv,
 }
 
 
@@ -406,9 +431,11 @@ def column_names(source: DataSource) -> list[str]:
 
 # The columns that name an instruction format, in the order a row is read by (conversation_messages).
 INSTRUCT_COLUMNS = ("messages", "conversations", "instruction", "prompt", "text")
-INSTRUCT_FORMS = ("`messages` ({role, content} turns), `conversations` (ShareGPT {from, value} turns), "
-                  "`instruction` + `output` (Alpaca, with optional `input`), `prompt` + `completion`, or `text` "
-                  "in the <|user|>…<|end|><|bot|>…<|end|> format")
+INSTRUCT_FORMS = (
+    "`messages` ({role, content} turns), `conversations` (ShareGPT {from, value} turns), "
+    "`instruction` + `output` (Alpaca, with optional `input`), `prompt` + `completion`, or `text` "
+    "in the <|user|>…<|end|><|bot|>…<|end|> format"
+)
 
 
 def check_columns(source: DataSource, phase: str) -> None:
@@ -419,17 +446,22 @@ def check_columns(source: DataSource, phase: str) -> None:
     columns = column_names(source)
     if source.column is not None:
         if source.column not in columns:
-            raise PrepError(f"{source.label}: no column {source.column!r} (columns found: "
-                            f"{', '.join(map(str, columns)) or 'none'}); name one of them with ?column=")
+            raise PrepError(
+                f"{source.label}: no column {source.column!r} (columns found: "
+                f"{', '.join(map(str, columns)) or 'none'}); name one of them with ?column="
+            )
         columns = [*columns, "text"]
     needed = ["text"] if phase == "pretrain" else list(INSTRUCT_COLUMNS)
     if not any(name in columns for name in needed):
         wanted = "a `text` column" if phase == "pretrain" else f"one of {INSTRUCT_FORMS}"
-        raise PrepError(f"{source.label}: no {' or '.join(f'`{n}`' for n in needed)} column "
-                        f"(columns found: {', '.join(map(str, columns)) or 'none'}); the data needs {wanted}")
+        raise PrepError(
+            f"{source.label}: no {' or '.join(f'`{n}`' for n in needed)} column "
+            f"(columns found: {', '.join(map(str, columns)) or 'none'}); the data needs {wanted}"
+        )
 
 
 # ---- rows: what is usable ----
+
 
 def pretrain_text(row: dict) -> str:
     text = row.get("text")
@@ -454,8 +486,10 @@ def parse_text_conversation(text: Any) -> list[dict[str, str]]:
         if match is None:
             if TRAILING_USER_TURN.fullmatch(text, position):
                 raise UnusableRow("the last user turn has no assistant answer (<|bot|>ANSWER<|end|>)")
-            raise UnusableRow(f"not in the <|user|>PROMPT<|end|><|bot|>ANSWER<|end|> format from character {position} "
-                              "(a missing <|end|>, or turns out of order?)")
+            raise UnusableRow(
+                f"not in the <|user|>PROMPT<|end|><|bot|>ANSWER<|end|> format from character {position} "
+                "(a missing <|end|>, or turns out of order?)"
+            )
         for role, content in (("user", match["user"]), ("assistant", match["bot"])):
             if MARKER.search(content):
                 raise UnusableRow(f"a {role} turn contains a stray chat marker (a missing <|end|>?)")
@@ -497,8 +531,16 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
 
 
 # ShareGPT's speaker names and the roles they stand for.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
 
 
 def json_cell(value: Any) -> Any:
@@ -569,6 +611,7 @@ def row_snippet(row: dict, limit: int = 80) -> str:
 
 # ---- the shard ----
 
+
 @dataclass
 class ShardReport:
     first_row: int
@@ -593,10 +636,12 @@ def check_shard_start(settings: config.Settings, source: DataSource, total_rows:
         raise PrepError(f"{source.label}: the dataset is empty (no rows); name a dataset with rows")
     if total_rows is not None and first >= total_rows:
         shards = math.ceil(total_rows / settings.shard_size)
-        raise PrepError(f"{source.label}: shard {settings.shard_index} (INIT={settings.init}) starts at row {first:,}, "
-                        f"but the dataset has {total_rows:,} rows, {shards} shards of "
-                        f"SHARD_SIZE={settings.shard_size:,}; "
-                        "lower INIT or set INST=true for the instruction phase")
+        raise PrepError(
+            f"{source.label}: shard {settings.shard_index} (INIT={settings.init}) starts at row {first:,}, "
+            f"but the dataset has {total_rows:,} rows, {shards} shards of "
+            f"SHARD_SIZE={settings.shard_size:,}; "
+            "lower INIT or set INST=true for the instruction phase"
+        )
 
 
 def spool_shard(settings: config.Settings, source: DataSource, spool: Path) -> ShardReport:
@@ -620,8 +665,10 @@ def spool_shard(settings: config.Settings, source: DataSource, spool: Path) -> S
             except UnusableRow as err:
                 report.note_unusable(position, row, str(err))
     if report.rows == 0:
-        raise PrepError(f"{source.label}: shard {settings.shard_index} (INIT={settings.init}) starts at row "
-                        f"{report.first_row:,}, past the end of the dataset; lower INIT or set INST=true")
+        raise PrepError(
+            f"{source.label}: shard {settings.shard_index} (INIT={settings.init}) starts at row "
+            f"{report.first_row:,}, past the end of the dataset; lower INIT or set INST=true"
+        )
     return report
 
 
@@ -632,8 +679,10 @@ def check_unusable(report: ShardReport, source: DataSource) -> None:
     share = report.unusable / report.rows
     details = "; ".join(report.examples)
     if share > UNUSABLE_LIMIT:
-        raise PrepError(f"{source.label}: {report.unusable:,} of {report.rows:,} rows ({share:.1%}) are unusable, more "
-                        f"than the {UNUSABLE_LIMIT:.0%} allowed; fix the data. First ones: {details}")
+        raise PrepError(
+            f"{source.label}: {report.unusable:,} of {report.rows:,} rows ({share:.1%}) are unusable, more "
+            f"than the {UNUSABLE_LIMIT:.0%} allowed; fix the data. First ones: {details}"
+        )
     util.log(f"warning: skipped {report.unusable:,} unusable rows of {report.rows:,} ({share:.2%}): {details}")
 
 
@@ -644,6 +693,7 @@ def read_spool(spool: Path, batch_rows: int = BATCH_ROWS) -> Iterator[list]:
 
 
 # ---- the tokenizer ----
+
 
 @dataclass
 class SampleReport:
@@ -659,8 +709,9 @@ def training_texts(settings: config.Settings, source: DataSource, report: Sample
     from tqdm import tqdm
 
     batch: list[str] = []
-    with tqdm(total=settings.tokenizer_sample, desc="tokenizer sample", unit=" chars", unit_scale=True,
-              mininterval=2) as progress:
+    with tqdm(
+        total=settings.tokenizer_sample, desc="tokenizer sample", unit=" chars", unit_scale=True, mininterval=2
+    ) as progress:
         for row in iter_rows(source):
             if report.characters >= settings.tokenizer_sample:
                 report.complete = False
@@ -687,9 +738,11 @@ def check_time_left(settings: config.Settings, doing: str) -> None:
     the job's start): past it, stop with a line instead of being killed later."""
     started = settings.started_at or PREP_STARTED
     if time.time() > started + settings.time_limit_minutes * 60:
-        raise PrepError(f"prep: the time limit (STARTUP_DURATION_TIMEOUT={settings.startup_duration_timeout:g}m less "
-                        f"TIMEOUT_BUFFER={settings.timeout_buffer:g}m) passed while {doing}; lower TOKENIZER_SAMPLE "
-                        "or SHARD_SIZE, or raise STARTUP_DURATION_TIMEOUT")
+        raise PrepError(
+            f"prep: the time limit (STARTUP_DURATION_TIMEOUT={settings.startup_duration_timeout:g}m less "
+            f"TIMEOUT_BUFFER={settings.timeout_buffer:g}m) passed while {doing}; lower TOKENIZER_SAMPLE "
+            "or SHARD_SIZE, or raise STARTUP_DURATION_TIMEOUT"
+        )
 
 
 def train_tokenizer(settings: config.Settings, source: DataSource):
@@ -703,30 +756,42 @@ def train_tokenizer(settings: config.Settings, source: DataSource):
     # BPE): a GGUF export of the model then tokenizes exactly as training did.
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=settings.vocab_size, special_tokens=list(config.SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=settings.vocab_size,
+        special_tokens=list(config.SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     sample = SampleReport()
     started = time.monotonic()
     bpe.train_from_iterator(training_texts(settings, source, sample), trainer)
     bos, pad, eos, unk, mask = config.SPECIAL_TOKENS
     # Plain `tokenizer(text)` starts with <s>, as every training document does.
-    bpe.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                       special_tokens=[(bos, bpe.token_to_id(bos))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=pad,
-                                        unk_token=unk, mask_token=mask)
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bpe.token_to_id(bos))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk, mask_token=mask
+    )
     note = f", {sample.unusable:,} unusable rows ignored" if sample.unusable else ""
-    read = ("the whole dataset" if sample.complete else
-            f"the first {sample.characters:,} characters (TOKENIZER_SAMPLE={settings.tokenizer_sample:,})")
-    util.log(f"tokenizer: trained a byte-level BPE of {len(tokenizer):,} tokens (VOCAB_SIZE {settings.vocab_size:,}) "
-             f"in {time.monotonic() - started:.1f}s on {read}: {sample.rows:,} rows{note}")
+    read = (
+        "the whole dataset"
+        if sample.complete
+        else f"the first {sample.characters:,} characters (TOKENIZER_SAMPLE={settings.tokenizer_sample:,})"
+    )
+    util.log(
+        f"tokenizer: trained a byte-level BPE of {len(tokenizer):,} tokens (VOCAB_SIZE {settings.vocab_size:,}) "
+        f"in {time.monotonic() - started:.1f}s on {read}: {sample.rows:,} rows{note}"
+    )
     return tokenizer
 
 
 def add_chat_tokens(tokenizer) -> int:
     """Add <|user|>, <|bot|>, <|end|> as special tokens and set the chat template; returns how many
     tokens were new (0 when the tokenizer already had them)."""
-    added = tokenizer.add_special_tokens({"extra_special_tokens": list(config.CHAT_TOKENS)},
-                                         replace_extra_special_tokens=False)
+    added = tokenizer.add_special_tokens(
+        {"extra_special_tokens": list(config.CHAT_TOKENS)}, replace_extra_special_tokens=False
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return added
 
@@ -737,9 +802,11 @@ def load_tokenizer(settings: config.Settings, source_dir: Path):
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     missing = [name for name in ("bos_token", "eos_token") if getattr(tokenizer, name) is None]
     if missing:
-        raise PrepError(f"INPUT_REPO={settings.input_repo}: the tokenizer in {source_dir} has no "
-                        f"{' or '.join(missing)}; "
-                        "continue from a model this pipeline trained, or one with <s> and </s> tokens")
+        raise PrepError(
+            f"INPUT_REPO={settings.input_repo}: the tokenizer in {source_dir} has no "
+            f"{' or '.join(missing)}; "
+            "continue from a model this pipeline trained, or one with <s> and </s> tokens"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         util.log(f"tokenizer: {source_dir} has no pad token; padding with {tokenizer.eos_token}")
@@ -747,6 +814,7 @@ def load_tokenizer(settings: config.Settings, source_dir: Path):
 
 
 # ---- the tokenized dataset ----
+
 
 @dataclass
 class TokenCounts:
@@ -796,8 +864,9 @@ def encode_conversations(tokenizer, spool: Path, max_length: int, total: int, co
     ids_chunks, mask_chunks = [], []
     with tqdm(total=total, desc="tokenizing", unit=" conversations", mininterval=2) as progress:
         for conversations in read_spool(spool):
-            encoded = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True,
-                                                    return_assistant_tokens_mask=True)
+            encoded = tokenizer.apply_chat_template(
+                conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
             kept = []
             for i, ids in enumerate(encoded["input_ids"]):
                 if len(ids) <= max_length:
@@ -810,12 +879,17 @@ def encode_conversations(tokenizer, spool: Path, max_length: int, total: int, co
             counts.tokens += sum(len(encoded["input_ids"][i]) for i in kept)
             counts.sequences += len(kept)
             progress.update(len(conversations))
-    return pa.table({"input_ids": pa.chunked_array(ids_chunks, pa.list_(pa.int32())),
-                     "assistant_masks": pa.chunked_array(mask_chunks, pa.list_(pa.int8()))})
+    return pa.table(
+        {
+            "input_ids": pa.chunked_array(ids_chunks, pa.list_(pa.int32())),
+            "assistant_masks": pa.chunked_array(mask_chunks, pa.list_(pa.int8())),
+        }
+    )
 
 
-def tokenize_shard(settings: config.Settings, tokenizer, spool: Path, report: ShardReport,
-                   out_dir: Path) -> TokenCounts:
+def tokenize_shard(
+    settings: config.Settings, tokenizer, spool: Path, report: ShardReport, out_dir: Path
+) -> TokenCounts:
     """Tokenize the shard into out_dir/dataset (training) and out_dir/eval_dataset (the held-out split)."""
     import datasets
     import numpy as np
@@ -828,14 +902,20 @@ def tokenize_shard(settings: config.Settings, tokenizer, spool: Path, report: Sh
         table = encode_conversations(tokenizer, spool, settings.max_length, report.usable, counts)
     counts.seconds = time.monotonic() - started
     if counts.long_rows_dropped:
-        util.log(f"warning: dropped {counts.long_rows_dropped:,} conversations longer than MAX_LENGTH="
-                 f"{settings.max_length} tokens (longest {counts.longest_dropped:,}); raise MAX_LENGTH to keep them")
+        util.log(
+            f"warning: dropped {counts.long_rows_dropped:,} conversations longer than MAX_LENGTH="
+            f"{settings.max_length} tokens (longest {counts.longest_dropped:,}); raise MAX_LENGTH to keep them"
+        )
     if counts.sequences == 0:
-        raise PrepError(f"{dataset_variable(settings)}={settings.stage_dataset}: "
-                        f"the shard gives no training sequence ({counts.dropped_tokens:,} tokens, MAX_LENGTH="
-                        f"{settings.max_length}); use more rows (SHARD_SIZE) or a smaller MAX_LENGTH")
-    util.log(f"tokenized {report.usable:,} rows into {counts.sequences:,} sequences of {counts.tokens:,} tokens "
-             f"in {counts.seconds:.1f}s ({counts.tokens_per_second:,.0f} tokens/s)")
+        raise PrepError(
+            f"{dataset_variable(settings)}={settings.stage_dataset}: "
+            f"the shard gives no training sequence ({counts.dropped_tokens:,} tokens, MAX_LENGTH="
+            f"{settings.max_length}); use more rows (SHARD_SIZE) or a smaller MAX_LENGTH"
+        )
+    util.log(
+        f"tokenized {report.usable:,} rows into {counts.sequences:,} sequences of {counts.tokens:,} tokens "
+        f"in {counts.seconds:.1f}s ({counts.tokens_per_second:,.0f} tokens/s)"
+    )
     held_out = eval_indices(counts.sequences, settings.eval_rows, settings.seed)
     log_eval_split(settings, counts.sequences, len(held_out))
     if len(held_out):
@@ -864,16 +944,21 @@ def log_eval_split(settings: config.Settings, sequences: int, held_out: int) -> 
     if settings.eval_rows == 0:
         util.log("eval split: none (EVAL_ROWS=0); no eval loss is measured")
     elif held_out == 0:
-        util.log(f"eval split: none; the shard's {sequences:,} sequences are too few to hold any out "
-                 f"(at most 1 in {EVAL_SHARE}); no eval loss is measured for this stage")
+        util.log(
+            f"eval split: none; the shard's {sequences:,} sequences are too few to hold any out "
+            f"(at most 1 in {EVAL_SHARE}); no eval loss is measured for this stage"
+        )
     elif held_out < settings.eval_rows:
-        util.log(f"eval split: {held_out:,} sequences held out, fewer than EVAL_ROWS={settings.eval_rows:,} "
-                 f"(at most 1 in {EVAL_SHARE} of the shard's {sequences:,})")
+        util.log(
+            f"eval split: {held_out:,} sequences held out, fewer than EVAL_ROWS={settings.eval_rows:,} "
+            f"(at most 1 in {EVAL_SHARE} of the shard's {sequences:,})"
+        )
     else:
         util.log(f"eval split: {held_out:,} of {sequences:,} sequences held out (EVAL_ROWS, drawn with SEED)")
 
 
 # ---- the model ----
+
 
 def source_label(settings: config.Settings) -> str:
     """How messages name the model this run continues from: INPUT_REPO, and the -it model an instruct run reads."""
@@ -894,8 +979,10 @@ def local_model_candidates(settings: config.Settings) -> list[Path]:
 
 def no_source_folder(settings: config.Settings) -> str:
     """The error for an INPUT_REPO path whose folder is missing (a path is never looked up on the Hub)."""
-    return (f"{source_label(settings)}: no folder {settings.source_repo}; point INPUT_REPO at a model folder "
-            "(instruction runs after the first read INPUT_REPO-it)")
+    return (
+        f"{source_label(settings)}: no folder {settings.source_repo}; point INPUT_REPO at a model folder "
+        "(instruction runs after the first read INPUT_REPO-it)"
+    )
 
 
 def resolve_source(settings: config.Settings) -> Path:
@@ -914,9 +1001,11 @@ def resolve_source(settings: config.Settings) -> Path:
         return Path(snapshot_download(repo_id=name, token=settings.hf_token, endpoint=settings.hf_endpoint))
     except Exception as err:  # not found, offline, unauthorised: all mean "no source model"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PrepError(f"INPUT_REPO={settings.input_repo}: no model {name!r} in {candidates[0]}, no local folder of that "
-                        f"name, and the Hub download failed ({reason}); run the earlier stage first (INIT=0 INST=false "
-                        "trains one from scratch) or point INPUT_REPO at an existing model") from err
+        raise PrepError(
+            f"INPUT_REPO={settings.input_repo}: no model {name!r} in {candidates[0]}, no local folder of that "
+            f"name, and the Hub download failed ({reason}); run the earlier stage first (INIT=0 INST=false "
+            "trains one from scratch) or point INPUT_REPO at an existing model"
+        ) from err
 
 
 # ---- checking the source model before loading it (preflight runs the same checks) ----
@@ -966,8 +1055,9 @@ def read_model_config(settings: config.Settings, folder: Path) -> dict[str, Any]
     try:
         model_config = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise PrepError(f"{source_label(settings)}: {path} is unreadable ({util.one_line(err, 120)}); "
-                        f"{REPAIR_ADVICE}") from None
+        raise PrepError(
+            f"{source_label(settings)}: {path} is unreadable ({util.one_line(err, 120)}); {REPAIR_ADVICE}"
+        ) from None
     if not isinstance(model_config, dict):
         raise PrepError(f"{source_label(settings)}: {path} is not a JSON object; {REPAIR_ADVICE}")
     return model_config
@@ -979,14 +1069,18 @@ def check_llama_config(settings: config.Settings, path: Path, model_config: dict
     model_type, architectures = model_config.get("model_type"), model_config.get("architectures")
     if model_type != LLAMA_MODEL_TYPE or architectures not in (None, [LLAMA_ARCHITECTURE]):
         described = f"model_type {model_type!r}" + (f", architectures {architectures}" if architectures else "")
-        raise PrepError(f"{source_label(settings)}: {path} is not a LLaMA model ({described}); INPUT_REPO must be a "
-                        f"LLaMA model (model_type {LLAMA_MODEL_TYPE!r}, {LLAMA_ARCHITECTURE}), such as one this "
-                        "pipeline published")
+        raise PrepError(
+            f"{source_label(settings)}: {path} is not a LLaMA model ({described}); INPUT_REPO must be a "
+            f"LLaMA model (model_type {LLAMA_MODEL_TYPE!r}, {LLAMA_ARCHITECTURE}), such as one this "
+            "pipeline published"
+        )
     positions = model_config.get("max_position_embeddings", LLAMA_DEFAULT_POSITIONS)
     if settings.max_length > positions:
-        raise PrepError(f"{source_label(settings)}: MAX_LENGTH={settings.max_length} is longer than the model's "
-                        f"context (max_position_embeddings {positions} in {path}); set MAX_LENGTH to at most "
-                        f"{positions}")
+        raise PrepError(
+            f"{source_label(settings)}: MAX_LENGTH={settings.max_length} is longer than the model's "
+            f"context (max_position_embeddings {positions} in {path}); set MAX_LENGTH to at most "
+            f"{positions}"
+        )
 
 
 def check_source_model(settings: config.Settings, folder: Path) -> None:
@@ -994,8 +1088,7 @@ def check_source_model(settings: config.Settings, folder: Path) -> None:
     config that fits MAX_LENGTH, and safetensors weights that are whole. Raises PrepError in one line."""
     missing = missing_source_files(folder)
     if missing:
-        raise PrepError(f"{source_label(settings)}: the folder {folder} lacks {', '.join(missing)}; "
-                        f"{REPAIR_ADVICE}")
+        raise PrepError(f"{source_label(settings)}: the folder {folder} lacks {', '.join(missing)}; {REPAIR_ADVICE}")
     check_llama_config(settings, folder / "config.json", read_model_config(settings, folder))
     for weights in sorted(folder.glob("*.safetensors")):
         problem = safetensors_problem(weights)
@@ -1008,9 +1101,13 @@ def build_model(settings: config.Settings, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(settings.seed)
-    model_config = LlamaConfig(**settings.topology.llama_kwargs(len(tokenizer)),
-                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id, max_position_embeddings=settings.max_length)
+    model_config = LlamaConfig(
+        **settings.topology.llama_kwargs(len(tokenizer)),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=settings.max_length,
+    )
     return LlamaForCausalLM._from_config(model_config, attn_implementation="sdpa")
 
 
@@ -1027,14 +1124,17 @@ def load_model(settings: config.Settings, source_dir: Path):
 
 def fit_embeddings(model, tokenizer, known_tokens: int, seed: int) -> None:
     """Resize the embeddings to len(tokenizer) padded to a multiple of 64; rows of tokens new to the
-    model (and padding rows after them) start near the mean of the known tokens' rows (a small seeded spread keeps them apart), so a new token's
-    first logits and inputs look like an average token instead of random noise."""
+    model (and padding rows after them) start near the mean of the known tokens' rows (a small seeded
+    spread keeps them apart), so a new token's first logits and inputs look like an average token
+    instead of random noise."""
     import torch
 
     rows_before = model.get_input_embeddings().weight.shape[0]
     if rows_before < known_tokens:
-        raise PrepError(f"the model has {rows_before:,} embedding rows but its tokenizer {known_tokens:,} tokens; "
-                        "INPUT_REPO holds a mismatched model and tokenizer")
+        raise PrepError(
+            f"the model has {rows_before:,} embedding rows but its tokenizer {known_tokens:,} tokens; "
+            "INPUT_REPO holds a mismatched model and tokenizer"
+        )
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=config.VOCAB_MULTIPLE, mean_resizing=False)
     rows_after = model.get_input_embeddings().weight.shape[0]
     first_new = known_tokens if len(tokenizer) > known_tokens else rows_before
@@ -1049,8 +1149,10 @@ def fit_embeddings(model, tokenizer, known_tokens: int, seed: int) -> None:
             # training separates them.
             noise = torch.randn(matrix.shape[0] - first_new, matrix.shape[1], generator=generator)
             matrix[first_new:] = (known.mean(dim=0) + 0.1 * known.std(dim=0) * noise).to(matrix.dtype)
-    util.log(f"model: {rows_after:,} embedding rows (had {rows_before:,}); rows from {first_new:,} on start near "
-             f"the mean of the {known_tokens:,} known tokens' rows")
+    util.log(
+        f"model: {rows_after:,} embedding rows (had {rows_before:,}); rows from {first_new:,} on start near "
+        f"the mean of the {known_tokens:,} known tokens' rows"
+    )
 
 
 def set_chat_generation(model, tokenizer) -> None:
@@ -1068,12 +1170,15 @@ def check_parameter_count(settings: config.Settings, model, tokenizer) -> int:
     actual = count_parameters(model)
     predicted = settings.topology.parameter_count(len(tokenizer))
     if actual != predicted:
-        util.log(f"note: the model has {actual:,} parameters; FACTOR/TARGET_PARAMETERS describe {predicted:,} "
-                 "(a source model of another shape is continued as it is)")
+        util.log(
+            f"note: the model has {actual:,} parameters; FACTOR/TARGET_PARAMETERS describe {predicted:,} "
+            "(a source model of another shape is continued as it is)"
+        )
     return actual
 
 
 # ---- the stage ----
+
 
 def finished_preparation(settings: config.Settings) -> bool:
     manifest_path = settings.prep_dir / "manifest.json"
@@ -1097,8 +1202,11 @@ def prepare_tokenizer_and_model(settings: config.Settings, source: DataSource, s
     known_tokens = len(tokenizer)
     if settings.phase == "instruct":
         added = add_chat_tokens(tokenizer)
-        util.log(f"tokenizer: {added} chat tokens added, chat template set" if added else
-                 "tokenizer: chat tokens present, chat template set")
+        util.log(
+            f"tokenizer: {added} chat tokens added, chat template set"
+            if added
+            else "tokenizer: chat tokens present, chat template set"
+        )
     model = load_model(settings, source_dir)
     fit_embeddings(model, tokenizer, known_tokens, settings.seed)
     if settings.phase == "instruct":
@@ -1150,18 +1258,31 @@ def model_source_label(settings: config.Settings, source_dir: Path | None) -> st
     return str(source_dir) if source_dir in local_model_candidates(settings) else settings.source_repo
 
 
-def build_manifest(settings: config.Settings, report: ShardReport, counts: TokenCounts, total_rows: int | None,
-                   source_dir: Path | None, model, tokenizer) -> dict[str, Any]:
+def build_manifest(
+    settings: config.Settings,
+    report: ShardReport,
+    counts: TokenCounts,
+    total_rows: int | None,
+    source_dir: Path | None,
+    model,
+    tokenizer,
+) -> dict[str, Any]:
     import quant_utils
 
     return {
-        "stage_key": settings.stage_key(), "phase": settings.phase, "rows": report.rows,
-        "skipped_rows": report.unusable, "long_rows_dropped": counts.long_rows_dropped, "tokens": counts.tokens,
-        "dropped_tail_tokens": counts.dropped_tokens, "sequences": counts.sequences - counts.eval_sequences,
+        "stage_key": settings.stage_key(),
+        "phase": settings.phase,
+        "rows": report.rows,
+        "skipped_rows": report.unusable,
+        "long_rows_dropped": counts.long_rows_dropped,
+        "tokens": counts.tokens,
+        "dropped_tail_tokens": counts.dropped_tokens,
+        "sequences": counts.sequences - counts.eval_sequences,
         "eval_sequences": counts.eval_sequences,
         "is_last_shard": report.is_last_shard,
         "num_shards": math.ceil(total_rows / settings.shard_size) if total_rows else None,
-        "parameters": check_parameter_count(settings, model, tokenizer), "vocabulary": len(tokenizer),
+        "parameters": check_parameter_count(settings, model, tokenizer),
+        "vocabulary": len(tokenizer),
         "tokenizer_trained": source_dir is None,
         "model_source": model_source_label(settings, source_dir),
         "source_format": "4bit" if source_dir is not None and quant_utils.is_4bit_checkpoint(source_dir) else "16bit",
@@ -1170,12 +1291,14 @@ def build_manifest(settings: config.Settings, report: ShardReport, counts: Token
 
 def print_summary(manifest: dict[str, Any], counts: TokenCounts, seconds: float) -> None:
     shards = manifest["num_shards"] if manifest["num_shards"] is not None else "unknown"
-    util.log(f"prep done: {manifest['rows']:,} rows, {manifest['skipped_rows']:,} skipped, "
-             f"{manifest['long_rows_dropped']:,} too long; {manifest['tokens']:,} tokens "
-             f"({counts.tokens_per_second:,.0f} tokens/s) in {manifest['sequences']:,} training sequences "
-             f"(+{manifest['eval_sequences']:,} held out); "
-             f"{manifest['parameters']:,} parameters; last shard: {manifest['is_last_shard']} of {shards}; "
-             f"wall time {seconds:.1f}s")
+    util.log(
+        f"prep done: {manifest['rows']:,} rows, {manifest['skipped_rows']:,} skipped, "
+        f"{manifest['long_rows_dropped']:,} too long; {manifest['tokens']:,} tokens "
+        f"({counts.tokens_per_second:,.0f} tokens/s) in {manifest['sequences']:,} training sequences "
+        f"(+{manifest['eval_sequences']:,} held out); "
+        f"{manifest['parameters']:,} parameters; last shard: {manifest['is_last_shard']} of {shards}; "
+        f"wall time {seconds:.1f}s"
+    )
 
 
 def main() -> int:

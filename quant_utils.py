@@ -26,6 +26,7 @@ Both the checkpoint loader and the merge rebuild 16-bit weights through one func
 (`dequantize_state_dict`), so the checks on quant states (every part present, sizes consistent with the
 weight's shape, finite result) guard both.
 """
+
 from __future__ import annotations
 
 import json
@@ -113,8 +114,10 @@ def _read_safetensors(folder: Path) -> dict[str, Any]:
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise QuantizationError(f"{folder}: a 4-bit checkpoint needs safetensors weights, found none; "
-                                "re-save the model with save_pretrained(safe_serialization=True)")
+        raise QuantizationError(
+            f"{folder}: a 4-bit checkpoint needs safetensors weights, found none; "
+            "re-save the model with save_pretrained(safe_serialization=True)"
+        )
     tensors: dict[str, Any] = {}
     for file in files:
         tensors.update(load_file(str(file)))
@@ -132,7 +135,7 @@ def _split_quantized(state_dict: dict[str, Any]) -> tuple[dict[str, dict[str, An
         # "x.weight.absmax" -> ("x.weight", "absmax"); "x.weight.quant_state.bitsandbytes__nf4" likewise
         marker = ".quant_state." if ".quant_state." in key else "." + key.rsplit(".", 1)[-1]
         weight_name, _, _ = key.rpartition(marker)
-        parts.setdefault(weight_name, {})[key[len(weight_name) + 1:]] = tensor
+        parts.setdefault(weight_name, {})[key[len(weight_name) + 1 :]] = tensor
     return parts, plain
 
 
@@ -141,17 +144,31 @@ def _quant_state_for(weight_name: str, packed: Any, parts: dict[str, Any]):
     from bitsandbytes.functional import QuantState
 
     packed_keys = [k for k in parts if k.startswith(PACKED_STATE_PREFIX)]
-    missing = [p for p in ("absmax", "quant_map") if p not in parts] + ([] if packed_keys else [PACKED_STATE_PREFIX + "nf4"])
+    missing = [p for p in ("absmax", "quant_map") if p not in parts] + (
+        [] if packed_keys else [PACKED_STATE_PREFIX + "nf4"]
+    )
     if packed is None:
         missing.insert(0, "(the packed 4-bit data itself)")
     if missing:
-        raise QuantizationError(f"{weight_name}: 4-bit quant state incomplete, missing {', '.join(missing)}; "
-                                "the checkpoint is damaged, re-export it from the original model")
+        raise QuantizationError(
+            f"{weight_name}: 4-bit quant state incomplete, missing {', '.join(missing)}; "
+            "the checkpoint is damaged, re-export it from the original model"
+        )
     try:
         state = QuantState.from_dict(dict(parts), device=packed.device)
-    except (ValueError, KeyError, AssertionError, TypeError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise QuantizationError(f"{weight_name}: unreadable 4-bit quant state ({type(err).__name__}: {err}); "
-                                "the checkpoint is damaged, re-export it from the original model") from None
+    except (
+        ValueError,
+        KeyError,
+        AssertionError,
+        TypeError,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        AttributeError,
+    ) as err:
+        raise QuantizationError(
+            f"{weight_name}: unreadable 4-bit quant state ({type(err).__name__}: {err}); "
+            "the checkpoint is damaged, re-export it from the original model"
+        ) from None
     return state
 
 
@@ -160,21 +177,28 @@ def _check_quant_sizes(weight_name: str, packed: Any, state: Any, expected_shape
     bitsandbytes itself would read past the data or silently produce garbage otherwise."""
     shape = tuple(state.shape) if state.shape is not None else None
     if shape is None or (expected_shape is not None and shape != tuple(expected_shape)):
-        raise QuantizationError(f"{weight_name}: 4-bit quant state has shape {shape}, the model needs "
-                                f"{expected_shape}; the checkpoint does not match its config.json")
+        raise QuantizationError(
+            f"{weight_name}: 4-bit quant state has shape {shape}, the model needs "
+            f"{expected_shape}; the checkpoint does not match its config.json"
+        )
     count = math.prod(shape)
     packed_bytes = packed.numel() * packed.element_size()
     if packed_bytes != (count + 1) // 2:
-        raise QuantizationError(f"{weight_name}: {packed_bytes} bytes of 4-bit data for {count} values "
-                                f"(needs {(count + 1) // 2}); the checkpoint is damaged, re-export it")
+        raise QuantizationError(
+            f"{weight_name}: {packed_bytes} bytes of 4-bit data for {count} values "
+            f"(needs {(count + 1) // 2}); the checkpoint is damaged, re-export it"
+        )
     blocks = -(-count // state.blocksize)
     if state.absmax.numel() != blocks:
-        raise QuantizationError(f"{weight_name}: absmax has {state.absmax.numel()} scales for {blocks} blocks "
-                                "of the weight; the checkpoint is damaged, re-export it")
+        raise QuantizationError(
+            f"{weight_name}: absmax has {state.absmax.numel()} scales for {blocks} blocks "
+            "of the weight; the checkpoint is damaged, re-export it"
+        )
 
 
-def dequantize_state_dict(state_dict: dict[str, Any], expected_shapes: dict[str, tuple[int, ...]],
-                          dtype) -> dict[str, Any]:
+def dequantize_state_dict(
+    state_dict: dict[str, Any], expected_shapes: dict[str, tuple[int, ...]], dtype
+) -> dict[str, Any]:
     """A state dict whose 4-bit weights (packed data + quant-state parts, as bitsandbytes saves them)
     are replaced by dequantized `dtype` tensors; other floating tensors are cast to `dtype`.
     Raises QuantizationError naming the first weight that cannot be rebuilt."""
@@ -191,8 +215,10 @@ def dequantize_state_dict(state_dict: dict[str, Any], expected_shapes: dict[str,
     for name, tensor in plain.items():
         if tensor.dtype == torch.uint8:
             # packed 4-bit data whose quant state is gone: exactly the case that used to become zeros
-            raise QuantizationError(f"{name}: uint8 data {tuple(tensor.shape)} without a 4-bit quant state; "
-                                    "the checkpoint is damaged, re-export it from the original model")
+            raise QuantizationError(
+                f"{name}: uint8 data {tuple(tensor.shape)} without a 4-bit quant state; "
+                "the checkpoint is damaged, re-export it from the original model"
+            )
         out[name] = tensor.to(dtype) if torch.is_floating_point(tensor) else tensor
     for name, tensor in out.items():
         if not torch.isfinite(tensor).all():
@@ -224,11 +250,15 @@ def _raise_on_incomplete_load(source: Any, info: dict[str, Any]) -> None:
     missing = sorted(info.get("missing_keys") or [])
     mismatched = [str(item[0]) if isinstance(item, tuple) else str(item) for item in info.get("mismatched_keys") or []]
     if missing:
-        raise QuantizationError(f"{source}: weights missing from the checkpoint: {', '.join(missing[:5])}"
-                                f"{' ...' if len(missing) > 5 else ''}; the checkpoint is incomplete, re-export it")
+        raise QuantizationError(
+            f"{source}: weights missing from the checkpoint: {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}; the checkpoint is incomplete, re-export it"
+        )
     if mismatched:
-        raise QuantizationError(f"{source}: weights of the wrong shape for config.json: {', '.join(mismatched[:5])}; "
-                                "the checkpoint does not match its config, re-export it")
+        raise QuantizationError(
+            f"{source}: weights of the wrong shape for config.json: {', '.join(mismatched[:5])}; "
+            "the checkpoint does not match its config, re-export it"
+        )
 
 
 def check_plain_model(model, source: Any) -> None:
@@ -249,8 +279,9 @@ def _load_dequantized(folder: Path, dtype):
     state_dict = dequantize_state_dict(_read_safetensors(folder), _expected_shapes(config), dtype)
     # The concrete class, not the Auto one: only it accepts weights given as a state dict.
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    model, info = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype,
-                                              output_loading_info=True)
+    model, info = model_class.from_pretrained(
+        None, config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True
+    )
     _raise_on_incomplete_load(folder, info)
     return model
 
@@ -264,8 +295,10 @@ def load_causal_lm_16bit(source: str | Path, dtype=None, token: str | None = Non
 
     folder = model_folder(source, token)
     if _config_says_8bit(_quantization_config(folder)):
-        raise QuantizationError(f"{source}: an 8-bit bitsandbytes checkpoint; only 4-bit (NF4/FP4) or 16-bit "
-                                "sources are supported, re-export it in 16-bit")
+        raise QuantizationError(
+            f"{source}: an 8-bit bitsandbytes checkpoint; only 4-bit (NF4/FP4) or 16-bit "
+            "sources are supported, re-export it in 16-bit"
+        )
     if is_4bit_checkpoint(folder):
         model = _load_dequantized(folder, dtype or torch.bfloat16)
         util.log(f"dequantized the 4-bit checkpoint {source} to {dtype or torch.bfloat16}")
@@ -298,8 +331,12 @@ def nf4_quantization_config():
     import torch
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def _device_map_for_quant(device_map):
@@ -308,8 +345,10 @@ def _device_map_for_quant(device_map):
     import torch
 
     if device_map == "auto":
-        raise ValueError('device_map="auto" splits one model over every GPU; under DeepSpeed pass '
-                         '{"": local_rank} (or None to use this process\'s GPU)')
+        raise ValueError(
+            'device_map="auto" splits one model over every GPU; under DeepSpeed pass '
+            '{"": local_rank} (or None to use this process\'s GPU)'
+        )
     if device_map is not None or not torch.cuda.is_available():
         return device_map
     return {"": util.local_rank()}
@@ -334,15 +373,22 @@ def _attach_lora(model, gradient_checkpointing: bool, trained_tokens: list[int])
 
     # Freezes the 4-bit base, upcasts norms/embeddings to fp32 for stable training and, with
     # checkpointing, makes the inputs require grad so that gradients reach the adapters.
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                            gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS
+    )
     # Rows of tokens the frozen base never learned (the chat markers that instruction tuning adds)
     # train as part of the adapter, in the input embedding and in the LM head: without them the
     # model cannot learn to emit <|end|>, and its answers never stop.
     rows = {"embed_tokens": trained_tokens, "lm_head": trained_tokens} if trained_tokens else None
-    lora = LoraConfig(r=config.LORA_R, lora_alpha=config.LORA_ALPHA, lora_dropout=config.LORA_DROPOUT,
-                      bias="none", target_modules=list(config.LORA_TARGETS), task_type="CAUSAL_LM",
-                      trainable_token_indices=rows)
+    lora = LoraConfig(
+        r=config.LORA_R,
+        lora_alpha=config.LORA_ALPHA,
+        lora_dropout=config.LORA_DROPOUT,
+        bias="none",
+        target_modules=list(config.LORA_TARGETS),
+        task_type="CAUSAL_LM",
+        trainable_token_indices=rows,
+    )
     peft_model = get_peft_model(model, lora)
     if rows:
         # TRL's fused LM head reads `lm_head.bias`, and peft 0.21's wrapper of the head passes only
@@ -352,8 +398,14 @@ def _attach_lora(model, gradient_checkpointing: bool, trained_tokens: list[int])
     return peft_model
 
 
-def load_for_training(model_dir: Path, use_quant: bool, dtype, device_map=None, gradient_checkpointing: bool = True,
-                      trained_tokens: list[int] | None = None):
+def load_for_training(
+    model_dir: Path,
+    use_quant: bool,
+    dtype,
+    device_map=None,
+    gradient_checkpointing: bool = True,
+    trained_tokens: list[int] | None = None,
+):
     """(model, trainable_params, total_params) for training the 16-bit model in `model_dir`.
 
     use_quant: quantized to NF4 while loading (real bitsandbytes quantization) onto `device_map`
@@ -364,11 +416,17 @@ def load_for_training(model_dir: Path, use_quant: bool, dtype, device_map=None, 
     from transformers import AutoModelForCausalLM
 
     if use_quant:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4_quantization_config(),
-                                                     dtype=dtype, device_map=_device_map_for_quant(device_map))
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            quantization_config=nf4_quantization_config(),
+            dtype=dtype,
+            device_map=_device_map_for_quant(device_map),
+        )
         if not is_4bit_model(model):
-            raise QuantizationError(f"{model_dir}: loading with 4-bit quantization left no 4-bit layer; "
-                                    "check that bitsandbytes supports this device")
+            raise QuantizationError(
+                f"{model_dir}: loading with 4-bit quantization left no 4-bit layer; "
+                "check that bitsandbytes supports this device"
+            )
         _keep_4bit_layers_differentiable(model)
         model = _attach_lora(model, gradient_checkpointing, trained_tokens or [])
         trainable, total = model.get_nb_trainable_parameters()  # counts each packed 4-bit byte as two weights
@@ -416,8 +474,9 @@ def dequantized_base_model(peft_model, dtype):
     state_dict = dequantize_state_dict(_base_state_dict(peft_model), _expected_shapes(config), dtype)
     state_dict = {name: tensor.cpu() for name, tensor in state_dict.items()}
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    model, info = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype,
-                                              output_loading_info=True)
+    model, info = model_class.from_pretrained(
+        None, config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True
+    )
     _raise_on_incomplete_load("the trained model's base", info)
     model.generation_config = copy.deepcopy(base.generation_config)
     return model

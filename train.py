@@ -5,6 +5,7 @@ Reads WORK_DIR/prep (tokenizer, model, tokenized dataset), writes checkpoints to
 trainer.sh as `deepspeed --num_gpus=N train.py`; the launcher's `--local_rank` argument is ignored
 (the rank comes from the environment).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,9 +42,11 @@ def check_preparation(settings: config.Settings) -> dict:
         raise SystemExit(f"train: {manifest_path} is missing; run `python3 prep.py` first (trainer.sh does)")
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("stage_key") != settings.stage_key():
-        raise SystemExit(f"train: {settings.prep_dir} was prepared for another stage "
-                         f"({manifest.get('phase')} INIT={manifest.get('stage_key', {}).get('init')}); "
-                         "run `python3 prep.py` for this one")
+        raise SystemExit(
+            f"train: {settings.prep_dir} was prepared for another stage "
+            f"({manifest.get('phase')} INIT={manifest.get('stage_key', {}).get('init')}); "
+            "run `python3 prep.py` for this one"
+        )
     return manifest
 
 
@@ -87,22 +90,37 @@ def convert_to_universal(checkpoint: Path, processes: int) -> str:
         util.remove_stale_temporaries(checkpoint)  # a conversion that a kill cut short
         chatter = io.StringIO()  # ds_to_universal prints its progress; the log gets one line
         try:
-            with util.atomic_directory(target) as staging, contextlib.redirect_stdout(chatter), \
-                    contextlib.redirect_stderr(chatter):
+            with (
+                util.atomic_directory(target) as staging,
+                contextlib.redirect_stdout(chatter),
+                contextlib.redirect_stderr(chatter),
+            ):
                 # One worker each: forking a process that already runs torch's threads can hang.
-                ds_to_universal.main(Namespace(
-                    input_folder=str(state), output_folder=str(staging), num_extract_workers=1,
-                    num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+                ds_to_universal.main(
+                    Namespace(
+                        input_folder=str(state),
+                        output_folder=str(staging),
+                        num_extract_workers=1,
+                        num_merge_workers=1,
+                        keep_temp_folder=False,
+                        strict=True,
+                        inject_missing_state=True,
+                    )
+                )
         except Exception as err:
-            raise SystemExit(f"train: converting {checkpoint} (written by {written_by} process(es)) to "
-                             f"DeepSpeed's universal checkpoint failed: {one_line(err, 200)}; run on "
-                             f"{written_by} GPU(s) (NUM_PROCESSES={written_by}) to resume it as it is, or "
-                             f"delete {checkpoint.parent} to start this stage over") from err
+            raise SystemExit(
+                f"train: converting {checkpoint} (written by {written_by} process(es)) to "
+                f"DeepSpeed's universal checkpoint failed: {one_line(err, 200)}; run on "
+                f"{written_by} GPU(s) (NUM_PROCESSES={written_by}) to resume it as it is, or "
+                f"delete {checkpoint.parent} to start this stage over"
+            ) from err
         done = f"converted its ZeRO state to DeepSpeed's universal checkpoint in {time.time() - started:.1f}s"
     # ds_to_universal named its temporary folder in `latest_universal`; name the final one.
     util.write_text_atomic(checkpoint / "latest_universal", target.name)
-    return (f"train: {checkpoint.name} was written by {written_by} training process(es) and this run has "
-            f"{processes}: {done} ({target}); resuming from it")
+    return (
+        f"train: {checkpoint.name} was written by {written_by} training process(es) and this run has "
+        f"{processes}: {done} ({target}); resuming from it"
+    )
 
 
 def resolve_precision(settings: config.Settings) -> str:
@@ -136,8 +154,10 @@ def discard_incomplete_checkpoints(checkpoint_dir: Path) -> None:
     the Trainer would resume from the newest folder whatever it holds, and rotate out a good one."""
     for checkpoint in stage_checkpoints(checkpoint_dir):
         if not is_complete(checkpoint):
-            log(f"train: {checkpoint} is incomplete (its save was interrupted); removed, the run resumes "
-                "from the last complete checkpoint")
+            log(
+                f"train: {checkpoint} is incomplete (its save was interrupted); removed, the run resumes "
+                "from the last complete checkpoint"
+            )
             shutil.rmtree(checkpoint)
 
 
@@ -165,9 +185,11 @@ def clear_other_stage(settings: config.Settings, old_key: Any) -> None:
         aside = settings.work_dir / "checkpoints.set-aside"
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(settings.checkpoint_dir, aside)
-        log(f"train: the checkpoints in {settings.checkpoint_dir} belong to another stage "
+        log(
+            f"train: the checkpoints in {settings.checkpoint_dir} belong to another stage "
             f"({util.stage_text(old_key)}; {key_differences(old_key, settings.stage_key())}); moved to {aside}. "
-            f"Restore that stage's settings and move them back to resume it, or delete {aside} to free the space")
+            f"Restore that stage's settings and move them back to resume it, or delete {aside} to free the space"
+        )
     shutil.rmtree(settings.checkpoint_dir, ignore_errors=True)
 
 
@@ -212,15 +234,25 @@ def sanity_forward(model, dataset) -> None:
         logits = model(input_ids=batch).logits
     model.train()
     if not torch.isfinite(logits).all():
-        raise TrainingStopped("sanity check failed: the model's logits are not finite before training; "
-                              "the prepared model is broken (delete WORK_DIR/prep and rerun prep.py)")
-    log(f"sanity check: forward pass on {tuple(batch.shape)} gives finite logits "
-        f"(mean |logit| {logits.float().abs().mean().item():.3f})")
+        raise TrainingStopped(
+            "sanity check failed: the model's logits are not finite before training; "
+            "the prepared model is broken (delete WORK_DIR/prep and rerun prep.py)"
+        )
+    log(
+        f"sanity check: forward pass on {tuple(batch.shape)} gives finite logits "
+        f"(mean |logit| {logits.float().abs().mean().item():.3f})"
+    )
 
 
 # Dense 16-bit tensor-core peak of the cards MFU is reported for (FLOP/s; the vendors' data sheets).
-PEAK_FLOPS = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
-              ("L40S", 362e12), ("L4", 121e12))
+PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+)
 
 
 def peak_flops(card: str) -> float | None:
@@ -234,8 +266,11 @@ def flops_per_token(topology: config.Topology, vocab_rows: int, max_length: int)
     12 x layers x hidden x MAX_LENGTH (attention scores and their weighted sum, causal mask ignored),
     PaLM's accounting; the basis of the MFU in the step line and the summary."""
     non_embedding = topology.parameter_count(vocab_rows) - 2 * vocab_rows * topology.hidden_size
-    return (6 * non_embedding + 6 * vocab_rows * topology.hidden_size
-            + 12 * topology.num_layers * topology.hidden_size * max_length)
+    return (
+        6 * non_embedding
+        + 6 * vocab_rows * topology.hidden_size
+        + 12 * topology.num_layers * topology.hidden_size * max_length
+    )
 
 
 def logged_losses(log_history: list[dict]) -> list[tuple[int, float]]:
@@ -255,12 +290,23 @@ def make_callbacks(settings: config.Settings, stop_file: Path, mfu_per_token_per
     import callbacks
 
     deadline = (settings.started_at or time.time()) + settings.time_limit_minutes * 60
-    return (callbacks.StepLog(mfu_per_token_per_second), callbacks.TimeAndSignalStop(deadline, stop_file),
-            callbacks.MarkCheckpointComplete(COMPLETE_MARKER))
+    return (
+        callbacks.StepLog(mfu_per_token_per_second),
+        callbacks.TimeAndSignalStop(deadline, stop_file),
+        callbacks.MarkCheckpointComplete(COMPLETE_MARKER),
+    )
 
 
-def training_arguments(settings: config.Settings, plan, precision: str, use_cpu: bool, fused_kernels: bool,
-                       trainable_parameters: int, eval_batch: int | None, universal: bool):
+def training_arguments(
+    settings: config.Settings,
+    plan,
+    precision: str,
+    use_cpu: bool,
+    fused_kernels: bool,
+    trainable_parameters: int,
+    eval_batch: int | None,
+    universal: bool,
+):
     """The Trainer's arguments. `eval_batch`: the per-process batch of the eval split (None: no
     evaluation); `universal`: the resumed checkpoint's ZeRO state is loaded from its universal form
     (written by another number of processes, see convert_to_universal)."""
@@ -343,12 +389,15 @@ def plan_evaluation(settings: config.Settings, eval_split, batch_size: int) -> t
         return None, 0
     batch = eval_batch_size(len(eval_split), batch_size, world_size())
     if batch is None:
-        log(f"eval: the held-out split's {len(eval_split)} sequence(s) cannot give each of the "
-            f"{world_size()} processes one; no eval loss for this stage")
+        log(
+            f"eval: the held-out split's {len(eval_split)} sequence(s) cannot give each of the "
+            f"{world_size()} processes one; no eval loss for this stage"
+        )
         return None, 0
     measured = len(eval_split) // (batch * world_size()) * batch * world_size()
-    log(f"eval: loss and perplexity on {measured:,} held-out sequences every {settings.eval_steps} steps "
-        "and at the end")
+    log(
+        f"eval: loss and perplexity on {measured:,} held-out sequences every {settings.eval_steps} steps and at the end"
+    )
     return batch, measured
 
 
@@ -363,8 +412,10 @@ def prepare_tracker(settings: config.Settings, trainer, resume: str | None) -> N
             callback.logging_dir = str(settings.tensorboard_dir)
             if is_main_process() and resume is None:
                 shutil.rmtree(settings.tensorboard_dir, ignore_errors=True)
-            log(f"tracking: TensorBoard events in {settings.tensorboard_dir} "
-                f"(tensorboard --logdir {settings.tensorboard_dir.parent})")
+            log(
+                f"tracking: TensorBoard events in {settings.tensorboard_dir} "
+                f"(tensorboard --logdir {settings.tensorboard_dir.parent})"
+            )
 
 
 def final_evaluation(trainer, evaluates: bool, stopped_early: bool) -> list[tuple[int, float]]:
@@ -392,8 +443,10 @@ def zero_setup(settings: config.Settings, trainable: int) -> tuple[int, tuple[in
     log and the summary; logs what differs from the settings."""
     zero_stage = config.zero_stage_for(settings, world_size())
     if zero_stage != settings.zero_stage:
-        log(f"note: ZERO_STAGE={settings.zero_stage} runs as ZeRO-{zero_stage}: one process has nothing to "
-            "partition, and ZeRO-1's optimizer step costs less host time for LoRA's many small tensors")
+        log(
+            f"note: ZERO_STAGE={settings.zero_stage} runs as ZeRO-{zero_stage}: one process has nothing to "
+            "partition, and ZeRO-1's optimizer step costs less host time for LoRA's many small tensors"
+        )
     return zero_stage, config.deepspeed_buckets(trainable, world_size()) if zero_stage else None
 
 
@@ -423,14 +476,21 @@ def load_model(settings: config.Settings, checkpointing: bool, local_rank: int, 
         # Under DeepSpeed each rank holds its own quantized copy on its own GPU (never device_map="auto").
         device_map = {"": local_rank} if torch.cuda.is_available() else None
         model, trainable, total = quant_utils.load_for_training(
-            model_dir, True, dtype=torch.bfloat16, device_map=device_map,
-            gradient_checkpointing=checkpointing, trained_tokens=chat_tokens)
+            model_dir,
+            True,
+            dtype=torch.bfloat16,
+            device_map=device_map,
+            gradient_checkpointing=checkpointing,
+            trained_tokens=chat_tokens,
+        )
     else:
         # fp32 weights: DeepSpeed keeps fp32 master weights and casts the model for bf16/fp16 itself.
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         total = trainable = sum(p.numel() for p in model.parameters())
-    log(f"model: {total:,} parameters, {trainable:,} trained ({100 * trainable / total:.2f}%)"
-        f"{', 4-bit NF4 base + LoRA' if settings.use_quant else ''}")
+    log(
+        f"model: {total:,} parameters, {trainable:,} trained ({100 * trainable / total:.2f}%)"
+        f"{', 4-bit NF4 base + LoRA' if settings.use_quant else ''}"
+    )
     return model, trainable, total
 
 
@@ -461,19 +521,24 @@ def print_summary(summary: dict) -> None:
     from callbacks import format_duration
 
     log("=" * 72)
-    log(f"training {'complete' if summary['completed'] else 'stopped by ' + str(summary['stopped_by'])}: "
-        f"{summary['phase']} INIT={summary['stage_key']['init']} shard {summary['stage_key']['shard_index']}")
+    log(
+        f"training {'complete' if summary['completed'] else 'stopped by ' + str(summary['stopped_by'])}: "
+        f"{summary['phase']} INIT={summary['stage_key']['init']} shard {summary['stage_key']['shard_index']}"
+    )
     log(f"  steps          {summary['steps']}/{summary['total_steps']}")
     log(f"  tokens seen    {summary['tokens_seen']:,}")
     log(f"  loss           {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}")
     if summary["eval_loss"] is not None:
-        log(f"  eval loss      {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.3f}, "
-            f"{summary['eval_sequences']:,} held-out sequences)")
+        log(
+            f"  eval loss      {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.3f}, "
+            f"{summary['eval_sequences']:,} held-out sequences)"
+        )
     mfu = f", MFU {100 * summary['mfu']:.1f}%" if summary["mfu"] is not None else ""
-    log(f"  wall time      {format_duration(summary['wall_seconds'])} "
-        f"({summary['tokens_per_second']:,.0f} tok/s{mfu})")
-    log(f"  peak memory    {summary['peak_memory_gib']:.2f} GiB per process "
-        f"(estimated {summary['estimated_peak_gib']:.2f}), {summary['world_size']} process(es)")
+    log(f"  wall time      {format_duration(summary['wall_seconds'])} ({summary['tokens_per_second']:,.0f} tok/s{mfu})")
+    log(
+        f"  peak memory    {summary['peak_memory_gib']:.2f} GiB per process "
+        f"(estimated {summary['estimated_peak_gib']:.2f}), {summary['world_size']} process(es)"
+    )
     log("=" * 72)
 
 
@@ -502,6 +567,7 @@ def clear_leftovers(settings: config.Settings) -> None:
 class Inputs:
     """What prep.py prepared, loaded: the tokenizer, the training rows, the held-out rows (or None),
     and the model with its trainable and total parameter counts and embedding rows."""
+
     tokenizer: Any
     dataset: Any
     eval_split: Any
@@ -541,26 +607,43 @@ def training_summary(settings: config.Settings, manifest: dict, trainer, inputs:
     tokens_per_second = (state.num_input_tokens_seen - run["step_log"].start_tokens) / max(run["wall"], 1e-9)
     mfu = run["mfu_per_token_per_second"]
     return {
-        "stage_key": settings.stage_key(), "phase": settings.phase,
-        "completed": stopper.stopped_by is None, "stopped_by": stopper.stopped_by,
-        "steps": state.global_step, "total_steps": state.max_steps,
+        "stage_key": settings.stage_key(),
+        "phase": settings.phase,
+        "completed": stopper.stopped_by is None,
+        "stopped_by": stopper.stopped_by,
+        "steps": state.global_step,
+        "total_steps": state.max_steps,
         "tokens_seen": int(state.num_input_tokens_seen),
-        "first_loss": losses[0][1] if losses else math.nan, "final_loss": losses[-1][1] if losses else math.nan,
-        "losses": losses, "wall_seconds": run["wall"],
-        "eval_losses": eval_losses, "eval_loss": eval_losses[-1][1] if eval_losses else None,
+        "first_loss": losses[0][1] if losses else math.nan,
+        "final_loss": losses[-1][1] if losses else math.nan,
+        "losses": losses,
+        "wall_seconds": run["wall"],
+        "eval_losses": eval_losses,
+        "eval_loss": eval_losses[-1][1] if eval_losses else None,
         "eval_perplexity": perplexity(eval_losses[-1][1]) if eval_losses else None,
-        "eval_sequences": run["eval_sequences"], "report_to": settings.report_to,
-        "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * mfu if mfu else None,
+        "eval_sequences": run["eval_sequences"],
+        "report_to": settings.report_to,
+        "tokens_per_second": tokens_per_second,
+        "mfu": tokens_per_second * mfu if mfu else None,
         "flops_per_token": run["token_flops"],
-        "peak_memory_gib": peak_memory_gib(), "estimated_peak_gib": plan.estimate["allocated"] / memory.GIB,
-        "parameters": inputs.total, "trainable_parameters": inputs.trainable,
-        "precision": run["precision"], "world_size": trainer.accelerator.num_processes,
+        "peak_memory_gib": peak_memory_gib(),
+        "estimated_peak_gib": plan.estimate["allocated"] / memory.GIB,
+        "parameters": inputs.total,
+        "trainable_parameters": inputs.trainable,
+        "precision": run["precision"],
+        "world_size": trainer.accelerator.num_processes,
         "use_quant": settings.use_quant,
-        "is_last_shard": manifest["is_last_shard"], "topology": settings.stage_key()["topology"],
-        "vocab_rows": inputs.vocab_rows, "batch_size": plan.batch_size, "max_length": settings.max_length,
-        "gradient_accumulation_steps": plan.gradient_accumulation_steps, "global_batch_size": plan.global_batch,
-        "gradient_checkpointing": plan.gradient_checkpointing, "zero_stage": run["zero_stage"],
-        "deepspeed_buckets": run["buckets"], "fused_kernels": machine.fused_kernels,
+        "is_last_shard": manifest["is_last_shard"],
+        "topology": settings.stage_key()["topology"],
+        "vocab_rows": inputs.vocab_rows,
+        "batch_size": plan.batch_size,
+        "max_length": settings.max_length,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "global_batch_size": plan.global_batch,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "zero_stage": run["zero_stage"],
+        "deepspeed_buckets": run["buckets"],
+        "fused_kernels": machine.fused_kernels,
         "card": run["card"],
     }
 
@@ -583,8 +666,9 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     inputs = load_inputs(settings, plan.gradient_checkpointing, use_cpu)
 
     eval_batch, eval_sequences = plan_evaluation(settings, inputs.eval_split, plan.batch_size)
-    args = training_arguments(settings, plan, precision, use_cpu, machine.fused_kernels, inputs.trainable,
-                              eval_batch, universal)
+    args = training_arguments(
+        settings, plan, precision, use_cpu, machine.fused_kernels, inputs.trainable, eval_batch, universal
+    )
     zero_stage, buckets = zero_setup(settings, inputs.trainable)
     card = "CPU" if use_cpu else torch.cuda.get_device_name()
     token_flops = flops_per_token(settings.topology, inputs.vocab_rows, settings.max_length)
@@ -592,9 +676,14 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
     # Tokens/s (of all processes) times this is the MFU; None where the card's peak is not known.
     mfu_per_token_per_second = token_flops / (card_flops * world_size()) if card_flops else None
     step_log, stopper, marker = make_callbacks(settings, settings.work_dir / "STOP", mfu_per_token_per_second)
-    trainer = PerplexitySFTTrainer(model=inputs.model, args=args, train_dataset=inputs.dataset,
-                                   eval_dataset=inputs.eval_split if eval_batch else None,
-                                   processing_class=inputs.tokenizer, callbacks=[step_log, stopper, marker])
+    trainer = PerplexitySFTTrainer(
+        model=inputs.model,
+        args=args,
+        train_dataset=inputs.dataset,
+        eval_dataset=inputs.eval_split if eval_batch else None,
+        processing_class=inputs.tokenizer,
+        callbacks=[step_log, stopper, marker],
+    )
     trainer.remove_callback(PrinterCallback)  # StepLog prints the one fixed-format line instead
     prepare_tracker(settings, trainer, resume)
     if universal:
@@ -602,24 +691,44 @@ def run_training(settings: config.Settings, manifest: dict) -> int:
             log(convert_to_universal(Path(resume), world_size()))
         trainer.accelerator.wait_for_everyone()  # the other ranks load what rank 0 converted
     log(memory.describe_plan(plan, settings.max_length))
-    log(f"training: {len(inputs.dataset):,} sequences, {settings.run_epochs:g} epochs, {precision}, "
+    log(
+        f"training: {len(inputs.dataset):,} sequences, {settings.run_epochs:g} epochs, {precision}, "
         f"ZeRO-{zero_stage}{bucket_note(buckets)}, {'Liger kernels' if machine.fused_kernels else 'no fused kernels'}; "
         f"estimated peak {memory.gib(plan.estimate['allocated'])} allocated per process"
-        + (f", resuming from {resume}" if resume else ""))
+        + (f", resuming from {resume}" if resume else "")
+    )
     started = time.time()
     trainer.train(resume_from_checkpoint=resume)
     losses = logged_losses(trainer.state.log_history)
     if losses and not math.isfinite(losses[-1][1]):
-        raise TrainingStopped(f"training stopped: the loss became {losses[-1][1]} at step {losses[-1][0]}; "
-                              f"the last good checkpoint in {settings.checkpoint_dir} is kept and nothing is "
-                              "published (lower LEARNING_RATE, or use PRECISION=bf16 instead of fp16)")
+        raise TrainingStopped(
+            f"training stopped: the loss became {losses[-1][1]} at step {losses[-1][0]}; "
+            f"the last good checkpoint in {settings.checkpoint_dir} is kept and nothing is "
+            "published (lower LEARNING_RATE, or use PRECISION=bf16 instead of fp16)"
+        )
     wall = time.time() - started
     eval_losses = final_evaluation(trainer, eval_batch is not None, stopper.stopped_by is not None)
-    summary = training_summary(settings, manifest, trainer, inputs, {
-        "plan": plan, "machine": machine, "precision": precision, "card": card, "zero_stage": zero_stage,
-        "buckets": buckets, "token_flops": token_flops, "mfu_per_token_per_second": mfu_per_token_per_second,
-        "step_log": step_log, "stopper": stopper, "wall": wall, "eval_losses": eval_losses,
-        "eval_sequences": eval_sequences})
+    summary = training_summary(
+        settings,
+        manifest,
+        trainer,
+        inputs,
+        {
+            "plan": plan,
+            "machine": machine,
+            "precision": precision,
+            "card": card,
+            "zero_stage": zero_stage,
+            "buckets": buckets,
+            "token_flops": token_flops,
+            "mfu_per_token_per_second": mfu_per_token_per_second,
+            "step_log": step_log,
+            "stopper": stopper,
+            "wall": wall,
+            "eval_losses": eval_losses,
+            "eval_sequences": eval_sequences,
+        },
+    )
     save_trained(settings, trainer, inputs.tokenizer, summary)
     print_summary(summary)
     return config.ExitCode.OK
@@ -652,10 +761,12 @@ def stop_on_full_disk(settings: config.Settings, err: BaseException) -> str:
         shutil.rmtree(settings.work_dir / ".trained-staging", ignore_errors=True)
     complete = complete_checkpoints(settings.checkpoint_dir)
     kept = f"the last complete checkpoint, {complete[-1].name}, is kept" if complete else "no checkpoint is complete"
-    return (f"train: the disk is full ({one_line(err, 160)}) while saving under WORK_DIR={settings.work_dir} "
-            f"({free_bytes(settings) / 2**30:.2f} GiB free after removing what was half written); {kept} and "
-            "nothing was published; free space there (or set WORK_DIR to a larger disk) and run again: "
-            "training resumes from that checkpoint")
+    return (
+        f"train: the disk is full ({one_line(err, 160)}) while saving under WORK_DIR={settings.work_dir} "
+        f"({free_bytes(settings) / 2**30:.2f} GiB free after removing what was half written); {kept} and "
+        "nothing was published; free space there (or set WORK_DIR to a larger disk) and run again: "
+        "training resumes from that checkpoint"
+    )
 
 
 def main() -> int:
@@ -663,9 +774,11 @@ def main() -> int:
     manifest = check_preparation(settings)
     finished = finished_summary(settings)
     if finished is not None:
-        log(f"train: {util.stage_text(settings.stage_key())} already finished training ({finished.get('steps')} "
+        log(
+            f"train: {util.stage_text(settings.stage_key())} already finished training ({finished.get('steps')} "
             f"steps, final loss {finished.get('final_loss')}; {settings.trained_dir}); nothing to train, "
-            "publishing comes next")
+            "publishing comes next"
+        )
         return config.ExitCode.OK
     try:
         return run_training(settings, manifest)

@@ -7,9 +7,11 @@ can build here; the configuration builds a model of the expected size; one forwa
 step of a tiny LLaMA on the device. Exit status 1 when a required part is missing or broken.
 
 `--reuse` (what trainer.sh passes): when every check passed before on this same machine boot, with the
-same interpreter, packages, checking code and settings (a record in `CACHE_DIR/validated/`), say so and skip them; a job restarted after a kill, or a new
-WORK_DIR on the same machine, then loses no time to checks whose answer cannot have changed.
+same interpreter, packages, checking code and settings (a record in `CACHE_DIR/validated/`), say so
+and skip them; a job restarted after a kill, or a new WORK_DIR on the same machine, then loses no
+time to checks whose answer cannot have changed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,10 +44,19 @@ from preflight import (
 
 ROOT = Path(__file__).resolve().parent
 # Import name -> distribution name in requirements.txt.
-STACK = {"torch": "torch", "transformers": "transformers", "trl": "trl", "deepspeed": "deepspeed",
-         "peft": "peft", "bitsandbytes": "bitsandbytes", "datasets": "datasets",
-         "huggingface_hub": "huggingface_hub", "accelerate": "accelerate", "tokenizers": "tokenizers",
-         "safetensors": "safetensors"}
+STACK = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "trl": "trl",
+    "deepspeed": "deepspeed",
+    "peft": "peft",
+    "bitsandbytes": "bitsandbytes",
+    "datasets": "datasets",
+    "huggingface_hub": "huggingface_hub",
+    "accelerate": "accelerate",
+    "tokenizers": "tokenizers",
+    "safetensors": "safetensors",
+}
 QUANT_ONLY = {"bitsandbytes"}  # required only with USE_QUANT=true
 
 
@@ -87,8 +98,12 @@ def check_packages(use_quant: bool, ranges: dict[str, str] | None = None) -> Che
         if wanted and Version(version.split("+")[0]) not in SpecifierSet(wanted):
             warnings.append(f"{module} {version} is outside requirements.txt's {wanted}")
     if missing:
-        return failed(missing[0], notes=[f"✗ {m}" for m in missing[1:]] + [
-            "install the stack: pip install -r requirements.txt -c constraints.txt"], warnings=warnings)
+        return failed(
+            missing[0],
+            notes=[f"✗ {m}" for m in missing[1:]]
+            + ["install the stack: pip install -r requirements.txt -c constraints.txt"],
+            warnings=warnings,
+        )
     return passed(", ".join(found), warnings=warnings)
 
 
@@ -102,8 +117,10 @@ def check_cuda() -> CheckResult:
         props = torch.cuda.get_device_properties(index)
         with torch.cuda.device(index):
             bf16 = torch.cuda.is_bf16_supported()
-        lines.append(f"GPU {index}: {props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability "
-                     f"{props.major}.{props.minor}, bf16 {'yes' if bf16 else 'no (fp16 is used)'}")
+        lines.append(
+            f"GPU {index}: {props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability "
+            f"{props.major}.{props.minor}, bf16 {'yes' if bf16 else 'no (fp16 is used)'}"
+        )
     return passed(f"CUDA {torch.version.cuda}, {len(lines)} GPU(s)", notes=lines)
 
 
@@ -120,16 +137,20 @@ def check_quantization(use_quant: bool) -> CheckResult:
     if not math.isfinite(error) or error >= 0.15:
         message = f"NF4 round trip on {device} has relative error {error:.3f} (expected < 0.15)"
         return failed(message) if use_quant else skipped("USE_QUANT=false", warnings=[message])
-    return passed(f"NF4 quantize/dequantize on {device}, relative error {error:.3f}"
-                  + ("" if use_quant else " (not needed: USE_QUANT=false)"))
+    return passed(
+        f"NF4 quantize/dequantize on {device}, relative error {error:.3f}"
+        + ("" if use_quant else " (not needed: USE_QUANT=false)")
+    )
 
 
 def tiny_llama(vocab: int = 256):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    topology = config.Topology(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                               intermediate_size=128, vocab_size=vocab)
+    topology = config.Topology(
+        hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, vocab_size=vocab
+    )
     model_config = LlamaConfig(**topology.llama_kwargs(), attn_implementation="sdpa")
     return LlamaForCausalLM(model_config), topology
 
@@ -141,16 +162,25 @@ def check_lora() -> CheckResult:
     import memory
 
     model, topology = tiny_llama()
-    lora = LoraConfig(r=config.LORA_R, lora_alpha=config.LORA_ALPHA, lora_dropout=config.LORA_DROPOUT,
-                      target_modules=list(config.LORA_TARGETS), task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=config.LORA_R,
+        lora_alpha=config.LORA_ALPHA,
+        lora_dropout=config.LORA_DROPOUT,
+        target_modules=list(config.LORA_TARGETS),
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     expected = memory.lora_parameter_count(topology)
     if trainable != expected:
-        return failed(f"peft LoRA trains {trainable:,} parameters on the tiny model, expected {expected:,} "
-                      f"(r={config.LORA_R} on {', '.join(config.LORA_TARGETS)})")
-    return passed(f"r={config.LORA_R} on {len(config.LORA_TARGETS)} projections: {trainable:,} trainable "
-                  "parameters on a tiny LLaMA, as expected")
+        return failed(
+            f"peft LoRA trains {trainable:,} parameters on the tiny model, expected {expected:,} "
+            f"(r={config.LORA_R} on {', '.join(config.LORA_TARGETS)})"
+        )
+    return passed(
+        f"r={config.LORA_R} on {len(config.LORA_TARGETS)} projections: {trainable:,} trainable "
+        "parameters on a tiny LLaMA, as expected"
+    )
 
 
 def check_attention() -> CheckResult:
@@ -164,16 +194,23 @@ def check_attention() -> CheckResult:
     torch.nn.functional.scaled_dot_product_attention(query, query, query, is_causal=True)
     if not torch.cuda.is_available():
         return passed("sdpa (PyTorch scaled_dot_product_attention; CPU kernels)")
-    backends = {"flash": torch.backends.cuda.flash_sdp_enabled(),
-                "memory-efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
-                "cuDNN": torch.backends.cuda.cudnn_sdp_enabled()}
+    backends = {
+        "flash": torch.backends.cuda.flash_sdp_enabled(),
+        "memory-efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+        "cuDNN": torch.backends.cuda.cudnn_sdp_enabled(),
+    }
     enabled = [name for name, on in backends.items() if on]
     major, _ = torch.cuda.get_device_capability(0)
-    warnings = [] if major >= 8 else ["this GPU predates Ampere: no flash attention kernel; "
-                                      "memory-efficient attention is used"]
+    warnings = (
+        []
+        if major >= 8
+        else ["this GPU predates Ampere: no flash attention kernel; memory-efficient attention is used"]
+    )
     if not (backends["flash"] or backends["memory-efficient"]):
-        return failed("sdpa's flash and memory-efficient kernels are both disabled: attention would store "
-                      "the full L x L score matrix")
+        return failed(
+            "sdpa's flash and memory-efficient kernels are both disabled: attention would store "
+            "the full L x L score matrix"
+        )
     return passed(f"sdpa; CUDA kernels enabled: {', '.join(enabled)}", warnings=warnings)
 
 
@@ -186,20 +223,24 @@ def check_deepspeed() -> CheckResult:
     accelerator = get_accelerator()
     name = getattr(accelerator, "_name", type(accelerator).__name__)
     if shutil.which("deepspeed") is None:
-        return failed(f"DeepSpeed {deepspeed.__version__} is installed but its `deepspeed` launcher is not on "
-                      "PATH (trainer.sh runs it); reinstall deepspeed or add its bin folder to PATH")
+        return failed(
+            f"DeepSpeed {deepspeed.__version__} is installed but its `deepspeed` launcher is not on "
+            "PATH (trainer.sh runs it); reinstall deepspeed or add its bin folder to PATH"
+        )
     warnings = []
     if not torch.cuda.is_available() and name != "cpu":
         warnings.append(f"no GPU but DeepSpeed's accelerator is '{name}'; trainer.sh sets DS_ACCELERATOR=cpu")
     ops = op_compatibility()
     missing_optimizers = [op for op in ("cpu_adam", "fused_adam") if not ops.get(op)]
-    warnings += [f"DeepSpeed op {op} cannot be built here (optional: training uses PyTorch's AdamW)"
-                 for op in missing_optimizers]
+    warnings += [
+        f"DeepSpeed op {op} cannot be built here (optional: training uses PyTorch's AdamW)" for op in missing_optimizers
+    ]
     if torch.cuda.is_available() and not ninja_available():
         warnings.append("ninja is missing: DeepSpeed cannot JIT-build its CUDA ops (pip install ninja)")
     usable = ", ".join(op for op, ok in ops.items() if ok) or "none"
-    return passed(f"DeepSpeed {deepspeed.__version__}, accelerator '{name}'; ops buildable here: {usable}",
-                  warnings=warnings)
+    return passed(
+        f"DeepSpeed {deepspeed.__version__}, accelerator '{name}'; ops buildable here: {usable}", warnings=warnings
+    )
 
 
 def op_compatibility() -> dict[str, bool]:
@@ -238,10 +279,14 @@ def check_configuration(settings: config.Settings | None, problems: list[str]) -
         model = LlamaForCausalLM(LlamaConfig(**topology.llama_kwargs(), attn_implementation="sdpa"))
     built = sum(p.numel() for p in model.parameters())
     if built != topology.parameter_count():
-        return failed(f"transformers builds {built:,} parameters for {topology.describe()}, config.py "
-                      f"computes {topology.parameter_count():,}")
-    return passed(f"preset {settings.preset}: {topology.describe()}, {built:,} parameters; "
-                  f"DeepSpeed ZeRO-{settings.zero_stage} config builds")
+        return failed(
+            f"transformers builds {built:,} parameters for {topology.describe()}, config.py "
+            f"computes {topology.parameter_count():,}"
+        )
+    return passed(
+        f"preset {settings.preset}: {topology.describe()}, {built:,} parameters; "
+        f"DeepSpeed ZeRO-{settings.zero_stage} config builds"
+    )
 
 
 def check_training_step() -> CheckResult:
@@ -262,12 +307,16 @@ def check_training_step() -> CheckResult:
     missing = sum(g is None for g in grads)
     finite = all(g is not None and torch.isfinite(g).all().item() for g in grads)
     if not torch.isfinite(loss).item() or missing or not finite:
-        return failed(f"forward/backward on {device}: loss {loss.item():.4f}, {missing} parameter(s) without "
-                      f"gradient, gradients {'finite' if finite else 'not finite'}")
+        return failed(
+            f"forward/backward on {device}: loss {loss.item():.4f}, {missing} parameter(s) without "
+            f"gradient, gradients {'finite' if finite else 'not finite'}"
+        )
     expected = math.log(256)
-    return passed(f"forward/backward of a tiny LLaMA on {device} ({str(dtype).removeprefix('torch.')}): "
-                  f"loss {loss.item():.3f} (random init ≈ ln 256 = {expected:.3f}), {len(grads)} gradients "
-                  f"finite, {seconds * 1000:.0f} ms")
+    return passed(
+        f"forward/backward of a tiny LLaMA on {device} ({str(dtype).removeprefix('torch.')}): "
+        f"loss {loss.item():.3f} (random init ≈ ln 256 = {expected:.3f}), {len(grads)} gradients "
+        f"finite, {seconds * 1000:.0f} ms"
+    )
 
 
 def load_settings() -> tuple[config.Settings | None, list[str]]:
@@ -316,12 +365,19 @@ def environment_fingerprint(settings: config.Settings) -> dict:
     (a new container or host, or other GPUs, means a new boot), the interpreter, the installed
     packages, the code of the checks, and the settings they read."""
     code = hashlib.sha256(b"".join((ROOT / name).read_bytes() for name in CHECKING_CODE)).hexdigest()
-    return {"boot_id": BOOT_ID.read_text().strip() if BOOT_ID.is_file() else None,
-            "python": [sys.executable, sys.version],
-            "packages": {name: installed_version(name) for name in STACK.values()},
-            "cuda_visible_devices": util.visible_gpus(), "code_sha256": code,
-            "settings": [settings.use_quant, settings.zero_stage, settings.num_processes,
-                         config.dataclasses.asdict(settings.topology)]}
+    return {
+        "boot_id": BOOT_ID.read_text().strip() if BOOT_ID.is_file() else None,
+        "python": [sys.executable, sys.version],
+        "packages": {name: installed_version(name) for name in STACK.values()},
+        "cuda_visible_devices": util.visible_gpus(),
+        "code_sha256": code,
+        "settings": [
+            settings.use_quant,
+            settings.zero_stage,
+            settings.num_processes,
+            config.dataclasses.asdict(settings.topology),
+        ],
+    }
 
 
 def validation_record(settings: config.Settings) -> Path:
@@ -347,16 +403,20 @@ def record_passed(settings: config.Settings) -> None:
         record.parent.mkdir(parents=True, exist_ok=True)
         util.write_json_atomic(record, {"passed_at": util.utc_now(), "fingerprint": environment_fingerprint(settings)})
     except OSError as err:  # a read-only home: the checks only repeat next time
-        print(f"validate_setup: note: could not record the passed checks in {record} ({err.strerror}); "
-              f"the next run repeats them")
+        print(
+            f"validate_setup: note: could not record the passed checks in {record} ({err.strerror}); "
+            f"the next run repeats them"
+        )
 
 
 def main() -> int:
     reuse = sys.argv[1:] == ["--reuse"]
     settings, problems = load_settings()
     if reuse and settings is not None and (when := passed_before(settings)):
-        print(f"validate_setup: every check passed at {when} with this same machine boot, software and "
-              f"settings ({validation_record(settings)}); not repeated (delete that file to repeat them)")
+        print(
+            f"validate_setup: every check passed at {when} with this same machine boot, software and "
+            f"settings ({validation_record(settings)}); not repeated (delete that file to repeat them)"
+        )
         return config.ExitCode.OK
     checks = build_checks(settings, problems)
     results: list[CheckResult] = []
@@ -366,8 +426,9 @@ def main() -> int:
         print_result(index, len(checks), name, results[-1])
     counts = {status: sum(r.status == status for r in results) for status in (PASS, FAIL, SKIP)}
     warnings = sum(len(r.warnings) for r in results)
-    print(f"validate_setup: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped, "
-          f"{warnings} warning(s)")
+    print(
+        f"validate_setup: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[SKIP]} skipped, {warnings} warning(s)"
+    )
     if counts[FAIL]:
         return config.ExitCode.FAILED
     if settings is not None:

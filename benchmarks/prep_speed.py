@@ -9,6 +9,7 @@ each run, the tokenizer's sample and the ratio of shard 50's time to shard 0's.
     python3 benchmarks/prep_speed.py --out /tmp/prep-speed            # 2 GB, SHARD_SIZE 131072
     python3 benchmarks/prep_speed.py --gb 0.01 --shard-size 200       # a quick check of the script
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,11 +43,14 @@ def write_corpus(path: Path, gigabytes: float, rows_needed: int) -> int:
     if path.is_file():
         return sum(1 for _ in path.open("rb"))
     generator = random.Random(0)
-    words = list(dict.fromkeys("".join(generator.choices(SYLLABLES, k=generator.randint(1, 4)))
-                               for _ in range(100_000)))[:80_000]
+    words = list(
+        dict.fromkeys("".join(generator.choices(SYLLABLES, k=generator.randint(1, 4))) for _ in range(100_000))
+    )[:80_000]
     weights = [1 / rank for rank in range(1, len(words) + 1)]
-    sentences = [" ".join(generator.choices(words, weights, k=generator.randint(6, 14))).capitalize() + "."
-                 for _ in range(50_000)]
+    sentences = [
+        " ".join(generator.choices(words, weights, k=generator.randint(6, 14))).capitalize() + "."
+        for _ in range(50_000)
+    ]
     budget, rows = int(gigabytes * 1e9), 0
     with path.open("w") as out:
         while budget > 0 or rows < rows_needed:
@@ -62,7 +66,9 @@ def run_prep(env: dict[str, str], log: Path) -> tuple[float, int]:
     """prep.py in a child process: (seconds, the child's peak resident memory in bytes)."""
     started = time.time()
     with log.open("w") as handle:
-        child = subprocess.Popen([sys.executable, "prep.py"], cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(
+            [sys.executable, "prep.py"], cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT
+        )
         _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"prep.py failed; see {log}:\n{log.read_text()[-2000:]}")
@@ -92,8 +98,16 @@ def main() -> int:
     rows = write_corpus(corpus, args.gb, (args.late_shard + 1) * args.shard_size)
     print(f"corpus: {rows:,} rows, {corpus.stat().st_size / 1e9:.2f} GB ({time.time() - started:.0f}s)", flush=True)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("INIT", "INST"))}
-    env.update(PRESET="full", INPUT_DATASET=str(corpus), OUTPUT_REPO="bench", FACTOR="768", SHARD_SIZE=str(args.shard_size),
-               OUTPUT_DIR=str(args.out / "output"), TOKENIZERS_PARALLELISM="true", HF_HUB_OFFLINE="1")
+    env.update(
+        PRESET="full",
+        INPUT_DATASET=str(corpus),
+        OUTPUT_REPO="bench",
+        FACTOR="768",
+        SHARD_SIZE=str(args.shard_size),
+        OUTPUT_DIR=str(args.out / "output"),
+        TOKENIZERS_PARALLELISM="true",
+        HF_HUB_OFFLINE="1",
+    )
     results = []
     for init in (0, 1, args.late_shard + 1):
         work = args.out / f"work-{init}"
@@ -106,8 +120,10 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
         print(f"INIT {init}: {seconds:.0f}s", flush=True)
     first_log = results[0][4]
-    print(f"\n{rows:,} rows, {corpus.stat().st_size / 1e9:.2f} GB; SHARD_SIZE {args.shard_size:,}; "
-          f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
+    print(
+        f"\n{rows:,} rows, {corpus.stat().st_size / 1e9:.2f} GB; SHARD_SIZE {args.shard_size:,}; "
+        f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}"
+    )
     print(f"tokenizer: {logged(r'(tokenizer: trained .*)', first_log)}\n")
     print("| run | shard | wall s | tokenization tokens/s | peak memory GiB |\n|---|---|---|---|---|")
     for init, seconds, peak, speed, _ in results:

@@ -8,6 +8,7 @@ Usage (alone, or after `deepspeed` whose --local_rank argument is dropped):
   python3 benchmarks/step_profile.py [--out DIR/name --first 8 --last 12] SCRIPT [SCRIPT ARGS]
 Without --out nothing is profiled.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,13 +68,18 @@ def write_profile(profile, steps: int, wall: float, out: Path) -> None:
 
     kernels = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_ms = sum(e.device_time for e in kernels) / 1e3
-    line = (f"profile {out.name}: {steps} steps, wall {1e3 * wall / steps:.1f} ms/step, "
-            f"{len(kernels) / steps:,.0f} kernels/step, GPU busy {busy_ms / steps:.1f} ms/step")
+    line = (
+        f"profile {out.name}: {steps} steps, wall {1e3 * wall / steps:.1f} ms/step, "
+        f"{len(kernels) / steps:,.0f} kernels/step, GPU busy {busy_ms / steps:.1f} ms/step"
+    )
     table = profile.key_averages()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".txt").write_text(
-        line + "\n" + table.table(sort_by="self_device_time_total", row_limit=35, max_name_column_width=70)
-        + table.table(sort_by="count", row_limit=35, max_name_column_width=70))
+        line
+        + "\n"
+        + table.table(sort_by="self_device_time_total", row_limit=35, max_name_column_width=70)
+        + table.table(sort_by="count", row_limit=35, max_name_column_width=70)
+    )
     print(line, flush=True)
 
 

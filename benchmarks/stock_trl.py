@@ -11,6 +11,7 @@ too. Like speed.py for those lines, the tokens/s is the median over windows of -
 (each step line covers LOGGING_STEPS steps), after the first --warmup steps.
 Usage: python3 benchmarks/stock_trl.py --hidden 2048 --vocab-rows 1216 --batch 4 --length 2048 --quant
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,14 +58,29 @@ def build_model(args: argparse.Namespace, folder: Path):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="sdpa")
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.bfloat16,
-                                                 device_map={"": "cpu" if args.cpu else 0}, attn_implementation="sdpa")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        quantization_config=quantization,
+        dtype=torch.bfloat16,
+        device_map={"": "cpu" if args.cpu else 0},
+        attn_implementation="sdpa",
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.checkpointing)
     # The pipeline's LoRA recipe (the same constants), so that the comparison stays like for like.
-    lora = LoraConfig(r=config.LORA_R, lora_alpha=config.LORA_ALPHA, lora_dropout=config.LORA_DROPOUT, bias="none",
-                      task_type="CAUSAL_LM", target_modules=list(config.LORA_TARGETS))
+    lora = LoraConfig(
+        r=config.LORA_R,
+        lora_alpha=config.LORA_ALPHA,
+        lora_dropout=config.LORA_DROPOUT,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=list(config.LORA_TARGETS),
+    )
     return get_peft_model(model, lora)
 
 
@@ -117,7 +133,7 @@ def median_window_seconds(durations: list[float], warmup: int, window: int) -> f
     """The median over windows of `window` consecutive steps after the first `warmup` of the mean
     step time in each window."""
     kept = durations[warmup:] or durations
-    windows = [sum(kept[i:i + window]) / window for i in range(0, len(kept) - window + 1, window)]
+    windows = [sum(kept[i : i + window]) / window for i in range(0, len(kept) - window + 1, window)]
     return statistics.median(windows or [sum(kept) / len(kept)])
 
 
@@ -128,16 +144,33 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         model = build_model(args, Path(scratch) / "base")
-        training = SFTConfig(output_dir=str(Path(scratch) / "out"), per_device_train_batch_size=args.batch,
-                             gradient_accumulation_steps=args.accumulation, max_steps=args.steps,
-                             learning_rate=2e-4, lr_scheduler_type="constant", bf16=not args.cpu,
-                             use_cpu=args.cpu, gradient_checkpointing=args.checkpointing,
-                             max_length=args.length, packing=False, logging_steps=args.logging_steps, save_strategy="no",
-                             report_to="none", dataloader_drop_last=True, disable_tqdm=True,
-                             use_liger_kernel=args.liger)
+        training = SFTConfig(
+            output_dir=str(Path(scratch) / "out"),
+            per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=args.accumulation,
+            max_steps=args.steps,
+            learning_rate=2e-4,
+            lr_scheduler_type="constant",
+            bf16=not args.cpu,
+            use_cpu=args.cpu,
+            gradient_checkpointing=args.checkpointing,
+            max_length=args.length,
+            packing=False,
+            logging_steps=args.logging_steps,
+            save_strategy="no",
+            report_to="none",
+            dataloader_drop_last=True,
+            disable_tqdm=True,
+            use_liger_kernel=args.liger,
+        )
         timer = step_timer()
-        trainer = SFTTrainer(model=model, args=training, train_dataset=packed_rows(args),
-                             processing_class=word_tokenizer(args.vocab_rows), callbacks=[timer])
+        trainer = SFTTrainer(
+            model=model,
+            args=training,
+            train_dataset=packed_rows(args),
+            processing_class=word_tokenizer(args.vocab_rows),
+            callbacks=[timer],
+        )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
@@ -146,14 +179,19 @@ def main() -> int:
     result = {
         "card": "CPU" if args.cpu else torch.cuda.get_device_name(),
         "mode": ("NF4+LoRA (stock)" if args.quant else "bf16 (stock)") + (" + Liger" if args.liger else ""),
-        "batch": args.batch, "length": args.length, "accumulation": args.accumulation,
-        "checkpointing": args.checkpointing, "steps": len(timer.durations),
+        "batch": args.batch,
+        "length": args.length,
+        "accumulation": args.accumulation,
+        "checkpointing": args.checkpointing,
+        "steps": len(timer.durations),
         "tokens_per_second": tokens_per_step / median_seconds,
         "peak_memory_gib": 0.0 if args.cpu else torch.cuda.max_memory_allocated() / 2**30,
     }
-    print(f"stock TRL {result['mode']}: {result['card']}, {args.batch}x{args.length} GA {args.accumulation}"
-          f"{', ckpt' if args.checkpointing else ''}: {result['tokens_per_second']:,.0f} tok/s, "
-          f"peak {result['peak_memory_gib']:.2f} GiB")
+    print(
+        f"stock TRL {result['mode']}: {result['card']}, {args.batch}x{args.length} GA {args.accumulation}"
+        f"{', ckpt' if args.checkpointing else ''}: {result['tokens_per_second']:,.0f} tok/s, "
+        f"peak {result['peak_memory_gib']:.2f} GiB"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

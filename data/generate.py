@@ -12,6 +12,7 @@ each other the same kinds of questions in prose, so that the tokenizer and the m
 instruction vocabulary and tasks before instruction tuning. Held-out prompts are drawn first and
 excluded from the instruction data and the pretraining questions, so none of them is ever trained on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,19 +31,130 @@ MULTI_TURN_SHARE = 0.15
 QUIZ_SHARE = 0.4  # share of pretraining documents that are question games
 FILE_NAMES = ("pretrain.jsonl", "instruct.jsonl", "instruct_heldout.jsonl")
 
-NAMES = ("Tomas", "Lina", "Bodo", "Mira", "Keld", "Suri", "Ando", "Pela", "Rune", "Vesa", "Nilo", "Oda",
-         "Fenn", "Ilsa", "Joro", "Tavi", "Wren", "Yara", "Zeno", "Cato", "Edda", "Hugo", "Lumi", "Rafi")
-ANIMALS = ("cat", "dog", "fox", "owl", "hen", "cow", "pig", "bat", "bee", "ant", "elk", "yak", "rat",
-           "emu", "ram", "frog", "goat", "duck", "bear", "wolf", "deer", "fish", "mole", "seal", "crab",
-           "lion", "hare", "swan", "toad", "mouse", "horse", "sheep", "tiger", "snail", "otter")
-COLOURS = ("red", "blue", "green", "pink", "gray", "gold", "black", "white", "brown", "teal", "tan",
-           "purple", "yellow", "silver")
-THINGS = ("apple", "pear", "plum", "fig", "kiwi", "lemon", "melon", "grape", "peach", "cherry", "mango",
-          "cup", "hat", "box", "pen", "key", "map", "bell", "book", "coin", "lamp", "ring", "sock",
-          "spoon", "kite", "drum", "boat", "shoe", "bowl", "star")
+NAMES = (
+    "Tomas",
+    "Lina",
+    "Bodo",
+    "Mira",
+    "Keld",
+    "Suri",
+    "Ando",
+    "Pela",
+    "Rune",
+    "Vesa",
+    "Nilo",
+    "Oda",
+    "Fenn",
+    "Ilsa",
+    "Joro",
+    "Tavi",
+    "Wren",
+    "Yara",
+    "Zeno",
+    "Cato",
+    "Edda",
+    "Hugo",
+    "Lumi",
+    "Rafi",
+)
+ANIMALS = (
+    "cat",
+    "dog",
+    "fox",
+    "owl",
+    "hen",
+    "cow",
+    "pig",
+    "bat",
+    "bee",
+    "ant",
+    "elk",
+    "yak",
+    "rat",
+    "emu",
+    "ram",
+    "frog",
+    "goat",
+    "duck",
+    "bear",
+    "wolf",
+    "deer",
+    "fish",
+    "mole",
+    "seal",
+    "crab",
+    "lion",
+    "hare",
+    "swan",
+    "toad",
+    "mouse",
+    "horse",
+    "sheep",
+    "tiger",
+    "snail",
+    "otter",
+)
+COLOURS = (
+    "red",
+    "blue",
+    "green",
+    "pink",
+    "gray",
+    "gold",
+    "black",
+    "white",
+    "brown",
+    "teal",
+    "tan",
+    "purple",
+    "yellow",
+    "silver",
+)
+THINGS = (
+    "apple",
+    "pear",
+    "plum",
+    "fig",
+    "kiwi",
+    "lemon",
+    "melon",
+    "grape",
+    "peach",
+    "cherry",
+    "mango",
+    "cup",
+    "hat",
+    "box",
+    "pen",
+    "key",
+    "map",
+    "bell",
+    "book",
+    "coin",
+    "lamp",
+    "ring",
+    "sock",
+    "spoon",
+    "kite",
+    "drum",
+    "boat",
+    "shoe",
+    "bowl",
+    "star",
+)
 SIZES = ("big", "small", "tall", "tiny", "old", "young", "fast", "slow", "happy", "quiet")
-PLACES = ("the farm", "the park", "the lake", "the hill", "the market", "the garden", "the river",
-          "the forest", "the village", "the beach")
+PLACES = (
+    "the farm",
+    "the park",
+    "the lake",
+    "the hill",
+    "the market",
+    "the garden",
+    "the river",
+    "the forest",
+    "the village",
+    "the beach",
+)
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 # Short words for the reverse task: every animal, thing and colour of three or four letters.
 SHORT_WORDS = tuple(w for w in ANIMALS + THINGS + COLOURS if 3 <= len(w) <= 4)
@@ -83,6 +195,7 @@ def digits_text(numbers: list[int]) -> str:
 
 
 # ---- instruction tasks: each returns (prompt, answer) ----
+
 
 def task_repeat(rng: random.Random) -> tuple[str, str]:
     text = phrase(rng, 1, 2)
@@ -131,9 +244,15 @@ def task_reverse(rng: random.Random) -> tuple[str, str]:
 
 # name -> (make, training weight); held-out rows are spread evenly over the tasks.
 TASKS: dict[str, tuple[Callable[[random.Random], tuple[str, str]], float]] = {
-    "repeat": (task_repeat, 1.2), "first_word": (task_first_word, 1.0), "capitals": (task_capitals, 1.0),
-    "larger": (task_larger, 1.0), "add": (task_add, 1.2), "next": (task_next, 0.8),
-    "count": (task_count, 1.0), "sort": (task_sort, 1.2), "reverse": (task_reverse, 0.6),
+    "repeat": (task_repeat, 1.2),
+    "first_word": (task_first_word, 1.0),
+    "capitals": (task_capitals, 1.0),
+    "larger": (task_larger, 1.0),
+    "add": (task_add, 1.2),
+    "next": (task_next, 0.8),
+    "count": (task_count, 1.0),
+    "sort": (task_sort, 1.2),
+    "reverse": (task_reverse, 0.6),
 }
 
 
@@ -183,18 +302,23 @@ def instruct_rows(rng: random.Random, excluded_prompts: set[str]) -> list[dict[s
 
 # ---- pretraining documents: each sentence maker returns one or more sentences about `name` ----
 
+
 def say_pet(rng: random.Random, name: str) -> str:
     size, colour, animal, thing = rng.choice(SIZES), rng.choice(COLOURS), rng.choice(ANIMALS), rng.choice(THINGS)
-    return (f"{name} has {with_article(size)} {colour} {animal}. The {animal} likes the {thing} and sleeps near "
-            f"{rng.choice(PLACES)}.")
+    return (
+        f"{name} has {with_article(size)} {colour} {animal}. The {animal} likes the {thing} and sleeps near "
+        f"{rng.choice(PLACES)}."
+    )
 
 
 def say_counting(rng: random.Random, name: str) -> str:
     start = rng.randint(0, 90)
     numbers = list(range(start, start + rng.randint(4, 10)))
     last = numbers[-1]
-    return (f"{name} counted: {', '.join(map(str, numbers))}. After {last - 1} comes {last}, and the "
-            f"number after {last} is {last + 1}.")
+    return (
+        f"{name} counted: {', '.join(map(str, numbers))}. After {last - 1} comes {last}, and the "
+        f"number after {last} is {last + 1}."
+    )
 
 
 def say_comparison(rng: random.Random, name: str) -> str:
@@ -202,8 +326,10 @@ def say_comparison(rng: random.Random, name: str) -> str:
     friend = rng.choice(NAMES)
     thing = rng.choice(THINGS)
     more = name if a > b else friend
-    return (f"{name} has {a} {plural(thing)} and {friend} has {b}. {max(a, b)} is larger than {min(a, b)}, "
-            f"so {more} has more.")
+    return (
+        f"{name} has {a} {plural(thing)} and {friend} has {b}. {max(a, b)} is larger than {min(a, b)}, "
+        f"so {more} has more."
+    )
 
 
 def say_sum(rng: random.Random, name: str) -> str:
@@ -214,8 +340,10 @@ def say_sum(rng: random.Random, name: str) -> str:
 
 def say_sorting(rng: random.Random, name: str) -> str:
     numbers = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
-    return (f"{name} wrote the numbers {digits_text(numbers)} and put them in order: "
-            f"{digits_text(sorted(numbers))}. The largest first: {digits_text(sorted(numbers, reverse=True))}.")
+    return (
+        f"{name} wrote the numbers {digits_text(numbers)} and put them in order: "
+        f"{digits_text(sorted(numbers))}. The largest first: {digits_text(sorted(numbers, reverse=True))}."
+    )
 
 
 def say_list(rng: random.Random, name: str) -> str:
@@ -228,8 +356,10 @@ def say_list(rng: random.Random, name: str) -> str:
 def say_capitals(rng: random.Random, name: str) -> str:
     word = rng.choice(NOUNS + COLOURS)
     other = rng.choice(NOUNS + COLOURS)
-    return (f"{name} painted {word.upper()} on a sign in big letters. In capitals {word} is "
-            f"{word.upper()} and {other} is {other.upper()}; in small letters {other.upper()} is {other}.")
+    return (
+        f"{name} painted {word.upper()} on a sign in big letters. In capitals {word} is "
+        f"{word.upper()} and {other} is {other.upper()}; in small letters {other.upper()} is {other}."
+    )
 
 
 def say_backwards(rng: random.Random, name: str) -> str:
@@ -245,12 +375,24 @@ def say_first_word(rng: random.Random, name: str) -> str:
 def say_fact(rng: random.Random, name: str) -> str:
     animal, colour, n = rng.choice(ANIMALS), rng.choice(COLOURS), rng.randint(2, 9)
     place = rng.choice(PLACES)
-    return (f"{with_article(animal).capitalize()} is an animal. {name} saw {n} {colour} {plural(animal)} "
-            f"at {place}, {NUMBER_WORDS[n]} of them.")
+    return (
+        f"{with_article(animal).capitalize()} is an animal. {name} saw {n} {colour} {plural(animal)} "
+        f"at {place}, {NUMBER_WORDS[n]} of them."
+    )
 
 
-SENTENCES = (say_pet, say_counting, say_comparison, say_sum, say_sorting, say_list, say_capitals,
-             say_backwards, say_first_word, say_fact)
+SENTENCES = (
+    say_pet,
+    say_counting,
+    say_comparison,
+    say_sum,
+    say_sorting,
+    say_list,
+    say_capitals,
+    say_backwards,
+    say_first_word,
+    say_fact,
+)
 
 
 def quiz_document(rng: random.Random, excluded_prompts: set[str]) -> str:

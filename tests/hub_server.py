@@ -19,6 +19,7 @@ it can fail requests on demand: answer an HTTP error (with headers such as Retry
 connection halfway through reading a request's body, or stall without answering.
 Run it alone with `python tests/hub_server.py [TOKEN]` to point HF_ENDPOINT at it by hand.
 """
+
 from __future__ import annotations
 
 import base64
@@ -71,6 +72,7 @@ class Space:
 class Fault:
     """What a failing request gets: kind "status" answers `status` with `headers`; "reset" reads half
     the body and resets the connection; "stall" reads the request and answers nothing for `seconds`."""
+
     kind: str
     remaining: int | None  # None: every matching request fails
     path_contains: str | None
@@ -139,13 +141,15 @@ class HubStandIn:
         stored.commits.append({"oid": digest.hexdigest(), "summary": "add_dataset", "description": ""})
         return stored
 
-    def fail_next(self, count: int, status: int = 503, path_contains: str | None = None,
-                  headers: dict[str, str] | None = None) -> None:
+    def fail_next(
+        self, count: int, status: int = 503, path_contains: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         """The next `count` requests (whose path contains `path_contains`, if given) answer `status`."""
         self._faults.append(Fault("status", count, path_contains, status, headers or {}))
 
-    def fail_always(self, status: int = 503, path_contains: str | None = None,
-                    headers: dict[str, str] | None = None) -> None:
+    def fail_always(
+        self, status: int = 503, path_contains: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         self._faults.append(Fault("status", None, path_contains, status, headers or {}))
 
     def reset_next(self, count: int | None, path_contains: str | None = None) -> None:
@@ -181,8 +185,11 @@ class HubStandIn:
         with self._lock:
             self.requests.append(request)
             if fault is not None:
-                return fault.status, {"X-Error-Message": "stand-in failure", **fault.headers}, {
-                    "error": "stand-in failure"}
+                return (
+                    fault.status,
+                    {"X-Error-Message": "stand-in failure", **fault.headers},
+                    {"error": "stand-in failure"},
+                )
             if request.method == "GET" and request.path == "/api/agent-harnesses":
                 # huggingface_hub fetches this registry once a day, with no token, to name the AI agent
                 # in its User-Agent; the Hub serves it to anyone. Empty: no agent is detected.
@@ -243,42 +250,68 @@ class HubStandIn:
         )
 
     def _whoami(self, request: Recorded):
-        return 200, {}, {"type": "user", "name": self.user,
-                         "auth": {"accessToken": {"displayName": "stand-in", "role": self.role}}}
+        return (
+            200,
+            {},
+            {
+                "type": "user",
+                "name": self.user,
+                "auth": {"accessToken": {"displayName": "stand-in", "role": self.role}},
+            },
+        )
 
     def _create_repo(self, request: Recorded):
         payload = json.loads(request.body)
         repo_id = f"{payload.get('organization') or self.user}/{payload['name']}"
         if repo_id in self.repos:
-            return 409, {"X-Error-Message": "You already created this model repo"}, {
-                "error": "You already created this model repo", "url": f"{self.endpoint}/{repo_id}"}
+            return (
+                409,
+                {"X-Error-Message": "You already created this model repo"},
+                {"error": "You already created this model repo", "url": f"{self.endpoint}/{repo_id}"},
+            )
         self.repos[repo_id] = Repo()
         return 200, {}, {"url": f"{self.endpoint}/{repo_id}", "name": repo_id}
 
     def _missing_repo(self, repo: str):
-        return 404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, {
-            "error": f"Repository {repo} not found"}
+        return (
+            404,
+            {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},
+            {"error": f"Repository {repo} not found"},
+        )
 
     def _repo_info(self, request: Recorded, repo: str, rev: str | None = None):
         if repo not in self.repos:
             return self._missing_repo(repo)
         stored = self.repos[repo]
-        return 200, {}, {"id": repo, "modelId": repo, "sha": stored.head, "private": False,
-                         "siblings": [{"rfilename": path} for path in sorted(stored.files)]}
+        return (
+            200,
+            {},
+            {
+                "id": repo,
+                "modelId": repo,
+                "sha": stored.head,
+                "private": False,
+                "siblings": [{"rfilename": path} for path in sorted(stored.files)],
+            },
+        )
 
     def _preupload(self, request: Recorded, repo: str, rev: str):
         if repo not in self.repos:
             return self._missing_repo(repo)
         files = json.loads(request.body)["files"]
-        return 200, {}, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                   for f in files]}
+        return 200, {}, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
 
     def _tree(self, request: Recorded, repo: str, rev: str):
         if repo not in self.repos:
             return self._missing_repo(repo)
-        return 200, {}, [{"type": "file", "path": path, "size": len(data),
-                          "oid": hashlib.sha1(data).hexdigest()}
-                         for path, data in sorted(self.repos[repo].files.items())]
+        return (
+            200,
+            {},
+            [
+                {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                for path, data in sorted(self.repos[repo].files.items())
+            ],
+        )
 
     def _commit(self, request: Recorded, repo: str, rev: str):
         if repo not in self.repos:
@@ -300,8 +333,9 @@ class HubStandIn:
         oid = hashlib.sha1(request.body).hexdigest()
         header = lines[0]["value"]
         self.repos[repo].files = files
-        self.repos[repo].commits.append({"oid": oid, "summary": header.get("summary"),
-                                         "description": header.get("description")})
+        self.repos[repo].commits.append(
+            {"oid": oid, "summary": header.get("summary"), "description": header.get("description")}
+        )
         return 200, {}, {"success": True, "commitOid": oid, "commitUrl": f"{self.endpoint}/{repo}/commit/{oid}"}
 
     def _space_variable(self, request: Recorded, repo: str):
@@ -309,8 +343,14 @@ class HubStandIn:
             return self._missing_repo(repo)
         payload = json.loads(request.body)
         self.spaces[repo].variables[payload["key"]] = payload["value"]
-        return 200, {}, {key: {"value": value, "updatedAt": "2025-01-01T00:00:00.000Z"}
-                         for key, value in self.spaces[repo].variables.items()}
+        return (
+            200,
+            {},
+            {
+                key: {"value": value, "updatedAt": "2025-01-01T00:00:00.000Z"}
+                for key, value in self.spaces[repo].variables.items()
+            },
+        )
 
     def _pause(self, request: Recorded, repo: str):
         if repo not in self.spaces:
@@ -331,17 +371,33 @@ class HubStandIn:
 
     @staticmethod
     def _missing_entry(path: str):
-        return 404, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"}, {
-            "error": f"Entry not found: {path}"}
+        return (
+            404,
+            {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"},
+            {"error": f"Entry not found: {path}"},
+        )
 
     def _dataset_info(self, request: Recorded, repo: str, rev: str | None = None):
         stored, error = self._dataset_at(repo, rev)
         if error:
             return error
-        return 200, {}, {"id": repo, "sha": stored.head, "private": True, "disabled": False, "gated": False,
-                         "downloads": 0, "likes": 0, "tags": [], "cardData": _card_data(stored.files),
-                         "lastModified": "2025-01-01T00:00:00.000Z",
-                         "siblings": [{"rfilename": path} for path in sorted(stored.files)]}
+        return (
+            200,
+            {},
+            {
+                "id": repo,
+                "sha": stored.head,
+                "private": True,
+                "disabled": False,
+                "gated": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "cardData": _card_data(stored.files),
+                "lastModified": "2025-01-01T00:00:00.000Z",
+                "siblings": [{"rfilename": path} for path in sorted(stored.files)],
+            },
+        )
 
     def _dataset_tree(self, request: Recorded, repo: str, rev: str, path: str | None = None):
         """The entries under `path` (the root when None): its children, or with ?recursive=true every
@@ -355,8 +411,15 @@ class HubStandIn:
             return self._missing_entry(folder)
         recursive = request.query.get("recursive", ["false"])[0].lower() == "true"
         prefix = f"{folder}/" if folder else ""
-        return 200, {}, [entry for name, entry in sorted(entries.items()) if name.startswith(prefix)
-                         and (recursive or "/" not in name[len(prefix):])]
+        return (
+            200,
+            {},
+            [
+                entry
+                for name, entry in sorted(entries.items())
+                if name.startswith(prefix) and (recursive or "/" not in name[len(prefix) :])
+            ],
+        )
 
     def _dataset_paths_info(self, request: Recorded, repo: str, rev: str):
         """The entries of the asked `paths` (a form field, repeated) that exist; the others are left
@@ -378,15 +441,19 @@ class HubStandIn:
         if path not in stored.files:
             return self._missing_entry(path)
         data = stored.files[path]
-        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
-                   "ETag": f'"{_git_oid(data)}"', "X-Repo-Commit": stored.head}
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+            "ETag": f'"{_git_oid(data)}"',
+            "X-Repo-Commit": stored.head,
+        }
         wanted = _byte_range(request.headers.get("range"), len(data))
         if wanted is None:
             return 200, headers, data
         if wanted == ():
             return 416, {**headers, "Content-Range": f"bytes */{len(data)}"}, b""
         start, end = wanted
-        return 206, {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}, data[start:end + 1]
+        return 206, {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}, data[start : end + 1]
 
 
 def _git_oid(data: bytes) -> str:
@@ -402,8 +469,12 @@ def _entries(files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
         parts = path.split("/")[:-1]
         for depth in range(1, len(parts) + 1):
             folder = "/".join(parts[:depth])
-            entries[folder] = {"type": "directory", "path": folder, "size": 0,
-                               "oid": hashlib.sha1(folder.encode()).hexdigest()}
+            entries[folder] = {
+                "type": "directory",
+                "path": folder,
+                "size": 0,
+                "oid": hashlib.sha1(folder.encode()).hexdigest(),
+            }
     return entries
 
 
@@ -444,14 +515,18 @@ def point_datasets_at(hub: HubStandIn, monkeypatch: Any, home: Path) -> None:
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",  # hf_hub_download's URLs
-                        hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",  # hf_hub_download's URLs
+        hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+    )
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / ".agent_harnesses.json"))
     monkeypatch.setattr(datasets.config, "HF_ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(datasets.config, "HUB_DATASETS_URL",
-                        hub.endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}")
+    monkeypatch.setattr(
+        datasets.config, "HUB_DATASETS_URL", hub.endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}"
+    )
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", home / "datasets")
@@ -474,8 +549,13 @@ def _handler_for(hub: HubStandIn) -> type[BaseHTTPRequestHandler]:
             if fault is not None and fault.kind == "reset":
                 length //= 2
             body = self.rfile.read(length) if length else b""
-            request = Recorded(self.command, unquote(url.path), parse_qs(url.query),
-                               {k.lower(): v for k, v in self.headers.items()}, body)
+            request = Recorded(
+                self.command,
+                unquote(url.path),
+                parse_qs(url.query),
+                {k.lower(): v for k, v in self.headers.items()},
+                body,
+            )
             if fault is not None and fault.kind != "status":
                 hub.record(request)
                 self._fail_connection(fault)

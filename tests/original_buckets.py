@@ -1,6 +1,7 @@
 """Test-only: runs train.py with the original pipeline's gradient buckets (two overlapped 5e8-element
 buckets) in place of config.deepspeed_buckets' trimmed ones, so that tests/test_pipeline.py can show
 that trimming changes memory and nothing that is computed. Run under the DeepSpeed launcher like train.py."""
+
 import runpy
 import sys
 from pathlib import Path

@@ -3,6 +3,7 @@ local paths and equivalent dataset paths giving one stage, OUTPUT_REPO's length 
 rules (a damaged file, published models without one), HF_ENDPOINT's credentials kept out of logs, the
 model topologies the README promises, and the README's variable table staying equal to the code's.
 The table of bad inputs and their messages is tests/test_bad_inputs.py."""
+
 import json
 import re
 import subprocess
@@ -49,24 +50,27 @@ def test_explicit_variable_wins_over_demo():
     assert s.preset == "demo" and s.batch_size == 3 and s.sources["BATCH_SIZE"] == "environment"
 
 
-@pytest.mark.parametrize("name,raw,attr,expected", [
-    ("BATCH_SIZE", "8", "batch_size", 8),
-    ("EPOCHS", "1.5", "epochs", 1.5),
-    ("LEARNING_RATE", "1e-4", "learning_rate", 1e-4),
-    ("USE_QUANT", "YES", "use_quant", True),
-    ("INST", "0", "inst", False),
-    ("PRECISION", "BF16", "precision", "bf16"),
-    ("STARTUP_DURATION_TIMEOUT", "6h", "startup_duration_timeout", 360.0),
-    ("STARTUP_DURATION_TIMEOUT", "1d", "startup_duration_timeout", 1440.0),
-    ("TIMEOUT_BUFFER", "5", "timeout_buffer", 5.0),
-    ("TARGET_PARAMETERS", "300M", "target_parameters", 300_000_000),
-    ("NUM_PROCESSES", "auto", "num_processes", 0),
-    ("NNODES", "1", "nnodes", 1),
-    ("MASTER_PORT", "auto", "master_port", None),
-    ("MASTER_PORT", "29600", "master_port", 29600),
-    ("ZERO_STAGE", "3", "zero_stage", 3),
-    ("INPUT_DATASET", "me/corpus", "input_dataset", "me/corpus"),
-])
+@pytest.mark.parametrize(
+    "name,raw,attr,expected",
+    [
+        ("BATCH_SIZE", "8", "batch_size", 8),
+        ("EPOCHS", "1.5", "epochs", 1.5),
+        ("LEARNING_RATE", "1e-4", "learning_rate", 1e-4),
+        ("USE_QUANT", "YES", "use_quant", True),
+        ("INST", "0", "inst", False),
+        ("PRECISION", "BF16", "precision", "bf16"),
+        ("STARTUP_DURATION_TIMEOUT", "6h", "startup_duration_timeout", 360.0),
+        ("STARTUP_DURATION_TIMEOUT", "1d", "startup_duration_timeout", 1440.0),
+        ("TIMEOUT_BUFFER", "5", "timeout_buffer", 5.0),
+        ("TARGET_PARAMETERS", "300M", "target_parameters", 300_000_000),
+        ("NUM_PROCESSES", "auto", "num_processes", 0),
+        ("NNODES", "1", "nnodes", 1),
+        ("MASTER_PORT", "auto", "master_port", None),
+        ("MASTER_PORT", "29600", "master_port", 29600),
+        ("ZERO_STAGE", "3", "zero_stage", 3),
+        ("INPUT_DATASET", "me/corpus", "input_dataset", "me/corpus"),
+    ],
+)
 def test_parsing(name, raw, attr, expected):
     assert getattr(load(**{name: raw}), attr) == expected
 
@@ -119,13 +123,18 @@ def test_report_to_names_the_missing_package_and_its_values(monkeypatch):
     monkeypatch.setitem(config.REPORT_TARGETS, "wandb", "surely_not_installed_package")
     with pytest.raises(config.ConfigError) as err:
         load(REPORT_TO="wandb", INPUT_DATASET="d")
-    assert err.value.problems == ["REPORT_TO=wandb: the Python package `surely_not_installed_package` is not "
-                                  "installed; install it (pip install surely_not_installed_package) or set "
-                                  "REPORT_TO=tensorboard or none"]
+    assert err.value.problems == [
+        "REPORT_TO=wandb: the Python package `surely_not_installed_package` is not "
+        "installed; install it (pip install surely_not_installed_package) or set "
+        "REPORT_TO=tensorboard or none"
+    ]
     with pytest.raises(config.ConfigError) as err:
         load(REPORT_TO="mlflow", EVAL_STEPS="0", MODEL_LICENSE="MIT License", INPUT_DATASET="d")
-    assert [line.split(":")[0] for line in err.value.problems] == ["EVAL_STEPS='0'", "REPORT_TO='mlflow'",
-                                                                  "MODEL_LICENSE='MIT License'"]
+    assert [line.split(":")[0] for line in err.value.problems] == [
+        "EVAL_STEPS='0'",
+        "REPORT_TO='mlflow'",
+        "MODEL_LICENSE='MIT License'",
+    ]
     assert "must be one of tensorboard, trackio, wandb, none" in err.value.problems[1]
 
 
@@ -155,7 +164,7 @@ def test_target_parameters_picks_the_closest(target):
     count = topo.parameter_count()
     sizes = config.valid_hidden_sizes()
     index = sizes.index(topo.hidden_size)
-    for hidden in sizes[max(index - 1, 0):index + 2]:
+    for hidden in sizes[max(index - 1, 0) : index + 2]:
         other = config.topology_for_hidden(hidden, 52000).parameter_count()
         assert abs(count - target) <= abs(other - target)
 
@@ -213,7 +222,8 @@ def test_published_models_without_a_state_file_are_not_trained_over(tmp_path):
     assert err.value.problems == [
         f"OUTPUT_DIR={tmp_path}: no run_state.json, but it holds published models of later stages: "
         "train-llama-it (instruct INIT=1); set INIT and INST to the stage to run next (INIT=0 INST=false starts "
-        "over and replaces them), or use another OUTPUT_DIR"]
+        "over and replaces them), or use another OUTPUT_DIR"
+    ]
     assert load(OUTPUT_DIR=tmp_path, INIT=0).init == 0  # asked for explicitly
     assert load(OUTPUT_DIR=tmp_path, INST="true", INIT=2).inst is True
     assert load(OUTPUT_DIR=tmp_path, OUTPUT_REPO="other", PRESET="demo").init == 0  # not this model's folders
@@ -293,8 +303,9 @@ def test_no_other_module_reads_the_environment(root):
 
 def test_get_prints_one_setting_and_names_an_unknown_one_in_one_line(root, base_env):
     def get(name):
-        return subprocess.run([sys.executable, "config.py", "--get", name], cwd=root, env=base_env,
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [sys.executable, "config.py", "--get", name], cwd=root, env=base_env, capture_output=True, text=True
+        )
 
     assert get("batch_size").stdout.strip() == "16" and get("run_all").stdout.strip() == "true"
     unknown = get("batchsize")

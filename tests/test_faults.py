@@ -3,6 +3,7 @@ killed (SIGKILL to the whole process group) at ten moments spread over preparati
 checkpoint save, the final save, publishing and advancing, each rerun recovering from the previous kill;
 the last one finishes, the published model loads and generates, the run state advanced exactly once
 per stage, and no temporary folder is left."""
+
 import json
 import os
 import re
@@ -19,8 +20,16 @@ pytestmark = pytest.mark.slow
 
 FAULTS = Path(__file__).resolve().parent / "faults"
 # A small demo stage: 12 optimizer steps, a checkpoint every 4, a loss line every 2.
-TINY = dict(RUN_ALL="false", FACTOR="384", MAX_LENGTH="64", BATCH_SIZE="4", MAX_STEPS="12",
-            SAVE_STEPS="4", LOGGING_STEPS="2", NUM_PROCESSES="1")
+TINY = dict(
+    RUN_ALL="false",
+    FACTOR="384",
+    MAX_LENGTH="64",
+    BATCH_SIZE="4",
+    MAX_STEPS="12",
+    SAVE_STEPS="4",
+    LOGGING_STEPS="2",
+    NUM_PROCESSES="1",
+)
 
 # (what is killed, the pause point: script | event | path text, what the rerun must say)
 MOMENTS = [
@@ -28,14 +37,23 @@ MOMENTS = [
     ("prep saving the model", "prep.py|write|/model/config.json", None),
     ("training starting", "train.py|replaced|checkpoints/stage.json", None),
     ("saving checkpoint-4", "train.py|write|checkpoint-4/", r"checkpoint-4 is incomplete"),
-    ("just after checkpoint-8", "train.py|replaced|checkpoint-8/train-llama-complete.json",
-     r"resuming from \S+checkpoint-8\b"),
-    ("saving the final checkpoint", "train.py|write|checkpoint-12/",
-     r"checkpoint-12 is incomplete(?s:.*)resuming from \S+checkpoint-8\b"),
+    (
+        "just after checkpoint-8",
+        "train.py|replaced|checkpoint-8/train-llama-complete.json",
+        r"resuming from \S+checkpoint-8\b",
+    ),
+    (
+        "saving the final checkpoint",
+        "train.py|write|checkpoint-12/",
+        r"checkpoint-12 is incomplete(?s:.*)resuming from \S+checkpoint-8\b",
+    ),
     ("the final save", "train.py|write|.trained-staging/", r"resuming from \S+checkpoint-12\b"),
     ("publishing", "util.py publish|write|.train-llama.tmp-", r"already finished training"),
-    ("advancing, before the state is written", "util.py advance|read|trained/summary.json",
-     r"already finished training"),
+    (
+        "advancing, before the state is written",
+        "util.py advance|read|trained/summary.json",
+        r"already finished training",
+    ),
     ("advancing, after the state is written", "util.py advance|replaced|run_state.json", None),
 ]
 
@@ -43,8 +61,9 @@ MOMENTS = [
 def start_trainer(root: Path, env: dict, log_path: Path) -> subprocess.Popen:
     env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
     with open(log_path, "w") as log:
-        return subprocess.Popen(["bash", "trainer.sh"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            ["bash", "trainer.sh"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def run_until_paused(root: Path, env: dict, log_path: Path, fault_dir: Path, timeout: float = 300) -> str:
@@ -55,8 +74,10 @@ def run_until_paused(root: Path, env: dict, log_path: Path, fault_dir: Path, tim
     deadline = time.time() + timeout
     while not paused.exists():
         if process.poll() is not None:
-            pytest.fail(f"trainer.sh ended (exit {process.returncode}) before the fault point "
-                        f"{env['FAULT_PAUSE']}:\n{log_path.read_text()[-4000:]}")
+            pytest.fail(
+                f"trainer.sh ended (exit {process.returncode}) before the fault point "
+                f"{env['FAULT_PAUSE']}:\n{log_path.read_text()[-4000:]}"
+            )
         if time.time() > deadline:
             os.killpg(process.pid, signal.SIGKILL)
             pytest.fail(f"the fault point {env['FAULT_PAUSE']} was not reached in {timeout}s")
@@ -69,15 +90,18 @@ def run_until_paused(root: Path, env: dict, log_path: Path, fault_dir: Path, tim
 def leftovers(*folders: Path) -> list[str]:
     """Temporary files and folders of an interrupted run."""
     patterns = (".tmp-", ".old-", ".trained-staging", "STOP")
-    return [str(path) for folder in folders for path in folder.rglob("*")
-            if any(p in path.name for p in patterns)]
+    return [str(path) for folder in folders for path in folder.rglob("*") if any(p in path.name for p in patterns)]
 
 
 def test_a_kill_at_any_moment_is_recovered_by_the_next_run(root, base_env, tmp_path):
     fault_dir = tmp_path / "faults"
     fault_dir.mkdir()
-    env = {**base_env, **TINY, "FAULT_DIR": str(fault_dir),
-           "PYTHONPATH": os.pathsep.join([str(FAULTS), base_env.get("PYTHONPATH", "")])}
+    env = {
+        **base_env,
+        **TINY,
+        "FAULT_DIR": str(fault_dir),
+        "PYTHONPATH": os.pathsep.join([str(FAULTS), base_env.get("PYTHONPATH", "")]),
+    }
     output, work = Path(base_env["OUTPUT_DIR"]), Path(base_env["WORK_DIR"])
     expectation = None
     for number, (moment, point, next_run_says) in enumerate(MOMENTS):
@@ -116,10 +140,13 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_complete_one(root,
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     checkpoints, kept = Path(env["WORK_DIR"]) / "checkpoints", tmp_path / "kept"
     checkpoints.mkdir()
-    full_disk_run = (f"mount -t tmpfs -o size=20m tmpfs {checkpoints} && deepspeed --num_gpus 1 train.py; "
-                     f"rc=$?; cp -a {checkpoints} {kept}; exit $rc")
-    result = subprocess.run(["unshare", "-m", "bash", "-c", full_disk_run], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=600)
+    full_disk_run = (
+        f"mount -t tmpfs -o size=20m tmpfs {checkpoints} && deepspeed --num_gpus 1 train.py; "
+        f"rc=$?; cp -a {checkpoints} {kept}; exit $rc"
+    )
+    result = subprocess.run(
+        ["unshare", "-m", "bash", "-c", full_disk_run], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
     log = result.stdout + result.stderr
     assert result.returncode != 0
     [line] = [line for line in log.splitlines() if line.startswith("train: the disk is full")]
@@ -132,8 +159,9 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_complete_one(root,
     # With space again (the kept checkpoints on the ordinary disk), training resumes from checkpoint-4.
     checkpoints.rmdir()
     kept.rename(checkpoints)
-    resumed = subprocess.run(["deepspeed", "--num_gpus", "1", "train.py"], cwd=root, env=env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        ["deepspeed", "--num_gpus", "1", "train.py"], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert re.search(r"resuming from \S+checkpoint-4\b", resumed.stdout)
     assert sorted(step_losses(resumed.stdout)) == [6, 8]

@@ -1,6 +1,7 @@
 """Guards the GGUF export (gguf_export.py, `util.py gguf`): transformers loads the file with the folder's
 logits, its tokenizer metadata is what llama.cpp needs and splits text as the pipeline's tokenizer does,
 and bad input stops in one line."""
+
 import dataclasses
 import json
 import shutil
@@ -17,10 +18,14 @@ import util
 
 # llama.cpp, transformers' GGUF tokenizer and the tokenizer prep.py trains all put no space before text,
 # so they agree on texts with and without a leading one, and right after special tokens.
-TEXTS = ["Once upon a time, a small model learned to speak.", " Once upon a time",
-         "It's 42 o'clock -- isn't it?  \n\n Yes!",
-         " naïve café, 東京, emoji 🦙 and tabs\tend",
-         "<|user|>Reverse the word: apple<|end|><|bot|>", " <|user|> Reverse the word: apple<|end|><|bot|>"]
+TEXTS = [
+    "Once upon a time, a small model learned to speak.",
+    " Once upon a time",
+    "It's 42 o'clock -- isn't it?  \n\n Yes!",
+    " naïve café, 東京, emoji 🦙 and tabs\tend",
+    "<|user|>Reverse the word: apple<|end|><|bot|>",
+    " <|user|> Reverse the word: apple<|end|><|bot|>",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,17 +44,34 @@ def tiny_model(tmp_path_factory) -> TinyModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("gguf")
-    settings = config.load_settings({"INPUT_DATASET": str(config.DEMO_PRETRAIN), "VOCAB_SIZE": "512",
-                                     "OUTPUT_DIR": str(root / "output"), "WORK_DIR": str(root / "work")})
+    settings = config.load_settings(
+        {
+            "INPUT_DATASET": str(config.DEMO_PRETRAIN),
+            "VOCAB_SIZE": "512",
+            "OUTPUT_DIR": str(root / "output"),
+            "WORK_DIR": str(root / "work"),
+        }
+    )
     source = prep.open_data_source(settings.input_dataset, "INPUT_DATASET", None)
     tokenizer = prep.train_tokenizer(settings, source)
     prep.add_chat_tokens(tokenizer)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=config.padded_vocab(len(tokenizer)), hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=config.padded_vocab(len(tokenizer)),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=128,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.dim() == 2:
@@ -99,8 +121,7 @@ def as_stored(model, type_name: str):
 # the rotary permutation are right). Against the folder's f32 weights, f16 and bf16 differ by their
 # rounding (11 and 8 significant bits) and q8_0 by its blocks of 32 8-bit integers with one f16 scale:
 # the stated bounds are fractions of the largest logit (about 4 here).
-@pytest.mark.parametrize("type_name, relative",
-                         [("f32", 1e-6), ("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 5e-2)])
+@pytest.mark.parametrize("type_name, relative", [("f32", 1e-6), ("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 5e-2)])
 def test_transformers_loads_the_gguf_with_the_folders_logits(tiny_model, tmp_path, type_name, relative):
     import torch
 
@@ -163,19 +184,26 @@ def test_gguf_tokenizer_metadata_and_splits(tiny_model, tmp_path):
     assert fields["general.architecture"] == "llama" and fields["general.file_type"] == 7  # MOSTLY_Q8_0
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     known = list(range(len(tokenizer)))
-    assert fields["tokenizer.ggml.tokens"][:len(tokenizer)] == tokenizer.convert_ids_to_tokens(known)
+    assert fields["tokenizer.ggml.tokens"][: len(tokenizer)] == tokenizer.convert_ids_to_tokens(known)
     assert len(fields["tokenizer.ggml.tokens"]) == rows == fields["llama.vocab_size"]
     types = fields["tokenizer.ggml.token_type"]
     special = config.SPECIAL_TOKENS + config.CHAT_TOKENS
     special_types = [types[i] for i in tokenizer.convert_tokens_to_ids(list(special))]
     assert special_types == [gguf.TokenType.CONTROL] * len(special)
-    assert set(types[len(tokenizer):]) <= {gguf.TokenType.UNUSED}
+    assert set(types[len(tokenizer) :]) <= {gguf.TokenType.UNUSED}
     merges = json.loads((tiny_model.folder / "tokenizer.json").read_text())["model"]["merges"]
     assert fields["tokenizer.ggml.merges"] == [" ".join(merge) for merge in merges]
-    assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"],
-            fields["tokenizer.ggml.padding_token_id"], fields["tokenizer.ggml.eot_token_id"]) == \
-        (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-         tokenizer.convert_tokens_to_ids("<|end|>"))
+    assert (
+        fields["tokenizer.ggml.bos_token_id"],
+        fields["tokenizer.ggml.eos_token_id"],
+        fields["tokenizer.ggml.padding_token_id"],
+        fields["tokenizer.ggml.eot_token_id"],
+    ) == (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.convert_tokens_to_ids("<|end|>"),
+    )
     assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.ggml.add_eos_token"] is False
     assert fields["tokenizer.chat_template"] == util.serving_chat_template(prep.CHAT_TEMPLATE)
     tensor_types = {t.name: t.tensor_type for t in reader.tensors}
@@ -194,8 +222,13 @@ def test_gguf_tokenizer_metadata_and_splits(tiny_model, tmp_path):
 def test_util_gguf_writes_every_type_and_refuses_bad_input_in_one_line(root, tiny_model, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    result = subprocess.run([sys.executable, "util.py", "gguf", str(tiny_model.folder), str(out),
-                             "--types", "f16,q8_0"], cwd=root, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "util.py", "gguf", str(tiny_model.folder), str(out), "--types", "f16,q8_0"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["model-f16.gguf", "model-q8_0.gguf"]
 
@@ -209,15 +242,16 @@ def test_util_gguf_writes_every_type_and_refuses_bad_input_in_one_line(root, tin
     quantized = changed_copy("nf4", "config.json", quantization_config={"load_in_4bit": True})
     scaled = changed_copy("yarn", "config.json", rope_parameters={"rope_type": "yarn", "factor": 4.0})
     sentencepiece = changed_copy("spm", "tokenizer.json", pre_tokenizer={"type": "Metaspace"})
-    cases = [([str(tmp_path / "missing")], "missing: no such folder; name a model folder such as"),
-             ([not_llama], "GGUF export takes a LLaMA (LlamaForCausalLM)"),
-             ([quantized], "the weights are quantized; export the published (merged 16-bit) model"),
-             ([scaled], "rope scaling or bias terms, which this exporter does not write"),
-             ([sentencepiece], "a BPE model with a Metaspace pre-tokenizer; GGUF export takes"),
-             ([str(tiny_model.folder), "--types", "q4_k"], "--types='q4_k': must be none, or GGUF types"),
-             ([str(tiny_model.folder), str(tmp_path / "one.gguf"), "--types", "f16,q8_0"],
-              "one file for several"),
-             ([str(tiny_model.folder), str(tmp_path / "nowhere")], "nowhere: no such folder; create it")]
+    cases = [
+        ([str(tmp_path / "missing")], "missing: no such folder; name a model folder such as"),
+        ([not_llama], "GGUF export takes a LLaMA (LlamaForCausalLM)"),
+        ([quantized], "the weights are quantized; export the published (merged 16-bit) model"),
+        ([scaled], "rope scaling or bias terms, which this exporter does not write"),
+        ([sentencepiece], "a BPE model with a Metaspace pre-tokenizer; GGUF export takes"),
+        ([str(tiny_model.folder), "--types", "q4_k"], "--types='q4_k': must be none, or GGUF types"),
+        ([str(tiny_model.folder), str(tmp_path / "one.gguf"), "--types", "f16,q8_0"], "one file for several"),
+        ([str(tiny_model.folder), str(tmp_path / "nowhere")], "nowhere: no such folder; create it"),
+    ]
     for arguments, words in cases:
         invalid_types = words.startswith("--types=")  # a bad argument, like a bad GGUF_TYPES: CONFIG
         expected = config.ExitCode.CONFIG if invalid_types else config.ExitCode.FAILED

@@ -3,6 +3,7 @@ streams a parquet config and a JSONL config from it by config name and split, a 
 that names it, the token is required, and the file downloads answer HEAD and Range requests as the Hub does
 (ETag, X-Repo-Commit, Content-Length, 206 and 416); preflight and prep.py stream the config, split and
 column that a dataset value's options name. Nothing leaves the machine."""
+
 import io
 import json
 import socket
@@ -40,8 +41,9 @@ def readme(configs: dict[str, dict[str, str]]) -> bytes:
 # datasets picks one builder for a whole repository, from the files of its first config, so a parquet
 # config and a JSONL config live in two repositories here, as they must on the Hub.
 CORPUS = {
-    "README.md": readme({"en": {"train": "en/train-*.parquet", "test": "en/test-*.parquet"},
-                         "la": {"train": "la/*.parquet"}}),
+    "README.md": readme(
+        {"en": {"train": "en/train-*.parquet", "test": "en/test-*.parquet"}, "la": {"train": "la/*.parquet"}}
+    ),
     "en/train-00000.parquet": parquet(text=["once upon a time", "a small model"], n=[1, 2]),
     "en/train-00001.parquet": parquet(text=["learned to speak"], n=[3]),
     "en/test-00000.parquet": parquet(text=["held out"], n=[9]),
@@ -85,23 +87,31 @@ def hub(tmp_path, monkeypatch):
 
 def stream(repo: str, name: str, split: str = "train", token: str = TOKEN) -> list[dict]:
     import datasets
+
     return list(datasets.load_dataset(repo, name=name, split=split, streaming=True, token=token))
 
 
 def test_streams_a_parquet_config_by_name_and_split(hub):
     assert stream("tester/corpus", "en") == [
-        {"text": "once upon a time", "n": 1}, {"text": "a small model", "n": 2}, {"text": "learned to speak", "n": 3}]
+        {"text": "once upon a time", "n": 1},
+        {"text": "a small model", "n": 2},
+        {"text": "learned to speak", "n": 3},
+    ]
     assert stream("tester/corpus", "en", split="test") == [{"text": "held out", "n": 9}]
     assert stream("tester/corpus", "la") == [{"text": "lorem ipsum", "n": 0}]
     # pyarrow read the parquet files by ranges, and every request carried the token.
     reads = hub.requests_to("GET", r"/datasets/tester/corpus/resolve/[0-9a-f]{40}/en/train-0000[01]\.parquet")
     assert reads and all(r.headers.get("range", "").startswith("bytes=") for r in reads)
-    assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests
-               if r.path != "/api/agent-harnesses")
+    assert all(
+        r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests if r.path != "/api/agent-harnesses"
+    )
 
 
 def test_streams_a_jsonl_config_by_name_and_split(hub):
-    assert stream("tester/notes", "fr") == [{"text": "il était une fois", "id": 1}, {"text": "un petit modèle", "id": 2}]
+    assert stream("tester/notes", "fr") == [
+        {"text": "il était une fois", "id": 1},
+        {"text": "un petit modèle", "id": 2},
+    ]
     assert stream("tester/notes", "de") == [{"text": "es war einmal", "id": 1}]
     assert not hub.requests_to("GET", r".*/fr/.*\.parquet")
 
@@ -143,14 +153,17 @@ def test_file_downloads_answer_head_and_ranges_like_the_hub(hub):
 
 def test_tree_and_paths_info_list_files_and_folders(hub):
     from huggingface_hub import HfApi
+
     api = HfApi(endpoint=hub.endpoint, token=TOKEN)
     top = {entry.path for entry in api.list_repo_tree("tester/corpus", repo_type="dataset")}
     assert top == {"README.md", "en", "la"}
     below = {entry.path for entry in api.list_repo_tree("tester/corpus", "en", repo_type="dataset", recursive=True)}
     assert below == {"en/train-00000.parquet", "en/train-00001.parquet", "en/test-00000.parquet"}
     found = api.get_paths_info("tester/corpus", ["la", "la/data.parquet", "nowhere.txt"], repo_type="dataset")
-    assert {(type(entry).__name__, entry.path) for entry in found} == {("RepoFolder", "la"),
-                                                                        ("RepoFile", "la/data.parquet")}
+    assert {(type(entry).__name__, entry.path) for entry in found} == {
+        ("RepoFolder", "la"),
+        ("RepoFile", "la/data.parquet"),
+    }
     info = api.dataset_info("tester/corpus")
     assert info.sha == hub.datasets["tester/corpus"].head
     assert [config["config_name"] for config in info.card_data["configs"]] == ["en", "la"]
@@ -162,14 +175,26 @@ def test_prep_and_preflight_stream_the_config_split_and_column_that_the_dataset_
     import prep
 
     documents = [f"Document {n}: the fox and the owl count to {n}." for n in range(40)]
-    hub.add_dataset("tester/books", {
-        "README.md": readme({"short": {"train": "short/train.parquet", "validation": "short/val.parquet"}}),
-        "short/train.parquet": parquet(body=documents, n=list(range(40))),
-        "short/val.parquet": parquet(body=["held out"], n=[0]),
-    })
-    env = {"INPUT_DATASET": "tester/books?config=short&split=train&column=body", "HF_TOKEN": TOKEN,
-           "HF_ENDPOINT": hub.endpoint, "OUTPUT_DIR": str(tmp_path / "output"), "WORK_DIR": str(tmp_path / "work"),
-           "PRESET": "full", "VOCAB_SIZE": "512", "FACTOR": "768", "MAX_LENGTH": "64", "SHARD_SIZE": "40"}
+    hub.add_dataset(
+        "tester/books",
+        {
+            "README.md": readme({"short": {"train": "short/train.parquet", "validation": "short/val.parquet"}}),
+            "short/train.parquet": parquet(body=documents, n=list(range(40))),
+            "short/val.parquet": parquet(body=["held out"], n=[0]),
+        },
+    )
+    env = {
+        "INPUT_DATASET": "tester/books?config=short&split=train&column=body",
+        "HF_TOKEN": TOKEN,
+        "HF_ENDPOINT": hub.endpoint,
+        "OUTPUT_DIR": str(tmp_path / "output"),
+        "WORK_DIR": str(tmp_path / "work"),
+        "PRESET": "full",
+        "VOCAB_SIZE": "512",
+        "FACTOR": "768",
+        "MAX_LENGTH": "64",
+        "SHARD_SIZE": "40",
+    }
     settings = config.load_settings(env)
     check = preflight.check_dataset(settings)
     assert check.status == preflight.PASS and "Hub dataset tester/books (streamed); first 5 rows usable" in check.detail
@@ -177,4 +202,5 @@ def test_prep_and_preflight_stream_the_config_split_and_column_that_the_dataset_
     assert manifest["rows"] == 40 and manifest["skipped_rows"] == 0
     wrong = config.load_settings({**env, "INPUT_DATASET": "tester/books?config=short&split=dev"})
     assert preflight.check_dataset(wrong).detail.endswith(
-        "the Hub dataset has no 'dev' split (splits: train, validation); name one with ?split=")
+        "the Hub dataset has no 'dev' split (splits: train, validation); name one with ?split="
+    )

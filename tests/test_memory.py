@@ -1,6 +1,7 @@
 """Guards memory.plan_batch (the micro-batch, accumulation and checkpointing that `auto` chooses: the
 largest that fits, never changing the global batch; explicit settings kept; one-line errors where the
 global batch cannot be made up) and train.py's MFU arithmetic."""
+
 import pytest
 
 import config
@@ -63,20 +64,36 @@ def test_explicit_settings_are_kept_and_only_the_rest_is_chosen():
     assert (accumulation.batch_size, accumulation.gradient_accumulation_steps) == (8, 4)
     both = memory.plan_batch(settings(BATCH_SIZE=4, GRADIENT_ACCUMULATION_STEPS=2), gpu(200, world_size=2))
     assert both.global_batch == 16  # the product wins over the default GLOBAL_BATCH_SIZE
-    as_set = memory.plan_batch(settings(BATCH_SIZE=4, GRADIENT_ACCUMULATION_STEPS=2, GRADIENT_CHECKPOINTING="false"),
-                               gpu(1))
+    as_set = memory.plan_batch(
+        settings(BATCH_SIZE=4, GRADIENT_ACCUMULATION_STEPS=2, GRADIENT_CHECKPOINTING="false"), gpu(1)
+    )
     assert as_set.reason == "as set" and memory.describe_plan(as_set, 2048).startswith(
-        "batch: 8 sequences (16,384 tokens) per optimizer step = 1 process(es) x micro-batch 4 x 2 accumulation")
+        "batch: 8 sequences (16,384 tokens) per optimizer step = 1 process(es) x micro-batch 4 x 2 accumulation"
+    )
 
 
-@pytest.mark.parametrize("variables, world_size, message", [
-    (dict(BATCH_SIZE=5), 1, "BATCH_SIZE=5: must divide the 32 sequences per process (GLOBAL_BATCH_SIZE=32 over 1 "
-                            "process(es)); choose a divisor, or set BATCH_SIZE=auto"),
-    (dict(GRADIENT_ACCUMULATION_STEPS=3), 1, "GRADIENT_ACCUMULATION_STEPS=3: must divide the 32 sequences per process"),
-    (dict(GLOBAL_BATCH_SIZE=32), 3, "GLOBAL_BATCH_SIZE=32: must be a multiple of the 3 training processes; use 33"),
-    (dict(GLOBAL_BATCH_SIZE=64, BATCH_SIZE=4, GRADIENT_ACCUMULATION_STEPS=2), 2,
-     "GLOBAL_BATCH_SIZE=64: BATCH_SIZE=4 x GRADIENT_ACCUMULATION_STEPS=2 x 2 process(es) is 16"),
-])
+@pytest.mark.parametrize(
+    "variables, world_size, message",
+    [
+        (
+            dict(BATCH_SIZE=5),
+            1,
+            "BATCH_SIZE=5: must divide the 32 sequences per process (GLOBAL_BATCH_SIZE=32 over 1 "
+            "process(es)); choose a divisor, or set BATCH_SIZE=auto",
+        ),
+        (
+            dict(GRADIENT_ACCUMULATION_STEPS=3),
+            1,
+            "GRADIENT_ACCUMULATION_STEPS=3: must divide the 32 sequences per process",
+        ),
+        (dict(GLOBAL_BATCH_SIZE=32), 3, "GLOBAL_BATCH_SIZE=32: must be a multiple of the 3 training processes; use 33"),
+        (
+            dict(GLOBAL_BATCH_SIZE=64, BATCH_SIZE=4, GRADIENT_ACCUMULATION_STEPS=2),
+            2,
+            "GLOBAL_BATCH_SIZE=64: BATCH_SIZE=4 x GRADIENT_ACCUMULATION_STEPS=2 x 2 process(es) is 16",
+        ),
+    ],
+)
 def test_a_global_batch_that_cannot_be_made_up_is_one_line_naming_the_variable(variables, world_size, message):
     with pytest.raises(memory.BatchError) as err:
         memory.plan_batch(settings(**variables), gpu(200, world_size=world_size))
@@ -120,10 +137,23 @@ MEASURED_PEAKS_52K = [
 ]
 
 
-@pytest.mark.parametrize("factor, batch, accumulation, checkpointing, quant, liger, zero, measured_gib", MEASURED_PEAKS_52K)
-def test_the_estimate_of_the_chosen_plans_matches_measured_peaks(factor, batch, accumulation, checkpointing, quant,
-                                                                 liger, zero, measured_gib):
+@pytest.mark.parametrize(
+    "factor, batch, accumulation, checkpointing, quant, liger, zero, measured_gib", MEASURED_PEAKS_52K
+)
+def test_the_estimate_of_the_chosen_plans_matches_measured_peaks(
+    factor, batch, accumulation, checkpointing, quant, liger, zero, measured_gib
+):
     estimate = memory.estimate_training_memory(
-        config.topology_for_factor(factor, 52000), 52000, batch, 2048, 2, quant, checkpointing, zero, 1,
-        gradient_accumulation_steps=accumulation, fused_kernels=liger)
+        config.topology_for_factor(factor, 52000),
+        52000,
+        batch,
+        2048,
+        2,
+        quant,
+        checkpointing,
+        zero,
+        1,
+        gradient_accumulation_steps=accumulation,
+        fused_kernels=liger,
+    )
     assert estimate["allocated"] / GIB == pytest.approx(measured_gib, rel=0.05)

@@ -2,6 +2,7 @@
 INPUT_REPO as a path, quantization, Hub token, Hub outage, a token inside HF_ENDPOINT, output folders,
 disk, GPU memory and RAM on CPU) and the memory estimator's arithmetic and advice. The table of bad
 inputs and their one-line messages is tests/test_bad_inputs.py."""
+
 import collections
 import json
 import socket
@@ -27,14 +28,19 @@ def run_preflight(root, env, *, blocked_module=None):
     if blocked_module is None:
         command = [sys.executable, "preflight.py"]
     else:
-        command = [sys.executable, "-c", (
-            "import sys, runpy\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            f"        if name.split('.')[0] == {blocked_module!r}:\n"
-            "            raise ImportError(f'No module named {name!r} (blocked by the test)')\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "runpy.run_path('preflight.py', run_name='__main__')\n")]
+        command = [
+            sys.executable,
+            "-c",
+            (
+                "import sys, runpy\n"
+                "class Block:\n"
+                "    def find_spec(self, name, path=None, target=None):\n"
+                f"        if name.split('.')[0] == {blocked_module!r}:\n"
+                "            raise ImportError(f'No module named {name!r} (blocked by the test)')\n"
+                "sys.meta_path.insert(0, Block())\n"
+                "runpy.run_path('preflight.py', run_name='__main__')\n"
+            ),
+        ]
     return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -51,12 +57,22 @@ def topology_1b():
 
 
 def estimate(**overrides):
-    kwargs = dict(topology=topology_1b(), vocab_size=52000, batch_size=4, max_length=2048, precision_bytes=2,
-                  use_quant=False, gradient_checkpointing=True, zero_stage=2, world_size=1)
+    kwargs = dict(
+        topology=topology_1b(),
+        vocab_size=52000,
+        batch_size=4,
+        max_length=2048,
+        precision_bytes=2,
+        use_quant=False,
+        gradient_checkpointing=True,
+        zero_stage=2,
+        world_size=1,
+    )
     return memory.estimate_training_memory(**{**kwargs, **overrides}), {**kwargs, **overrides}
 
 
 # The whole script.
+
 
 def test_demo_passes_quickly(root, base_env):
     started = time.monotonic()
@@ -83,7 +99,7 @@ def test_configuration_errors_exit_2_with_every_problem(root, base_env):
 def test_quantization_without_bitsandbytes_fails_with_the_fix(root, base_env):
     result = run_preflight(root, {**base_env, "USE_QUANT": "true"}, blocked_module="bitsandbytes")
     assert result.returncode == 1
-    [line] = [l for l in lines_with(result.stdout, "✗") if "quantization" in l]
+    [line] = [text for text in lines_with(result.stdout, "✗") if "quantization" in text]
     assert "bitsandbytes cannot be imported" in line
     assert "pip install -r requirements.txt -c constraints.txt" in line and "USE_QUANT=false" in line
     assert "Traceback" not in result.stderr
@@ -98,6 +114,7 @@ def test_quantization_round_trip_passes_with_bitsandbytes(base_env):
 
 # The Hub.
 
+
 @pytest.fixture
 def hub():
     with HubStandIn(token=TOKEN, user="tester") as server:
@@ -105,8 +122,9 @@ def hub():
 
 
 def online_env(base_env, endpoint, **variables):
-    env = {k: v for k, v in base_env.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-                                                          "TRANSFORMERS_OFFLINE")}
+    env = {
+        k: v for k, v in base_env.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
     return {**env, "HF_ENDPOINT": endpoint, "PRESET": "demo", **variables}
 
 
@@ -115,7 +133,7 @@ def test_rejected_token_fails_and_is_never_printed(root, base_env, hub):
     env = online_env(base_env, hub.endpoint, HF_TOKEN=TOKEN, OUTPUT_REPO="tester/tiny")
     result = run_preflight(root, env)
     assert result.returncode == 1
-    [line] = [l for l in lines_with(result.stdout, "✗") if "Hugging Face token" in l]
+    [line] = [text for text in lines_with(result.stdout, "✗") if "Hugging Face token" in text]
     assert f"HF_TOKEN was rejected by {hub.endpoint} (401 Unauthorized)" in line
     assert TOKEN not in result.stdout + result.stderr
     assert hub.requests_to("GET", "/api/whoami-v2")
@@ -134,7 +152,8 @@ def test_accepted_token_passes_and_read_only_token_fails(base_env, hub):
 def test_a_token_inside_hf_endpoint_is_never_printed(base_env):
     settings = settings_for(online_env(base_env, f"http://user:{TOKEN}@127.0.0.1:9"), HF_TOKEN=TOKEN)
     assert preflight.hub_unreachable(settings, "connection refused") == (
-        "Hub unreachable at http://<credentials>@127.0.0.1:9 (connection refused)")
+        "Hub unreachable at http://<credentials>@127.0.0.1:9 (connection refused)"
+    )
     other = settings_for(online_env(base_env, "http://hf_othersecret@127.0.0.1:9"))
     assert "hf_othersecret" not in preflight.hub_unreachable(other, "timed out")
 
@@ -147,22 +166,22 @@ def test_unreachable_hub_is_one_line_without_traceback(root, base_env):
     env = online_env(base_env, endpoint, HF_TOKEN=TOKEN, OUTPUT_REPO="tester/tiny", INIT="2")
     result = run_preflight(root, env)
     assert result.returncode == 1
-    unreachable = [l for l in result.stdout.splitlines() if "Hub unreachable" in l]
+    unreachable = [text for text in result.stdout.splitlines() if "Hub unreachable" in text]
     assert len(unreachable) == 2  # the token check and the input model check, one line each
-    assert all(f"Hub unreachable at {endpoint} (connection refused)" in l for l in unreachable)
+    assert all(f"Hub unreachable at {endpoint} (connection refused)" in text for text in unreachable)
     assert "Traceback" not in result.stdout + result.stderr
     assert TOKEN not in result.stdout + result.stderr
 
 
 def test_input_model_on_the_hub_is_found(base_env, hub):
-    hub.repos["tester/tiny"] = Repo(files={"config.json": b"{}", "tokenizer.json": b"{}",
-                                           "model.safetensors": b""})
+    hub.repos["tester/tiny"] = Repo(files={"config.json": b"{}", "tokenizer.json": b"{}", "model.safetensors": b""})
     settings = settings_for(online_env(base_env, hub.endpoint), HF_TOKEN=TOKEN, INPUT_REPO="tester/tiny", INIT=2)
     result = preflight.check_input_model(settings)
     assert result.status == preflight.PASS and "model tester/tiny on" in result.detail
 
 
 # The input model.
+
 
 def test_missing_input_repo_after_the_first_run_names_input_repo(base_env):
     result = preflight.check_input_model(settings_for(base_env, PRESET="demo", INIT=2))
@@ -213,9 +232,11 @@ def test_input_repo_as_a_path_is_read_there_and_never_on_the_hub(base_env, tmp_p
     assert result.detail == f"INPUT_REPO={folder}: local model and tokenizer in {folder}"
     instruct = preflight.check_input_model(settings_for(base_env, PRESET="demo", INST="true", INIT=1, INPUT_REPO=raw))
     assert instruct.status == preflight.FAIL
-    assert instruct.detail == (f"INPUT_REPO={folder} (this instruct run reads {folder}-it): no folder {folder}-it; "
-                               "point INPUT_REPO at a model folder (instruction runs after the first read "
-                               "INPUT_REPO-it)")
+    assert instruct.detail == (
+        f"INPUT_REPO={folder} (this instruct run reads {folder}-it): no folder {folder}-it; "
+        "point INPUT_REPO at a model folder (instruction runs after the first read "
+        "INPUT_REPO-it)"
+    )
 
 
 def test_safetensors_framing_is_checked_from_the_header(tmp_path):
@@ -225,8 +246,9 @@ def test_safetensors_framing_is_checked_from_the_header(tmp_path):
     whole = path.read_bytes()
     assert prep.safetensors_problem(path) is None
     path.write_bytes(whole[:-1])
-    assert prep.safetensors_problem(path) == (f"is truncated: {len(whole) - 1:,} bytes, its header describes "
-                                              f"{len(whole):,}")
+    assert prep.safetensors_problem(path) == (
+        f"is truncated: {len(whole) - 1:,} bytes, its header describes {len(whole):,}"
+    )
     path.write_bytes(whole[:20])
     assert prep.safetensors_problem(path) == "is not a safetensors file (no valid header), or is truncated to 20 bytes"
     path.write_bytes((2).to_bytes(8, "little") + b"[]")
@@ -234,6 +256,7 @@ def test_safetensors_framing_is_checked_from_the_header(tmp_path):
 
 
 # The dataset.
+
 
 def test_missing_dataset_file_names_input_dataset(base_env, tmp_path):
     missing = tmp_path / "nowhere" / "corpus.jsonl"
@@ -265,9 +288,18 @@ def test_instruct_rows_must_be_conversations(base_env, tmp_path):
 
 def test_messages_column_is_accepted_and_checked(base_env, tmp_path):
     good = tmp_path / "good.jsonl"
-    good.write_text(json.dumps({"messages": [{"role": "system", "content": "be brief"},
-                                             {"role": "user", "content": "hi"},
-                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    good.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello"},
+                ]
+            }
+        )
+        + "\n"
+    )
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "beep"}]}) + "\n")
     for path, status in ((good, preflight.PASS), (bad, preflight.FAIL)):
@@ -287,6 +319,7 @@ def test_unsupported_file_type_and_broken_json_fail(base_env, tmp_path):
 
 
 # Memory.
+
 
 def test_not_enough_memory_fails_with_advice_including_quantization():
     _, kwargs = estimate(topology=config.topology_for_factor(24576, 52000))  # ~4B parameters
@@ -398,7 +431,7 @@ MEASURED_PEAKS = [
 
 
 # The same, measured through train.py with the buckets that config.deepspeed_buckets trims (H200,
-# 2026-11-28, BENCHMARKS.md section recorded with 6ca8aff: `gpu_benchmarks.sh nf4`; the embedded corpus gives 1,344 embedding rows).
+# 2026-11-28, `gpu_benchmarks.sh nf4` at commit 6ca8aff; the embedded corpus gives 1,344 embedding rows).
 MEASURED_PEAKS_TRIMMED_BUCKETS = [
     (12288, 1344, 1, 1024, 2, True, True, 0.848),
     (12288, 1344, 1, 2048, 2, True, True, 1.047),
@@ -408,12 +441,15 @@ MEASURED_PEAKS_TRIMMED_BUCKETS = [
 ]
 
 
-@pytest.mark.parametrize("factor, vocab, batch, length, zero, ckpt, quant, measured_gib, buckets",
-                         [(*row, (config.ORIGINAL_BUCKET_ELEMENTS, True)) for row in MEASURED_PEAKS]
-                         + [(*row, None) for row in MEASURED_PEAKS_TRIMMED_BUCKETS])
+@pytest.mark.parametrize(
+    "factor, vocab, batch, length, zero, ckpt, quant, measured_gib, buckets",
+    [(*row, (config.ORIGINAL_BUCKET_ELEMENTS, True)) for row in MEASURED_PEAKS]
+    + [(*row, None) for row in MEASURED_PEAKS_TRIMMED_BUCKETS],
+)
 def test_estimate_matches_measured_gpu_peaks(factor, vocab, batch, length, zero, ckpt, quant, measured_gib, buckets):
-    result = memory.estimate_training_memory(config.topology_for_factor(factor, vocab), vocab, batch, length, 2,
-                                                quant, ckpt, zero, 1, buckets=buckets)
+    result = memory.estimate_training_memory(
+        config.topology_for_factor(factor, vocab), vocab, batch, length, 2, quant, ckpt, zero, 1, buckets=buckets
+    )
     assert result["allocated"] / GIB == pytest.approx(measured_gib, rel=0.10)
 
 
@@ -422,8 +458,9 @@ def test_layer_activations_match_what_autograd_saves():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    topology = config.Topology(hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2,
-                               intermediate_size=384, vocab_size=512)
+    topology = config.Topology(
+        hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=384, vocab_size=512
+    )
     model = LlamaForCausalLM(LlamaConfig(**topology.llama_kwargs(), attn_implementation="sdpa")).to(torch.bfloat16)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
@@ -446,12 +483,18 @@ def test_layer_activations_match_what_autograd_saves():
 
 # Sanity warnings and disk.
 
+
 def test_sanity_warnings_flag_odd_settings(base_env):
-    settings = settings_for(base_env, PRESET="demo", LEARNING_RATE="0.5", MAX_LENGTH="1000", EPOCHS="20",
-                            BATCH_SIZE="1")
+    settings = settings_for(
+        base_env, PRESET="demo", LEARNING_RATE="0.5", MAX_LENGTH="1000", EPOCHS="20", BATCH_SIZE="1"
+    )
     warnings = " | ".join(preflight.sanity_warnings(settings, world_size=1))
-    for expected in ("LEARNING_RATE=0.5 is outside", "MAX_LENGTH=1000 is not a power of two", "EPOCHS=20 > 10",
-                     "the global batch is 1 sequences"):
+    for expected in (
+        "LEARNING_RATE=0.5 is outside",
+        "MAX_LENGTH=1000 is not a power of two",
+        "EPOCHS=20 > 10",
+        "the global batch is 1 sequences",
+    ):
         assert expected in warnings
     assert preflight.check_sanity(settings).status == preflight.PASS  # warnings do not fail
 
@@ -474,8 +517,9 @@ def test_disk_check_counts_checkpoints_and_fails_when_full(base_env, monkeypatch
 
 def test_disk_check_counts_the_adapter_only_when_it_is_published(base_env):
     quant = settings_for(base_env, OUTPUT_REPO="me/model", INPUT_DATASET="me/data", USE_QUANT="true")
-    adapter = settings_for(base_env, OUTPUT_REPO="me/model", INPUT_DATASET="me/data", USE_QUANT="true",
-                           SAVE_ADAPTER="true")
+    adapter = settings_for(
+        base_env, OUTPUT_REPO="me/model", INPUT_DATASET="me/data", USE_QUANT="true", SAVE_ADAPTER="true"
+    )
     lora, params = preflight.lora_parameter_count(quant.topology), quant.topology.parameter_count()
     assert preflight.disk_needs(quant, on_gpu=True)[str(quant.output_dir)] == {"published model": 2 * params}
     needs = preflight.disk_needs(adapter, on_gpu=True)
@@ -490,13 +534,17 @@ def test_output_folders_must_be_folders_this_user_can_write(base_env, tmp_path, 
     monkeypatch.setattr(preflight.os, "access", lambda path, mode: Path(path) != tmp_path)
     result = preflight.check_folders(settings)
     assert result.status == preflight.FAIL
-    assert result.detail == (f"OUTPUT_DIR={tmp_path / 'output'}: is a file, not a folder; set OUTPUT_DIR to a "
-                             "folder (created if missing)")
-    assert result.notes == [f"WORK_DIR={tmp_path / 'work'}: {tmp_path} is not writable by this user; set WORK_DIR "
-                            "to a writable folder or change its permissions"]
+    assert result.detail == (
+        f"OUTPUT_DIR={tmp_path / 'output'}: is a file, not a folder; set OUTPUT_DIR to a folder (created if missing)"
+    )
+    assert result.notes == [
+        f"WORK_DIR={tmp_path / 'work'}: {tmp_path} is not writable by this user; set WORK_DIR "
+        "to a writable folder or change its permissions"
+    ]
 
 
 # Memory on CPU.
+
 
 def cpu_estimate_kwargs(settings, processes):
     """The estimate's arguments for a CPU run of the original's shape (micro-batch 4 x 2, checkpointing)."""
@@ -512,17 +560,18 @@ def test_cpu_memory_counts_every_process_and_advises(base_env):
     need = per_process + memory.CPU_PROCESS_BYTES
     short = preflight.judge_cpu_memory(one, 23 * GIB)
     assert need > 23 * GIB and short.status == preflight.FAIL
-    assert short.detail == (f"training on CPU (1 process(es) at 32-bit) needs an estimated {memory.gib(need)} "
-                            "of RAM > 23.0 GiB available")
+    assert short.detail == (
+        f"training on CPU (1 process(es) at 32-bit) needs an estimated {memory.gib(need)} of RAM > 23.0 GiB available"
+    )
     assert short.notes and all(note.startswith("would fit: ") for note in short.notes)
     assert preflight.judge_cpu_memory(one, 2 * need).status == preflight.PASS
     two = cpu_estimate_kwargs(settings, 2)  # each process holds its own copy of the model
-    need_two = 2 * (memory.estimate_training_memory(**two)["total"]
-                    + memory.CPU_PROCESS_BYTES)
+    need_two = 2 * (memory.estimate_training_memory(**two)["total"] + memory.CPU_PROCESS_BYTES)
     assert need_two > need  # ZeRO-2 shards the optimizer states, but weights and activations are per process
     assert preflight.judge_cpu_memory(two, 0.95 * need_two).status == preflight.FAIL
     assert preflight.judge_cpu_memory(two, 1.2 * need_two).detail.startswith(
-        f"training on CPU (2 process(es) at 32-bit) needs an estimated {memory.gib(need_two)} of RAM;")
+        f"training on CPU (2 process(es) at 32-bit) needs an estimated {memory.gib(need_two)} of RAM;"
+    )
     tight = preflight.judge_cpu_memory(one, 1.05 * need)
     assert tight.status == preflight.PASS and "an out-of-memory kill is possible" in tight.warnings[0]
 
@@ -536,9 +585,13 @@ def test_cpu_memory_check_reads_the_available_ram(base_env, monkeypatch):
     demo = preflight.check_gpu_memory(settings_for(base_env, PRESET="demo"))
     assert demo.status == preflight.PASS and demo.detail.endswith("; 4.0 GiB available")
     huge = preflight.check_gpu_memory(settings_for(base_env, PRESET="demo", FACTOR=98304))
-    assert huge.notes[0].startswith("batch: 16 sequences (4,096 tokens) per optimizer step") and "(as set)" in huge.notes[0]
+    assert (
+        huge.notes[0].startswith("batch: 16 sequences (4,096 tokens) per optimizer step")
+        and "(as set)" in huge.notes[0]
+    )
     assert huge.status == preflight.FAIL and huge.notes[1:] == [
-        "no single setting change fits: train on a GPU, or a smaller model (lower FACTOR or TARGET_PARAMETERS)"]
+        "no single setting change fits: train on a GPU, or a smaller model (lower FACTOR or TARGET_PARAMETERS)"
+    ]
 
 
 def fake_gpus(monkeypatch, free_gib, bf16=True):
@@ -550,8 +603,11 @@ def fake_gpus(monkeypatch, free_gib, bf16=True):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: f"Fake GPU {index}")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (free_gib[index] * GIB, 80 * GIB))
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda index=0: SimpleNamespace(name=f"Fake GPU {index}", total_memory=80 * GIB))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda index=0: SimpleNamespace(name=f"Fake GPU {index}", total_memory=80 * GIB),
+    )
 
 
 def test_gpu_check_uses_every_gpus_free_memory(monkeypatch, base_env):

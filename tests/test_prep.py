@@ -1,6 +1,8 @@
-"""Guards prep.py: every input form, shards, instruction formats (text, messages, ShareGPT, Alpaca, prompt/completion) and the labels their masks give the trainer, tokenizer and model
-building, the source model checked before it is loaded (INPUT_REPO as a path, damaged weights), clear
-errors naming the variable, atomic and reusable preparation, leftovers of a killed run removed."""
+"""Guards prep.py: every input form, shards, instruction formats (text, messages, ShareGPT, Alpaca,
+prompt/completion) and the labels their masks give the trainer, tokenizer and model building, the
+source model checked before it is loaded (INPUT_REPO as a path, damaged weights), clear errors naming
+the variable, atomic and reusable preparation, leftovers of a killed run removed."""
+
 import itertools
 import json
 import re
@@ -37,6 +39,7 @@ def write_format(path_stem, suffix, rows):
         pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=7)
     elif suffix == ".csv":
         import csv
+
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -46,9 +49,16 @@ def write_format(path_stem, suffix, rows):
 
 def settings_for(tmp_path, **env):
     # No eval split unless a test asks (EVAL_ROWS): these tests read the prepared rows by position.
-    base = {"OUTPUT_DIR": str(tmp_path / "output"), "WORK_DIR": str(tmp_path / "work"), "PRESET": "full",
-            "VOCAB_SIZE": "512", "FACTOR": "768", "MAX_LENGTH": "64", "SHARD_SIZE": "1000",
-            "EVAL_ROWS": "0"}
+    base = {
+        "OUTPUT_DIR": str(tmp_path / "output"),
+        "WORK_DIR": str(tmp_path / "work"),
+        "PRESET": "full",
+        "VOCAB_SIZE": "512",
+        "FACTOR": "768",
+        "MAX_LENGTH": "64",
+        "SHARD_SIZE": "1000",
+        "EVAL_ROWS": "0",
+    }
     return config.load_settings({**base, **{k: str(v) for k, v in env.items()}})
 
 
@@ -56,9 +66,11 @@ def load_prep(settings):
     import datasets
     from transformers import AutoTokenizer
 
-    return (json.loads((settings.prep_dir / "manifest.json").read_text()),
-            AutoTokenizer.from_pretrained(settings.prep_dir / "tokenizer"),
-            datasets.load_from_disk(str(settings.prep_dir / "dataset")))
+    return (
+        json.loads((settings.prep_dir / "manifest.json").read_text()),
+        AutoTokenizer.from_pretrained(settings.prep_dir / "tokenizer"),
+        datasets.load_from_disk(str(settings.prep_dir / "dataset")),
+    )
 
 
 def publish_prep(settings, name="train-llama"):
@@ -83,6 +95,7 @@ def pretrained(tmp_path_factory):
 
 
 # ---- reading rows ----
+
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json", ".parquet", ".csv"])
 def test_every_file_type_gives_the_same_rows_with_skips_and_counts(tmp_path, suffix):
@@ -122,10 +135,17 @@ def test_a_hub_dataset_is_streamed_and_sharded(tmp_path, monkeypatch):
     import datasets
 
     def stream(**kwargs):
-        return datasets.IterableDatasetDict({"train": datasets.IterableDataset.from_generator(
-            lambda: ({"text": t, "url": f"u{i}"} for i, t in enumerate(DOCUMENTS)))})
+        return datasets.IterableDatasetDict(
+            {
+                "train": datasets.IterableDataset.from_generator(
+                    lambda: ({"text": t, "url": f"u{i}"} for i, t in enumerate(DOCUMENTS))
+                )
+            }
+        )
 
-    monkeypatch.setattr(datasets, "load_dataset", lambda spec, streaming, token, **options: stream() if streaming else None)
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda spec, streaming, token, **options: stream() if streaming else None
+    )
     source = prep.open_data_source("someone/corpus", "INPUT_DATASET", None)
     assert source.files is None and [r["text"] for r in prep.iter_rows(source, skip=25)] == DOCUMENTS[25:]
     manifest = prep.prepare(settings_for(tmp_path, INPUT_DATASET="someone/corpus", SHARD_SIZE=20))
@@ -134,31 +154,41 @@ def test_a_hub_dataset_is_streamed_and_sharded(tmp_path, monkeypatch):
 
 # ---- instruction rows ----
 
+
 def test_text_conversations_parse_into_alternating_messages():
     text = "<|user|>Reverse: apple<|end|><|bot|>elppa<|end|><|user|>Now in capitals.<|end|><|bot|>ELPPA<|end|>"
     assert prep.parse_text_conversation(text) == [
-        {"role": "user", "content": "Reverse: apple"}, {"role": "assistant", "content": "elppa"},
-        {"role": "user", "content": "Now in capitals."}, {"role": "assistant", "content": "ELPPA"}]
+        {"role": "user", "content": "Reverse: apple"},
+        {"role": "assistant", "content": "elppa"},
+        {"role": "user", "content": "Now in capitals."},
+        {"role": "assistant", "content": "ELPPA"},
+    ]
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("", "empty text"),
-    ("Reverse: apple", "format"),
-    ("<|user|>Reverse: apple<|end|>", "no assistant answer"),
-    ("<|user|>Hi<|end|><|bot|>Hello<|end|><|user|>More<|end|>", "no assistant answer"),
-    ("<|bot|>elppa<|end|><|user|>Reverse: apple<|end|>", "format"),
-    ("<|user|>Reverse: apple<|bot|>elppa<|end|>", "missing <|end|>"),
-    ("<|user|>Reverse: apple<|end|><|bot|>elppa<|user|>x<|end|>", "stray chat marker"),
-    ("<|user|>Reverse: apple<|end|><|bot|> <|end|>", "empty assistant"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("", "empty text"),
+        ("Reverse: apple", "format"),
+        ("<|user|>Reverse: apple<|end|>", "no assistant answer"),
+        ("<|user|>Hi<|end|><|bot|>Hello<|end|><|user|>More<|end|>", "no assistant answer"),
+        ("<|bot|>elppa<|end|><|user|>Reverse: apple<|end|>", "format"),
+        ("<|user|>Reverse: apple<|bot|>elppa<|end|>", "missing <|end|>"),
+        ("<|user|>Reverse: apple<|end|><|bot|>elppa<|user|>x<|end|>", "stray chat marker"),
+        ("<|user|>Reverse: apple<|end|><|bot|> <|end|>", "empty assistant"),
+    ],
+)
 def test_malformed_text_conversations_say_what_is_wrong(text, reason):
     with pytest.raises(prep.UnusableRow, match=reason):
         prep.parse_text_conversation(text)
 
 
 def test_messages_allow_a_first_system_turn_and_reject_bad_roles():
-    good = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add: 2 + 3"},
-            {"role": "assistant", "content": "5"}]
+    good = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Add: 2 + 3"},
+        {"role": "assistant", "content": "5"},
+    ]
     assert prep.check_messages(good) == good
     assert prep.check_messages(json.dumps(good)) == good
     bad = {
@@ -176,6 +206,7 @@ def test_messages_allow_a_first_system_turn_and_reject_bad_roles():
 
 # ---- whole preparations, in process ----
 
+
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".parquet", ".csv"])
 def test_pretraining_preparation_from_each_file_type(tmp_path, suffix):
     import torch
@@ -187,12 +218,16 @@ def test_pretraining_preparation_from_each_file_type(tmp_path, suffix):
     _, tokenizer, dataset = load_prep(settings)
     stream = []
     for text in DOCUMENTS:
-        stream += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        stream += [
+            tokenizer.bos_token_id,
+            *tokenizer(text, add_special_tokens=False)["input_ids"],
+            tokenizer.eos_token_id,
+        ]
     blocks = len(stream) // 64
     assert manifest["rows"] == 60 and manifest["skipped_rows"] == 0 and manifest["tokenizer_trained"] is True
     assert manifest["sequences"] == len(dataset) == blocks and manifest["tokens"] == blocks * 64
     assert manifest["dropped_tail_tokens"] == len(stream) - blocks * 64
-    assert [token for row in dataset["input_ids"] for token in row] == stream[:blocks * 64]
+    assert [token for row in dataset["input_ids"] for token in row] == stream[: blocks * 64]
     assert manifest["is_last_shard"] is True and manifest["num_shards"] == 1
     model = AutoModelForCausalLM.from_pretrained(settings.prep_dir / "model", dtype=torch.float32)
     assert manifest["parameters"] == settings.topology.parameter_count(len(tokenizer))
@@ -208,8 +243,15 @@ def test_tokenizer_saves_and_loads_unchanged(tmp_path, pretrained):
     settings = settings_for(pretrained[0], INPUT_DATASET=corpus, SHARD_SIZE=20)
     tokenizer = AutoTokenizer.from_pretrained(settings.prep_dir / "tokenizer")
     assert tokenizer.convert_tokens_to_ids(list(config.SPECIAL_TOKENS)) == [0, 1, 2, 3, 4]
-    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token, tokenizer.mask_token) \
-        == config.SPECIAL_TOKENS[0:1] + config.SPECIAL_TOKENS[2:3] + config.SPECIAL_TOKENS[1:2] + config.SPECIAL_TOKENS[3:]
+    assert (
+        tokenizer.bos_token,
+        tokenizer.eos_token,
+        tokenizer.pad_token,
+        tokenizer.unk_token,
+        tokenizer.mask_token,
+    ) == config.SPECIAL_TOKENS[0:1] + config.SPECIAL_TOKENS[2:3] + config.SPECIAL_TOKENS[1:2] + config.SPECIAL_TOKENS[
+        3:
+    ]
     tokenizer.save_pretrained(tmp_path / "again")
     again = AutoTokenizer.from_pretrained(tmp_path / "again")
     for text in DOCUMENTS[:5] + ["Unseen wörds, 123 and émojis 🦊"]:
@@ -222,13 +264,16 @@ def test_shards_skip_earlier_rows_and_know_the_last_one(tmp_path, pretrained):
     folder, corpus = pretrained
     seen = {}
     for init, shard, is_last in ((2, 1, False), (3, 2, True)):
-        settings = settings_for(folder, INPUT_DATASET=corpus, SHARD_SIZE=20, INIT=init,
-                                WORK_DIR=tmp_path / f"work{init}")
+        settings = settings_for(
+            folder, INPUT_DATASET=corpus, SHARD_SIZE=20, INIT=init, WORK_DIR=tmp_path / f"work{init}"
+        )
         manifest, tokenizer, dataset = load_prep(settings) if prep.prepare(settings) else None
         text = tokenizer.decode([t for row in dataset["input_ids"] for t in row])
         seen[shard] = text
         assert manifest["rows"] == 20 and manifest["is_last_shard"] is is_last and manifest["num_shards"] == 3
-        assert manifest["tokenizer_trained"] is False and manifest["model_source"] == str(folder / "output" / "train-llama")
+        assert manifest["tokenizer_trained"] is False and manifest["model_source"] == str(
+            folder / "output" / "train-llama"
+        )
         assert DOCUMENTS[20 * shard + 1] in text and DOCUMENTS[20 * shard - 1] not in text
     assert seen[1] != seen[2]
     with pytest.raises(prep.PrepError, match=r"INPUT_DATASET=.*shard 3 .*starts at row 60.* 60 rows"):
@@ -254,11 +299,15 @@ def test_instruction_preparation_masks_exactly_the_answers(tmp_path, pretrained)
 
     folder, corpus = pretrained
     rows = [{"text": f"<|user|>Add: {n % 10} + 1<|end|><|bot|>{n % 10 + 1}<|end|>"} for n in range(150)]
-    rows[5] = {"text": "<|user|>Reverse: apple<|end|><|bot|>elppa<|end|><|user|>Now in capitals.<|end|><|bot|>ELPPA<|end|>"}
+    rows[5] = {
+        "text": "<|user|>Reverse: apple<|end|><|bot|>elppa<|end|><|user|>Now in capitals.<|end|><|bot|>ELPPA<|end|>"
+    }
     rows[6] = {"text": "<|user|>no answer here<|end|>"}
     rows[7] = {"text": "<|user|>" + "long " * 80 + "<|end|><|bot|>x<|end|>"}
     data = write_jsonl(tmp_path / "instruct.jsonl", rows)
-    settings = settings_for(folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", WORK_DIR=tmp_path / "work")
+    settings = settings_for(
+        folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", WORK_DIR=tmp_path / "work"
+    )
     manifest = prep.prepare(settings)
     _, tokenizer, dataset = load_prep(settings)
     assert (manifest["rows"], manifest["skipped_rows"], manifest["long_rows_dropped"]) == (150, 1, 1)
@@ -267,8 +316,12 @@ def test_instruction_preparation_masks_exactly_the_answers(tmp_path, pretrained)
         assert [i for i, m in enumerate(mask) if m] == answer_positions(tokenizer, ids)
         assert ids[0] == tokenizer.bos_token_id and len(ids) <= 64
     two_turns = dataset[5]
-    assert tokenizer.decode([t for t, m in zip(two_turns["input_ids"], two_turns["assistant_masks"]) if m]).replace(" ", "") \
+    assert (
+        tokenizer.decode([t for t, m in zip(two_turns["input_ids"], two_turns["assistant_masks"]) if m]).replace(
+            " ", ""
+        )
         == "elppa<|end|>ELPPA<|end|>"
+    )
     known = len(tokenizer) - 3
     weights = load_file(str(settings.prep_dir / "model" / "model.safetensors"))
     embeddings = weights["model.embed_tokens.weight"]
@@ -283,13 +336,22 @@ def test_the_eval_split_is_held_out_by_seed_and_shrinks_on_a_small_shard(tmp_pat
     import datasets
 
     folder, corpus = pretrained
-    rows = [{"messages": [{"role": "user", "content": f"Add: {n} + 2"},
-                          {"role": "assistant", "content": str(n + 2)}]} for n in range(40)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Add: {n} + 2"}, {"role": "assistant", "content": str(n + 2)}]}
+        for n in range(40)
+    ]
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
 
     def split(seed, eval_rows, work):
-        settings = settings_for(folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", SEED=seed,
-                                EVAL_ROWS=eval_rows, WORK_DIR=tmp_path / work)
+        settings = settings_for(
+            folder,
+            INPUT_DATASET=corpus,
+            INSTRUCT_DATASET=data,
+            INST="true",
+            SEED=seed,
+            EVAL_ROWS=eval_rows,
+            WORK_DIR=tmp_path / work,
+        )
         manifest = prep.prepare(settings)
         _, tokenizer, train = load_prep(settings)
         held = settings.prep_dir / "eval_dataset"
@@ -315,16 +377,28 @@ def test_the_eval_split_is_held_out_by_seed_and_shrinks_on_a_small_shard(tmp_pat
 
 def test_a_messages_column_is_used_with_its_system_turn(tmp_path, pretrained):
     folder, corpus = pretrained
-    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Add: {n} + 2"},
-                          {"role": "assistant", "content": str(n + 2)}]} for n in range(10)]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": f"Add: {n} + 2"},
+                {"role": "assistant", "content": str(n + 2)},
+            ]
+        }
+        for n in range(10)
+    ]
     data = write_format(tmp_path / "chat", ".parquet", rows)
-    settings = settings_for(folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", WORK_DIR=tmp_path / "work")
+    settings = settings_for(
+        folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", WORK_DIR=tmp_path / "work"
+    )
     manifest = prep.prepare(settings)
     _, tokenizer, dataset = load_prep(settings)
     assert manifest["sequences"] == 10
     first = dataset[3]
     assert tokenizer.decode(first["input_ids"]).replace(" ", "") == "<s>Bebrief.<|user|>Add:3+2<|end|><|bot|>5<|end|>"
-    assert tokenizer.decode([t for t, m in zip(first["input_ids"], first["assistant_masks"]) if m]).strip() == "5<|end|>"
+    assert (
+        tokenizer.decode([t for t, m in zip(first["input_ids"], first["assistant_masks"]) if m]).strip() == "5<|end|>"
+    )
 
 
 def test_a_late_shard_of_a_text_file_is_read_from_a_seek_not_from_the_start(tmp_path, monkeypatch):
@@ -347,7 +421,9 @@ def test_a_late_shard_of_a_text_file_is_read_from_a_seek_not_from_the_start(tmp_
 
 
 def test_a_column_named_in_the_dataset_value_is_read_as_text(tmp_path):
-    corpus = write_format(tmp_path / "corpus", ".parquet", [{"id": n, "body": text} for n, text in enumerate(DOCUMENTS)])
+    corpus = write_format(
+        tmp_path / "corpus", ".parquet", [{"id": n, "body": text} for n, text in enumerate(DOCUMENTS)]
+    )
     settings = settings_for(tmp_path, INPUT_DATASET=f"{corpus}?column=body", SHARD_SIZE=20)
     assert settings.input_dataset == f"{corpus.resolve()}?column=body"
     manifest = prep.prepare(settings)
@@ -378,15 +454,32 @@ def test_sharegpt_alpaca_and_prompt_completion_rows_give_the_trainer_labels_on_t
     folder, corpus = pretrained
     data = tmp_path / "mixed"
     data.mkdir()
-    write_jsonl(data / "a_sharegpt.jsonl", [{"conversations": [
-        {"from": "system", "value": "Be brief."}, {"from": "human", "value": f"Add: {n} + 1"},
-        {"from": "gpt", "value": str(n + 1)}, {"from": "human", "value": "Again"}, {"from": "gpt", "value": "ok"}]}
-        for n in range(5)])
-    write_format(data / "b_alpaca", ".parquet", [{"instruction": "Reverse the word", "input": f"cat{n}",
-                                                  "output": f"{n}tac"} for n in range(5)])
-    write_format(data / "c_prompt_completion", ".csv", [{"prompt": f"Double: {n}", "completion": str(2 * n)}
-                                                        for n in range(5)])
-    settings = settings_for(folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", WORK_DIR=tmp_path / "work")
+    write_jsonl(
+        data / "a_sharegpt.jsonl",
+        [
+            {
+                "conversations": [
+                    {"from": "system", "value": "Be brief."},
+                    {"from": "human", "value": f"Add: {n} + 1"},
+                    {"from": "gpt", "value": str(n + 1)},
+                    {"from": "human", "value": "Again"},
+                    {"from": "gpt", "value": "ok"},
+                ]
+            }
+            for n in range(5)
+        ],
+    )
+    write_format(
+        data / "b_alpaca",
+        ".parquet",
+        [{"instruction": "Reverse the word", "input": f"cat{n}", "output": f"{n}tac"} for n in range(5)],
+    )
+    write_format(
+        data / "c_prompt_completion", ".csv", [{"prompt": f"Double: {n}", "completion": str(2 * n)} for n in range(5)]
+    )
+    settings = settings_for(
+        folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", WORK_DIR=tmp_path / "work"
+    )
     manifest = prep.prepare(settings)
     _, tokenizer, dataset = load_prep(settings)
     assert manifest["sequences"] == 15 and manifest["skipped_rows"] == 0
@@ -395,10 +488,19 @@ def test_sharegpt_alpaca_and_prompt_completion_rows_give_the_trainer_labels_on_t
     assert texts[5] == "<s><|user|>Reversetheword\n\ncat0<|end|><|bot|>0tac<|end|>"
     assert texts[10] == "<s><|user|>Double:0<|end|><|bot|>0<|end|>"
     # The labels SFTTrainer gives the model for the prepared rows: the answers and their <|end|>, nothing else.
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(settings.prep_dir / "model"),
-                         train_dataset=dataset, processing_class=tokenizer,
-                         args=SFTConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none",
-                                        max_length=64, packing=False, dataset_num_proc=None))
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(settings.prep_dir / "model"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        args=SFTConfig(
+            output_dir=str(tmp_path / "out"),
+            use_cpu=True,
+            report_to="none",
+            max_length=64,
+            packing=False,
+            dataset_num_proc=None,
+        ),
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
     for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
         trained = [position for position, label in enumerate(labels) if label != -100]
@@ -407,13 +509,19 @@ def test_sharegpt_alpaca_and_prompt_completion_rows_give_the_trainer_labels_on_t
         assert all(labels[p] == ids[p] for p in trained)
 
 
-@pytest.mark.parametrize("row, reason", [
-    ({"conversations": [{"from": "narrator", "value": "x"}]}, "conversation turn 0 is from 'narrator'"),
-    ({"instruction": "Say hi", "output": 3}, "an Alpaca row needs text `instruction` and `output` values"),
-    ({"prompt": "Hi", "completion": [{"role": "assistant", "content": "x"}]}, "`prompt` and `completion` must both be text, or both lists"),
-    ({"conversations": [{"from": "gpt", "value": "first"}]}, "roles do not alternate user/assistant"),
-    ({"id": 3}, "no `messages`, `conversations`, `instruction`, `prompt`, `text` value"),
-])
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"conversations": [{"from": "narrator", "value": "x"}]}, "conversation turn 0 is from 'narrator'"),
+        ({"instruction": "Say hi", "output": 3}, "an Alpaca row needs text `instruction` and `output` values"),
+        (
+            {"prompt": "Hi", "completion": [{"role": "assistant", "content": "x"}]},
+            "`prompt` and `completion` must both be text, or both lists",
+        ),
+        ({"conversations": [{"from": "gpt", "value": "first"}]}, "roles do not alternate user/assistant"),
+        ({"id": 3}, "no `messages`, `conversations`, `instruction`, `prompt`, `text` value"),
+    ],
+)
 def test_a_malformed_row_of_each_format_says_what_is_wrong(row, reason):
     with pytest.raises(prep.UnusableRow) as err:
         prep.conversation_messages(row)
@@ -424,18 +532,28 @@ def test_more_than_one_percent_malformed_rows_stops_before_writing(tmp_path, pre
     folder, corpus = pretrained
     rows = [{"text": "<|user|>Add: 1 + 1<|end|><|bot|>2<|end|>"}] * 97 + [{"text": "Add: 1 + 1 = 2"}] * 3
     data = write_jsonl(tmp_path / "instruct.jsonl", rows)
-    settings = settings_for(folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", WORK_DIR=tmp_path / "work")
-    with pytest.raises(prep.PrepError, match=r"INSTRUCT_DATASET=.*3 of 100 rows \(3.0%\) are unusable.*row 97: .*row 98"):
+    settings = settings_for(
+        folder, INPUT_DATASET=corpus, INSTRUCT_DATASET=data, INST="true", WORK_DIR=tmp_path / "work"
+    )
+    with pytest.raises(
+        prep.PrepError, match=r"INSTRUCT_DATASET=.*3 of 100 rows \(3.0%\) are unusable.*row 97: .*row 98"
+    ):
         prep.prepare(settings)
     assert not settings.prep_dir.exists() and list((tmp_path / "work").iterdir()) == []
 
 
 # ---- errors, atomicity, reuse, the source model ----
 
+
 def test_bad_inputs_name_the_variable_and_what_is_allowed(tmp_path):
-    files = {"empty.jsonl": "", "wrong.jsonl": '{"content": "x", "id": 1}\n', "folder/data.xlsx": "x",
-             "bad.jsonl": '{"text": "fine"}\n{"text": broken\n', "damaged.parquet": "not parquet",
-             "latin1.txt": "caf\xe9\n"}
+    files = {
+        "empty.jsonl": "",
+        "wrong.jsonl": '{"content": "x", "id": 1}\n',
+        "folder/data.xlsx": "x",
+        "bad.jsonl": '{"text": "fine"}\n{"text": broken\n',
+        "damaged.parquet": "not parquet",
+        "latin1.txt": "caf\xe9\n",
+    }
     for name, content in files.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(content.encode("latin-1"))
@@ -470,7 +588,9 @@ def test_a_failing_run_leaves_the_previous_preparation_untouched(tmp_path, monke
     after = {p.relative_to(settings.prep_dir): p.read_bytes() for p in settings.prep_dir.rglob("*") if p.is_file()}
     assert after == before
     assert [p.name for p in settings.work_dir.iterdir()] == ["prep"]
-    assert prep.finished_preparation(settings) and not prep.finished_preparation(settings_for(tmp_path, INPUT_DATASET=corpus, SEED=7))
+    assert prep.finished_preparation(settings) and not prep.finished_preparation(
+        settings_for(tmp_path, INPUT_DATASET=corpus, SEED=7)
+    )
 
 
 def test_the_source_model_is_found_or_named_in_a_clear_error(tmp_path, monkeypatch):
@@ -494,8 +614,9 @@ def test_the_source_model_is_found_or_named_in_a_clear_error(tmp_path, monkeypat
 def test_input_repo_as_a_path_prepares_from_that_folder(tmp_path, pretrained, monkeypatch):
     folder, corpus = pretrained
     monkeypatch.chdir(folder)
-    settings = settings_for(folder, INPUT_DATASET=corpus, INIT=1, INPUT_REPO="./output/train-llama",
-                            WORK_DIR=tmp_path / "work")
+    settings = settings_for(
+        folder, INPUT_DATASET=corpus, INIT=1, INPUT_REPO="./output/train-llama", WORK_DIR=tmp_path / "work"
+    )
     assert settings.input_repo == str(folder / "output" / "train-llama")
     manifest = prep.prepare(settings)
     assert manifest["model_source"] == settings.input_repo and manifest["tokenizer_trained"] is False
@@ -512,9 +633,11 @@ def test_a_damaged_source_model_stops_before_reading_the_data(tmp_path, pretrain
     settings = settings_for(tmp_path, INPUT_DATASET=corpus, INIT=1, INPUT_REPO=source)
     with pytest.raises(prep.PrepError) as raised:
         prep.prepare(settings)
-    assert str(raised.value) == (f"INPUT_REPO={source}: {weights} is truncated: {kept:,} bytes, its header describes "
-                                 f"{len(whole):,}; copy or download the model again, or publish it again with "
-                                 "`python3 util.py publish`")
+    assert str(raised.value) == (
+        f"INPUT_REPO={source}: {weights} is truncated: {kept:,} bytes, its header describes "
+        f"{len(whole):,}; copy or download the model again, or publish it again with "
+        "`python3 util.py publish`"
+    )
     assert not (tmp_path / "work").exists()
 
 
@@ -526,8 +649,12 @@ def test_leftovers_of_a_killed_preparation_are_removed_at_the_next_start(tmp_pat
     (work / "prep").mkdir()
     for name in config.VARIABLE_NAMES:
         monkeypatch.delenv(name, raising=False)
-    for name, value in {"OUTPUT_DIR": tmp_path / "output", "WORK_DIR": work, "PRESET": "demo",
-                        "INPUT_DATASET": tmp_path / "missing.jsonl"}.items():
+    for name, value in {
+        "OUTPUT_DIR": tmp_path / "output",
+        "WORK_DIR": work,
+        "PRESET": "demo",
+        "INPUT_DATASET": tmp_path / "missing.jsonl",
+    }.items():
         monkeypatch.setenv(name, str(value))
     assert prep.main() == 1  # the missing dataset stops it, after the clean-up
     assert sorted(p.name for p in work.iterdir()) == ["prep"]
@@ -537,8 +664,14 @@ def test_leftovers_of_a_killed_preparation_are_removed_at_the_next_start(tmp_pat
 
 def test_errors_exit_with_status_1_and_one_line(tmp_path, base_env, root):
     for dataset in (str(tmp_path / "missing.txt"), "nobody/no-such-dataset"):
-        result = subprocess.run([sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=120,
-                                env={**base_env, "INPUT_DATASET": dataset})
+        result = subprocess.run(
+            [sys.executable, "prep.py"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**base_env, "INPUT_DATASET": dataset},
+        )
         assert result.returncode == 1, result.stderr
         errors = [line for line in result.stderr.splitlines() if line.startswith("prep error:")]
         assert len(errors) == 1 and f"INPUT_DATASET={dataset}:" in errors[0]
@@ -546,10 +679,13 @@ def test_errors_exit_with_status_1_and_one_line(tmp_path, base_env, root):
 
 # ---- the demo, end to end ----
 
+
 @pytest.mark.slow
 def test_demo_preparation_end_to_end_then_reused_then_instruction(tmp_path, base_env, root):
     started = time.monotonic()
-    first = subprocess.run([sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=300, env=base_env)
+    first = subprocess.run(
+        [sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=300, env=base_env
+    )
     seconds = time.monotonic() - started
     assert first.returncode == 0, first.stderr[-3000:]
     settings = config.load_settings(base_env)
@@ -560,19 +696,28 @@ def test_demo_preparation_end_to_end_then_reused_then_instruction(tmp_path, base
     assert manifest["eval_sequences"] == 64 and "eval split: 64 of" in first.stdout
     assert "prep done:" in first.stdout and "tokens/s" in first.stdout and seconds < 120
 
-    again = subprocess.run([sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=120, env=base_env)
+    again = subprocess.run(
+        [sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=120, env=base_env
+    )
     assert again.returncode == 0 and "reusing it" in again.stdout and "prep done" not in again.stdout
 
     publish_prep(settings)
     instruct_env = {**base_env, "INST": "true"}
-    third = subprocess.run([sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=300, env=instruct_env)
+    third = subprocess.run(
+        [sys.executable, "prep.py"], cwd=root, capture_output=True, text=True, timeout=300, env=instruct_env
+    )
     assert third.returncode == 0, third.stderr[-3000:]
     manifest, tokenizer, dataset = load_prep(config.load_settings(instruct_env))
     assert (manifest["phase"], manifest["rows"], manifest["sequences"], manifest["skipped_rows"]) == (
-        "instruct", 5000, 4936, 0)
+        "instruct",
+        5000,
+        4936,
+        0,
+    )
     assert manifest["eval_sequences"] == 64
     assert tokenizer.chat_template == prep.CHAT_TEMPLATE and manifest["model_source"].endswith("train-llama")
     import evaluate
+
     assert evaluate.heldout_accuracy(config.load_settings(instruct_env).prep_dir, limit=8) == 0.0  # untrained
 
 
@@ -597,10 +742,13 @@ def test_a_mixture_draws_rows_by_weight_and_a_late_shard_starts_where_the_draws_
     assert check.status == preflight.PASS and "a mixture of 2 datasets; first 5 rows usable" in check.detail
 
 
-@pytest.mark.parametrize("value, message", [
-    ("a/b?weight=0|c/d", "a ?weight= above 0, not '0'"),
-    ("a/b||c/d", "a local file or folder, or a Hub dataset id such as owner/name"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("a/b?weight=0|c/d", "a ?weight= above 0, not '0'"),
+        ("a/b||c/d", "a local file or folder, or a Hub dataset id such as owner/name"),
+    ],
+)
 def test_a_malformed_mixture_is_a_configuration_error(tmp_path, value, message):
     with pytest.raises(config.ConfigError) as err:
         settings_for(tmp_path, INPUT_DATASET=value)

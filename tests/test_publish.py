@@ -5,6 +5,7 @@ connection and a stalled Hub, a rejected token, the push of the next run after a
 Space pause, and a sweep of every output for the token; the model card's metadata round-trips through
 huggingface_hub's ModelCard with eval results, Hub datasets only and the base model, shows the loss plot and
 an instruction model's answers to held-out prompts."""
+
 import dataclasses
 import datetime
 import errno
@@ -49,16 +50,33 @@ def tiny_model(tmp_path_factory) -> TinyModel:
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(config.SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=list(config.SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(["once upon a time a small model learned to speak"] * 20, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=config.padded_vocab(len(tokenizer)), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+    )
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=config.padded_vocab(len(tokenizer)),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+    )
     folder = tmp_path_factory.mktemp("tiny") / "model"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -69,19 +87,38 @@ def write_trained(settings, tiny: TinyModel, **overrides) -> dict:
     """The work/trained/ layout of train.py for this stage: model/ and summary.json."""
     shutil.rmtree(settings.trained_dir, ignore_errors=True)
     shutil.copytree(tiny.folder, settings.trained_dir / "model")
-    summary = {"stage_key": settings.stage_key(), "completed": True, "stopped_by": None, "steps": 40,
-               "total_steps": 40, "tokens_seen": 12345, "final_loss": FINAL_LOSS, "first_loss": 7.5,
-               "wall_seconds": 12.5, "parameters": tiny.parameters, "trainable_parameters": tiny.parameters,
-               "precision": "fp32", "world_size": 1, "use_quant": False, "is_last_shard": True,
-               "topology": dataclasses.asdict(settings.topology)}
+    summary = {
+        "stage_key": settings.stage_key(),
+        "completed": True,
+        "stopped_by": None,
+        "steps": 40,
+        "total_steps": 40,
+        "tokens_seen": 12345,
+        "final_loss": FINAL_LOSS,
+        "first_loss": 7.5,
+        "wall_seconds": 12.5,
+        "parameters": tiny.parameters,
+        "trainable_parameters": tiny.parameters,
+        "precision": "fp32",
+        "world_size": 1,
+        "use_quant": False,
+        "is_last_shard": True,
+        "topology": dataclasses.asdict(settings.topology),
+    }
     summary.update(overrides)
     (settings.trained_dir / "summary.json").write_text(json.dumps(summary))
     return summary
 
 
 def run_util(root, env, command):
-    return subprocess.run([sys.executable, "util.py", command, "--retry-delay", "0.01"], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "util.py", command, "--retry-delay", "0.01"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def train_stage(env, tiny, **overrides):
@@ -102,6 +139,7 @@ def error_lines(result) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The curriculum arithmetic.
 
+
 def walk(pretrain_shards: int, instruct_shards: int, has_instruct: bool = True) -> list[tuple]:
     """Every stage the curriculum runs, as (phase, INIT, shard), for datasets of these sizes."""
     init, inst, done, stages = 0, False, False, []
@@ -115,8 +153,15 @@ def walk(pretrain_shards: int, instruct_shards: int, has_instruct: bool = True) 
 
 
 def test_next_stage_walks_every_shard_then_instruct_then_done():
-    assert walk(3, 2) == [("pretrain", 0, 0), ("pretrain", 1, 0), ("pretrain", 2, 1), ("pretrain", 3, 2),
-                          ("instruct", 0, 0), ("instruct", 1, 0), ("instruct", 2, 1)]
+    assert walk(3, 2) == [
+        ("pretrain", 0, 0),
+        ("pretrain", 1, 0),
+        ("pretrain", 2, 1),
+        ("pretrain", 3, 2),
+        ("instruct", 0, 0),
+        ("instruct", 1, 0),
+        ("instruct", 2, 1),
+    ]
     # One shard: the two half passes over shard 0, in each phase.
     assert walk(1, 1) == [("pretrain", 0, 0), ("pretrain", 1, 0), ("instruct", 0, 0), ("instruct", 1, 0)]
     assert walk(2, 5, has_instruct=False) == [("pretrain", 0, 0), ("pretrain", 1, 0), ("pretrain", 2, 1)]
@@ -127,6 +172,7 @@ def test_next_stage_walks_every_shard_then_instruct_then_done():
 
 # ---------------------------------------------------------------------------------------------
 # Retries.
+
 
 def http_error(status: int, message: str = "error from the test") -> HfHubHTTPError:
     response = httpx.Response(status, request=httpx.Request("POST", "http://127.0.0.1/api/repos/create"))
@@ -141,6 +187,7 @@ def flaky(errors: list[Exception]):
         if len(calls) <= len(errors):
             raise errors[len(calls) - 1]
         return "ok"
+
     return action, calls
 
 
@@ -161,8 +208,9 @@ def test_hub_call_gives_up_after_the_attempts_and_hides_the_token():
     assert TOKEN not in str(raised.value) and "<HF_TOKEN>" in str(raised.value)
 
 
-@pytest.mark.parametrize("status, words", [(401, "rejected HF_TOKEN"), (403, "rejected HF_TOKEN"),
-                                           (404, "does not exist")])
+@pytest.mark.parametrize(
+    "status, words", [(401, "rejected HF_TOKEN"), (403, "rejected HF_TOKEN"), (404, "does not exist")]
+)
 def test_hub_call_does_not_retry_what_retrying_cannot_fix(status, words):
     action, calls = flaky([http_error(status)])
     with pytest.raises(util.StageError, match=words):
@@ -171,15 +219,20 @@ def test_hub_call_does_not_retry_what_retrying_cannot_fix(status, words):
 
 
 def test_redact_removes_the_token_and_the_credentials_of_urls():
-    assert (util.redact(f"Hub unreachable at http://{TOKEN}@127.0.0.1:8080/api", TOKEN)
-            == "Hub unreachable at http://<credentials>@127.0.0.1:8080/api")
-    assert (util.redact(f"at https://user:pa55@host:1/x@y?q=a@b, {TOKEN}", TOKEN)
-            == "at https://<credentials>@host:1/x@y?q=a@b, <HF_TOKEN>")
+    assert (
+        util.redact(f"Hub unreachable at http://{TOKEN}@127.0.0.1:8080/api", TOKEN)
+        == "Hub unreachable at http://<credentials>@127.0.0.1:8080/api"
+    )
+    assert (
+        util.redact(f"at https://user:pa55@host:1/x@y?q=a@b, {TOKEN}", TOKEN)
+        == "at https://<credentials>@host:1/x@y?q=a@b, <HF_TOKEN>"
+    )
     assert util.redact("mail me@host, https://host/a@b", None) == "mail me@host, https://host/a@b"
 
 
 # ---------------------------------------------------------------------------------------------
 # Publishing to OUTPUT_DIR.
+
 
 def test_local_publish_loads_generates_and_has_a_model_card(root, base_env, tiny_model):
     env = {**base_env, "GGUF_TYPES": "q8_0"}
@@ -190,15 +243,24 @@ def test_local_publish_loads_generates_and_has_a_model_card(root, base_env, tiny
     assert "publish: wrote train-llama-q8_0.gguf" in result.stdout
     folder = settings.output_dir / settings.published_name
     assert folder == settings.output_dir / "train-llama"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "generation_config.json", "README.md", "publish.json",
-            "train-llama-q8_0.gguf"} <= {p.name for p in folder.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "README.md",
+        "publish.json",
+        "train-llama-q8_0.gguf",
+    } <= {p.name for p in folder.iterdir()}
     import gguf
+
     reader = gguf.GGUFReader(folder / "train-llama-q8_0.gguf")
     assert reader.fields["general.name"].contents() == "train-llama"
     assert {t.name: t.tensor_type for t in reader.tensors}["output.weight"] == gguf.GGMLQuantizationType.Q8_0
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     inputs = tokenizer("once upon a time", return_tensors="pt")
@@ -209,9 +271,18 @@ def test_local_publish_loads_generates_and_has_a_model_card(root, base_env, tiny
     card = (folder / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "transformers" and "llama" in front["tags"]
-    for fact in (f"{tiny_model.parameters:,}", settings.topology.describe(), "12,345", "40 of 40",
-                 f"final {FINAL_LOSS:.4f}", "pretrain, INIT=0, shard 0", "trained from scratch",
-                 datetime.datetime.now(datetime.UTC).date().isoformat(), '"HF_TOKEN": "unset"', '"LEARNING_RATE": 0.002'):
+    for fact in (
+        f"{tiny_model.parameters:,}",
+        settings.topology.describe(),
+        "12,345",
+        "40 of 40",
+        f"final {FINAL_LOSS:.4f}",
+        "pretrain, INIT=0, shard 0",
+        "trained from scratch",
+        datetime.datetime.now(datetime.UTC).date().isoformat(),
+        '"HF_TOKEN": "unset"',
+        '"LEARNING_RATE": 0.002',
+    ):
         assert fact in card, fact
     marker = json.loads((folder / "publish.json").read_text())
     assert marker["stage_key"] == settings.stage_key() and marker["hub"] is None
@@ -219,10 +290,17 @@ def test_local_publish_loads_generates_and_has_a_model_card(root, base_env, tiny
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Reverse the word: apple"}],
-    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Add 2 and 3"},
-     {"role": "assistant", "content": "5"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-     {"role": "user", "content": "Spell cat"}, {"role": "assistant", "content": "c a t"}],
+    [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Add 2 and 3"},
+        {"role": "assistant", "content": "5"},
+    ],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Spell cat"},
+        {"role": "assistant", "content": "c a t"},
+    ],
 ]
 
 
@@ -235,8 +313,9 @@ def render_in_minijinja(template: str, conversation: list[dict], add_generation_
 
     env = Environment()
     env.add_function("raise_exception", raise_exception)
-    return env.render_str(template, messages=conversation, add_generation_prompt=add_generation_prompt,
-                          bos_token="<s>", eos_token="</s>")
+    return env.render_str(
+        template, messages=conversation, add_generation_prompt=add_generation_prompt, bos_token="<s>", eos_token="</s>"
+    )
 
 
 def test_published_chat_template_has_no_generation_markers_and_renders_the_same(tmp_path, tiny_model):
@@ -247,6 +326,7 @@ def test_published_chat_template_has_no_generation_markers_and_renders_the_same(
     from transformers import AutoTokenizer
 
     import prep
+
     source = tmp_path / "trained"
     shutil.copytree(tiny_model.folder, source)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -269,14 +349,17 @@ def test_published_chat_template_has_no_generation_markers_and_renders_the_same(
     assert published.chat_template == serving
     for conversation in CONVERSATIONS:
         for add_generation_prompt in (False, True):
-            training_text = tokenizer.apply_chat_template(conversation, tokenize=False,
-                                                          add_generation_prompt=add_generation_prompt)
-            served_text = published.apply_chat_template(conversation, tokenize=False,
-                                                        add_generation_prompt=add_generation_prompt)
+            training_text = tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+            served_text = published.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
             assert served_text == training_text
             assert render_in_minijinja(serving, conversation, add_generation_prompt) == training_text
-    assert training_text == ("<s><|user|>Hi<|end|><|bot|>Hello!<|end|>"
-                             "<|user|>Spell cat<|end|><|bot|>c a t<|end|><|bot|>")
+    assert training_text == (
+        "<s><|user|>Hi<|end|><|bot|>Hello!<|end|><|user|>Spell cat<|end|><|bot|>c a t<|end|><|bot|>"
+    )
     with pytest.raises(ValueError, match="must alternate"):
         render_in_minijinja(serving, [CONVERSATIONS[0][0]] * 2, False)
 
@@ -287,43 +370,71 @@ def write_eval_split(settings, tiny: TinyModel) -> list[int]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny.folder)
-    prompt, answer = (tokenizer(text, add_special_tokens=False)["input_ids"]
-                      for text in ("once upon a", " time"))
+    prompt, answer = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("once upon a", " time"))
     ids = [tokenizer.bos_token_id, *prompt, *answer, tokenizer.eos_token_id]
     masks = [0] * (1 + len(prompt)) + [1] * (len(answer) + 1)
     datasets.Dataset.from_dict({"input_ids": [ids, ids], "assistant_masks": [masks, masks]}).save_to_disk(
-        str(settings.prep_dir / "eval_dataset"))
+        str(settings.prep_dir / "eval_dataset")
+    )
     util.write_json_atomic(settings.prep_dir / "manifest.json", {"stage_key": settings.stage_key()})
     return ids
 
 
 def test_an_instruction_models_card_has_valid_metadata_eval_results_plot_and_held_out_answers(
-        base_env, tiny_model, tmp_path):
+    base_env, tiny_model, tmp_path
+):
     from huggingface_hub import ModelCard, ModelCardData
 
     local = tmp_path / "chats.jsonl"
     local.write_text("{}\n")
-    env = {**base_env, "INST": "true", "INIT": "1", "OUTPUT_REPO": "tester/tiny-llama", "HF_TOKEN": TOKEN,
-           "INPUT_DATASET": "owner/corpus?config=en", "INSTRUCT_DATASET": f"owner/chats|{local}?weight=2",
-           "MODEL_LICENSE": "apache-2.0"}
-    settings = train_stage(env, tiny_model, eval_loss=1.23456, eval_perplexity=math.exp(1.23456),
-                           eval_sequences=2, losses=[[10, 3.0], [20, 2.5]], eval_losses=[[20, 1.23456]])
-    earlier = [{"stage": "pretrain INIT=0 (shard 0)", "phase": "pretrain", "init": 0, "steps": 30,
-                "train": [[10, 5.0], [30, 4.0]], "eval": [[30, 4.1]]}]
+    env = {
+        **base_env,
+        "INST": "true",
+        "INIT": "1",
+        "OUTPUT_REPO": "tester/tiny-llama",
+        "HF_TOKEN": TOKEN,
+        "INPUT_DATASET": "owner/corpus?config=en",
+        "INSTRUCT_DATASET": f"owner/chats|{local}?weight=2",
+        "MODEL_LICENSE": "apache-2.0",
+    }
+    settings = train_stage(
+        env,
+        tiny_model,
+        eval_loss=1.23456,
+        eval_perplexity=math.exp(1.23456),
+        eval_sequences=2,
+        losses=[[10, 3.0], [20, 2.5]],
+        eval_losses=[[20, 1.23456]],
+    )
+    earlier = [
+        {
+            "stage": "pretrain INIT=0 (shard 0)",
+            "phase": "pretrain",
+            "init": 0,
+            "steps": 30,
+            "train": [[10, 5.0], [30, 4.0]],
+            "eval": [[30, 4.1]],
+        }
+    ]
     summary = json.loads((settings.trained_dir / "summary.json").read_text())
     util.write_history(settings.trained_dir / "model", util.extend_history(earlier, summary))
     write_eval_split(settings, tiny_model)
-    folder, = util.publish_local(settings, summary, "digest")
+    (folder,) = util.publish_local(settings, summary, "digest")
 
     text = (folder / "README.md").read_text()
     assert TOKEN not in text and str(tmp_path) not in text.split("---")[1]
     card = ModelCard.load(folder / "README.md")
     data = card.data
-    assert (data.license, data.base_model, data.datasets) == ("apache-2.0", "tester/tiny-llama",
-                                                              ["owner/corpus", "owner/chats"])
+    assert (data.license, data.base_model, data.datasets) == (
+        "apache-2.0",
+        "tester/tiny-llama",
+        ["owner/corpus", "owner/chats"],
+    )
     assert data.model_name == "tiny-llama-it" and "instruction-tuned" in data.tags
     assert [(r.metric_type, r.metric_value, r.dataset_type) for r in data.eval_results] == [
-        ("loss", 1.2346, "held-out"), ("perplexity", round(math.exp(1.23456), 3), "held-out")]
+        ("loss", 1.2346, "held-out"),
+        ("perplexity", round(math.exp(1.23456), 3), "held-out"),
+    ]
     # The metadata survives huggingface_hub's own round trip (model-index back to EvalResults).
     again = ModelCardData(**data.to_dict())
     assert again.to_dict() == data.to_dict() and ModelCard(str(card)).data.to_dict() == data.to_dict()
@@ -347,15 +458,20 @@ def test_the_loss_history_keeps_earlier_stages_and_plots_one_curve_per_stage(tmp
     for phase, init in (("pretrain", 0), ("pretrain", 1), ("instruct", 0)):
         losses, eval_losses = [[10, 5.0 - init], [20, 4.0 - init]], [[20, 4.5 - init]]
         history = util.extend_history(history, stage_summary(phase, init, 20, losses, eval_losses))
-    assert [s["stage"] for s in history] == ["pretrain INIT=0 (shard 0)", "pretrain INIT=1 (shard 0)",
-                                             "instruct INIT=0 (shard 0)"]
+    assert [s["stage"] for s in history] == [
+        "pretrain INIT=0 (shard 0)",
+        "pretrain INIT=1 (shard 0)",
+        "instruct INIT=0 (shard 0)",
+    ]
     # Pretraining INIT=1 run again replaces itself and the stages after it.
     rerun = util.extend_history(history, stage_summary("pretrain", 1, 30, [[30, 3.0]], []))
-    assert [(s["stage"], s["steps"]) for s in rerun] == [("pretrain INIT=0 (shard 0)", 20),
-                                                         ("pretrain INIT=1 (shard 0)", 30)]
+    assert [(s["stage"], s["steps"]) for s in rerun] == [
+        ("pretrain INIT=0 (shard 0)", 20),
+        ("pretrain INIT=1 (shard 0)", 30),
+    ]
 
     figure = util.loss_figure(history)
-    axes, = figure.axes
+    (axes,) = figure.axes
     assert [list(line.get_xdata()) for line in axes.get_lines()] == [[10, 20], [30, 40], [50, 60]]
     eval_points = [collection.get_offsets().tolist() for collection in axes.collections]
     assert eval_points == [[[20, 4.5]], [[40, 3.5]], [[60, 4.5]]]
@@ -365,8 +481,9 @@ def test_the_loss_history_keeps_earlier_stages_and_plots_one_curve_per_stage(tmp
     assert image.shape == (450, 800, 4) and image[..., :3].std() > 0.05  # drawn, not blank
     assert util.read_history(tmp_path / "missing.json") == []
     damaged = tmp_path / "damaged.json"
-    damaged.write_text(json.dumps({"stages": [{**history[0], "init": "zero"}, {**history[1], "train": [[1]]},
-                                              history[2]]}))
+    damaged.write_text(
+        json.dumps({"stages": [{**history[0], "init": "zero"}, {**history[1], "train": [[1]]}, history[2]]})
+    )
     assert util.read_history(damaged) == json.loads(json.dumps(history[2:]))
 
 
@@ -378,6 +495,7 @@ def test_failed_publish_keeps_the_previous_version(root, base_env, tiny_model, m
 
     def broken_card(*args):
         raise OSError("disk full while writing the model card")
+
     monkeypatch.setattr(util, "model_card", broken_card)
     write_trained(settings, tiny_model, final_loss=1.0)
     with pytest.raises(OSError, match="disk full"):
@@ -396,8 +514,11 @@ def test_publish_refuses_a_model_of_another_stage_or_an_incomplete_folder(base_e
     settings = train_stage(base_env, tiny_model)
     other = config.load_settings({**base_env, "INIT": "3"})
     write_trained(settings, tiny_model, stage_key=other.stage_key())
-    with pytest.raises(util.StageError, match=r"belongs to another stage \(pretrain INIT=3 \(shard 2\); "
-                                              r"differs in init, shard_index"):
+    with pytest.raises(
+        util.StageError,
+        match=r"belongs to another stage \(pretrain INIT=3 \(shard 2\); "
+        r"differs in init, shard_index",
+    ):
         util.publish(settings, 0)
     write_trained(settings, tiny_model)
     (settings.trained_dir / "model" / "tokenizer.json").unlink()
@@ -468,16 +589,22 @@ def fail_when_writing(monkeypatch, name: str, code: int) -> None:
         if path.name == name:
             raise OSError(code, os.strerror(code), str(path))
         real_write_json(path, data)
+
     monkeypatch.setattr(shutil, "copyfile", copyfile)
     monkeypatch.setattr(util, "write_json_atomic", write_json)
 
 
-@pytest.mark.parametrize("name, code, words", [
-    ("model.safetensors", errno.ENOSPC, "the disk is full"),
-    ("publish.json", errno.ENOSPC, "the disk is full"),
-    ("model.safetensors", errno.EDQUOT, "the disk quota is exceeded")])
+@pytest.mark.parametrize(
+    "name, code, words",
+    [
+        ("model.safetensors", errno.ENOSPC, "the disk is full"),
+        ("publish.json", errno.ENOSPC, "the disk is full"),
+        ("model.safetensors", errno.EDQUOT, "the disk quota is exceeded"),
+    ],
+)
 def test_full_disk_while_publishing_stops_in_one_line_and_keeps_the_previous_version(
-        base_env, tiny_model, monkeypatch, name, code, words):
+    base_env, tiny_model, monkeypatch, name, code, words
+):
     settings = train_stage(base_env, tiny_model)
     assert util.publish(settings, 0) == 0
     folder = settings.output_dir / settings.published_name
@@ -502,21 +629,27 @@ def test_other_write_errors_name_the_path_in_one_line(base_env, tiny_model, monk
     with pytest.raises(util.StageError) as raised:
         util.publish(settings, 0)
     folder = settings.output_dir / settings.published_name
-    assert re.fullmatch(rf"{re.escape(str(settings.output_dir))}/\.train-llama\.tmp-\w+/config\.json: "
-                        rf"Permission denied while publishing train-llama; nothing was published at "
-                        rf"{re.escape(str(folder))}; fix that, then rerun .*", str(raised.value))
+    assert re.fullmatch(
+        rf"{re.escape(str(settings.output_dir))}/\.train-llama\.tmp-\w+/config\.json: "
+        rf"Permission denied while publishing train-llama; nothing was published at "
+        rf"{re.escape(str(folder))}; fix that, then rerun .*",
+        str(raised.value),
+    )
     assert list(settings.output_dir.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------
 # Advancing the run state.
 
+
 def test_advance_walks_the_curriculum_and_the_environment_overrides_the_state(root, base_env, tiny_model):
     """Each stage trained (here: one shard per phase) and published moves the state on, to done."""
-    expected = [(1, False, "advanced: pretrain INIT=0 (shard 0) -> pretrain INIT=1 (shard 0)"),
-                (0, True, "advanced: pretrain INIT=1 (shard 0) -> instruct INIT=0 (shard 0)"),
-                (1, True, "advanced: instruct INIT=0 (shard 0) -> instruct INIT=1 (shard 0)"),
-                (1, True, "done: the curriculum is finished after instruct INIT=1 (shard 0)")]
+    expected = [
+        (1, False, "advanced: pretrain INIT=0 (shard 0) -> pretrain INIT=1 (shard 0)"),
+        (0, True, "advanced: pretrain INIT=1 (shard 0) -> instruct INIT=0 (shard 0)"),
+        (1, True, "advanced: instruct INIT=0 (shard 0) -> instruct INIT=1 (shard 0)"),
+        (1, True, "done: the curriculum is finished after instruct INIT=1 (shard 0)"),
+    ]
     for init, inst, line in expected:
         settings = train_stage(base_env, tiny_model)
         assert run_util(root, base_env, "publish").returncode == 0
@@ -577,6 +710,7 @@ def test_advance_needs_a_publish_of_this_exact_training_run(root, base_env, tiny
 # ---------------------------------------------------------------------------------------------
 # The Hub, through the stand-in.
 
+
 @pytest.fixture
 def hub():
     with HubStandIn(token=TOKEN, user="tester") as server:
@@ -588,8 +722,15 @@ def hub():
 def hub_env(base_env, hub):
     # huggingface_hub refuses every request while either of these is set.
     env = {k: v for k, v in base_env.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    return {**env, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN,
-            "OUTPUT_REPO": REPO, "PRESET": "demo", "MAX_RETRIES": "3"}
+    return {
+        **env,
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_TOKEN": TOKEN,
+        "OUTPUT_REPO": REPO,
+        "PRESET": "demo",
+        "MAX_RETRIES": "3",
+    }
 
 
 def assert_token_absent(env, hub, *results):
@@ -687,13 +828,15 @@ def in_process_hub_env(hub_env, monkeypatch):
     """hub_env for util.publish called in this process, with its HF_HUB_DISABLE_XET applied: with hf_xet,
     upload_folder commits through a pipeline that retries by itself, before util.hub_call sees an error."""
     from huggingface_hub import constants
+
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     return hub_env
 
 
 @pytest.mark.parametrize("asked, waited", [("7", 7.0), ("600", util.MAX_RETRY_DELAY)])
-def test_rate_limit_waits_what_retry_after_asks_at_most_max_retry_delay(hub, in_process_hub_env, tiny_model,
-                                                                         monkeypatch, asked, waited):
+def test_rate_limit_waits_what_retry_after_asks_at_most_max_retry_delay(
+    hub, in_process_hub_env, tiny_model, monkeypatch, asked, waited
+):
     hub.fail_next(1, status=429, path_contains="/commit/", headers={"Retry-After": asked})
     settings = train_stage(in_process_hub_env, tiny_model)
     delays = []
@@ -731,19 +874,26 @@ def test_a_stalled_hub_times_out_and_is_retried(root, hub, hub_env, tiny_model):
 # Each fault, on every attempt: (how to inject it, what the one error line says).
 FINAL_FAULTS = {
     "5xx": (lambda hub: hub.fail_always(503, path_contains="/commit/"), "failed after 3 attempts: HTTP 503"),
-    "429": (lambda hub: hub.fail_always(429, path_contains="/commit/", headers={"Retry-After": "0"}),
-            "failed after 3 attempts: HTTP 429"),
-    "reset": (lambda hub: hub.reset_next(None, path_contains="/commit/"),
-              "failed after 3 attempts: connection failed: "),
-    "timeout": (lambda hub: hub.stall_next(None, seconds=60, path_contains="/commit/"),
-                "failed after 3 attempts: connection failed: ReadTimeout"),
+    "429": (
+        lambda hub: hub.fail_always(429, path_contains="/commit/", headers={"Retry-After": "0"}),
+        "failed after 3 attempts: HTTP 429",
+    ),
+    "reset": (
+        lambda hub: hub.reset_next(None, path_contains="/commit/"),
+        "failed after 3 attempts: connection failed: ",
+    ),
+    "timeout": (
+        lambda hub: hub.stall_next(None, seconds=60, path_contains="/commit/"),
+        "failed after 3 attempts: connection failed: ReadTimeout",
+    ),
     "401": (lambda hub: hub.reject_token(), "checking HF_TOKEN failed: the Hub rejected HF_TOKEN (HTTP 401)"),
 }
 
 
 @pytest.mark.parametrize("fault", FINAL_FAULTS)
-def test_after_a_final_hub_failure_the_next_run_pushes_what_was_not_pushed(root, hub, in_process_hub_env, tiny_model,
-                                                                           fault):
+def test_after_a_final_hub_failure_the_next_run_pushes_what_was_not_pushed(
+    root, hub, in_process_hub_env, tiny_model, fault
+):
     env = {**in_process_hub_env, "HF_HUB_DOWNLOAD_TIMEOUT": "1"}
     util.write_json_atomic(Path(env["OUTPUT_DIR"]) / "run_state.json", {"init": 1, "inst": False, "done": False})
     settings = train_stage(env, tiny_model)

@@ -2,6 +2,7 @@
 stay differentiable after an eval forward, and a LoRA merge (with trained rows for chosen tokens, such as
 the chat markers) whose published bf16 model computes what the adapter-on-4-bit model computed, loadable
 without peft/bnb."""
+
 import json
 import shutil
 import subprocess
@@ -22,9 +23,10 @@ NF4_MAX_ERROR, NF4_MIN_ERROR = 0.10, 0.05
 # bf16 keeps 8 significant bits: eps = 2^-8. The merged model rounds W + scale*BA to bf16 once and computes
 # every layer (norms, lm_head, the LoRA path included) in bf16, where the adapter model kept norms,
 # embeddings, lm_head and the LoRA path in fp32. Those roundings accumulate over the layers to a few eps of
-# the logit scale: allow 4 eps (measured 1.3 to 1.5 eps on CPU and on an H200). Merging onto the original 16-bit weights instead of the
-# dequantized NF4 ones misses by ~20 eps, dropping the adapter by ~300 eps: both fail this bound.
-BF16_EPS = 2.0 ** -8
+# the logit scale: allow 4 eps (measured 1.3 to 1.5 eps on CPU and on an H200). Merging onto the
+# original 16-bit weights instead of the dequantized NF4 ones misses by ~20 eps, dropping the adapter
+# by ~300 eps: both fail this bound.
+BF16_EPS = 2.0**-8
 LOGIT_TOLERANCE_IN_EPS = 4
 WEIGHT = "model.layers.1.self_attn.v_proj.weight"
 
@@ -33,8 +35,15 @@ def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config).to(torch.bfloat16)
 
 
@@ -45,8 +54,9 @@ def folders(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("quant")
     _tiny_llama().save_pretrained(root / "bf16")
-    quantized = AutoModelForCausalLM.from_pretrained(root / "bf16", dtype=torch.bfloat16,
-                                                     quantization_config=quant_utils.nf4_quantization_config())
+    quantized = AutoModelForCausalLM.from_pretrained(
+        root / "bf16", dtype=torch.bfloat16, quantization_config=quant_utils.nf4_quantization_config()
+    )
     quantized.save_pretrained(root / "nf4")
     return {"bf16": root / "bf16", "nf4": root / "nf4", "root": root}
 
@@ -54,8 +64,11 @@ def folders(tmp_path_factory):
 def _quantized_weight_errors(model, reference_state: dict) -> dict[str, float]:
     """Relative error ||W' - W|| / ||W|| of every decoder projection (the weights NF4 quantizes)."""
     state = model.state_dict()
-    return {name: ((state[name].float() - ref.float()).norm() / ref.float().norm()).item()
-            for name, ref in reference_state.items() if name.endswith("proj.weight")}
+    return {
+        name: ((state[name].float() - ref.float()).norm() / ref.float().norm()).item()
+        for name, ref in reference_state.items()
+        if name.endswith("proj.weight")
+    }
 
 
 def _damaged_copy(folders, name: str, damage) -> Path:
@@ -112,8 +125,9 @@ def test_round_trips_in_both_directions(folders, tmp_path):
     original = AutoModelForCausalLM.from_pretrained(folders["bf16"]).state_dict()
     once = quant_utils.load_causal_lm_16bit(folders["nf4"])
     once.save_pretrained(tmp_path / "once-bf16")
-    requantized = AutoModelForCausalLM.from_pretrained(tmp_path / "once-bf16", dtype=torch.bfloat16,
-                                                       quantization_config=quant_utils.nf4_quantization_config())
+    requantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "once-bf16", dtype=torch.bfloat16, quantization_config=quant_utils.nf4_quantization_config()
+    )
     requantized.save_pretrained(tmp_path / "twice-nf4")
     twice = quant_utils.load_causal_lm_16bit(tmp_path / "twice-nf4")
 
@@ -123,14 +137,20 @@ def test_round_trips_in_both_directions(folders, tmp_path):
     assert max(versus_once.values()) < 0.01, versus_once
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (lambda t: t.pop(f"{WEIGHT}.absmax"), "missing absmax"),
-    (lambda t: t.pop(WEIGHT), "packed 4-bit data"),
-    (lambda t: t.update({f"{WEIGHT}.quant_state.bitsandbytes__nf4": torch.zeros(9, dtype=torch.uint8)}),
-     "unreadable 4-bit quant state"),
-    (lambda t: t.update({WEIGHT: t[WEIGHT][:-4]}), "bytes of 4-bit data"),
-    (lambda t: t.update({f"{WEIGHT}.nested_absmax": torch.tensor([float("nan")])}), "non-finite"),
-], ids=["no-absmax", "no-data", "corrupt-state", "truncated", "nan-scale"])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda t: t.pop(f"{WEIGHT}.absmax"), "missing absmax"),
+        (lambda t: t.pop(WEIGHT), "packed 4-bit data"),
+        (
+            lambda t: t.update({f"{WEIGHT}.quant_state.bitsandbytes__nf4": torch.zeros(9, dtype=torch.uint8)}),
+            "unreadable 4-bit quant state",
+        ),
+        (lambda t: t.update({WEIGHT: t[WEIGHT][:-4]}), "bytes of 4-bit data"),
+        (lambda t: t.update({f"{WEIGHT}.nested_absmax": torch.tensor([float("nan")])}), "non-finite"),
+    ],
+    ids=["no-absmax", "no-data", "corrupt-state", "truncated", "nan-scale"],
+)
 def test_damaged_4bit_checkpoint_names_the_weight(folders, damage, expected):
     damaged = _damaged_copy(folders, expected.replace(" ", "-"), damage)
     with pytest.raises(QuantizationError, match=f"^{WEIGHT.replace('.', '[.]')}: .*{expected}"):
@@ -209,8 +229,19 @@ def test_qlora_merge_matches_the_adapter_model_without_peft(folders, tmp_path, t
     quant_utils.merge_lora_to_16bit(model, tmp_path / "merged")
     quant_utils.save_adapter(model, tmp_path / "adapter")
     torch.save(ids, tmp_path / "ids.pt")
-    subprocess.run([sys.executable, "-c", RELOAD_WITHOUT_PEFT, str(tmp_path / "merged"), str(tmp_path / "ids.pt"),
-                    str(tmp_path / "logits.pt")], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RELOAD_WITHOUT_PEFT,
+            str(tmp_path / "merged"),
+            str(tmp_path / "ids.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     merged_logits = torch.load(tmp_path / "logits.pt")
 
     tolerance = LOGIT_TOLERANCE_IN_EPS * BF16_EPS * adapter_logits.abs().max().item()
@@ -222,7 +253,10 @@ def test_qlora_merge_matches_the_adapter_model_without_peft(folders, tmp_path, t
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
     # The trained tokens' rows (and only theirs) moved, in the input embedding and in the LM head.
-    merged, original = load_file(tmp_path / "merged" / "model.safetensors"), load_file(folders["bf16"] / "model.safetensors")
+    merged, original = (
+        load_file(tmp_path / "merged" / "model.safetensors"),
+        load_file(folders["bf16"] / "model.safetensors"),
+    )
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         moved = sorted((merged[name] != original[name]).any(dim=1).nonzero().flatten().tolist())
         assert moved == trained_tokens, (name, moved)

@@ -1,13 +1,14 @@
 """Guards train.py's pieces that a whole run cannot easily provoke: a NaN loss stops training without
-writing that step's checkpoint, the last step is always logged, a stop file stops training with a checkpoint, checkpoints of another stage are set
-aside with a line saying why (never resumed, never deleted silently), half-written checkpoints are
-removed and the last complete one resumed, a finished stage is not trained again, a full disk is
-recognised in the errors torch and safetensors raise, a ZeRO checkpoint written by another number of
-processes goes through DeepSpeed's universal checkpoint (a failed conversion is one line and leaves the
-checkpoint as it was), the DeepSpeed
-configuration keeps the original's settings (with its gradient buckets trimmed to what they can hold,
-and ZeRO-2 run as ZeRO-1 only for 4-bit + LoRA on one process), precision follows the device, and an
-evaluation gives one line with its loss and perplexity, on a batch that gives every process a row."""
+writing that step's checkpoint, the last step is always logged, a stop file stops training with a
+checkpoint, checkpoints of another stage are set aside with a line saying why (never resumed, never
+deleted silently), half-written checkpoints are removed and the last complete one resumed, a finished
+stage is not trained again, a full disk is recognised in the errors torch and safetensors raise, a ZeRO
+checkpoint written by another number of processes goes through DeepSpeed's universal checkpoint (a
+failed conversion is one line and leaves the checkpoint as it was), the DeepSpeed configuration keeps
+the original's settings (with its gradient buckets trimmed to what they can hold, and ZeRO-2 run as
+ZeRO-1 only for 4-bit + LoRA on one process), precision follows the device, and an evaluation gives one
+line with its loss and perplexity, on a batch that gives every process a row."""
+
 import json
 import math
 import re
@@ -68,14 +69,21 @@ def test_an_eval_gives_one_line_with_loss_and_perplexity(capsys):
 
 
 def test_eval_losses_come_from_the_log_history():
-    history = [{"loss": 3.0, "step": 10}, {"eval_loss": 2.5, "eval_perplexity": 12.2, "step": 10},
-               {"loss": 2.0, "step": 20}, {"eval_loss": 1.5, "step": 20}, {"train_loss": 2.5, "step": 20}]
+    history = [
+        {"loss": 3.0, "step": 10},
+        {"eval_loss": 2.5, "eval_perplexity": 12.2, "step": 10},
+        {"loss": 2.0, "step": 20},
+        {"eval_loss": 1.5, "step": 20},
+        {"train_loss": 2.5, "step": 20},
+    ]
     assert train.logged_eval_losses(history) == [(10, 2.5), (20, 1.5)]
     assert train.logged_losses(history) == [(10, 3.0), (20, 2.0)]
 
 
-@pytest.mark.parametrize("rows, batch, processes, expected", [
-    (64, 16, 1, 16), (64, 16, 2, 16), (20, 16, 2, 10), (3, 16, 2, 1), (1, 16, 2, None), (1, 4, 1, 1)])
+@pytest.mark.parametrize(
+    "rows, batch, processes, expected",
+    [(64, 16, 1, 16), (64, 16, 2, 16), (20, 16, 2, 10), (3, 16, 2, 1), (1, 16, 2, None), (1, 4, 1, 1)],
+)
 def test_the_eval_batch_gives_every_process_at_least_one_row(rows, batch, processes, expected):
     assert train.eval_batch_size(rows, batch, processes) == expected
 
@@ -105,8 +113,12 @@ def test_the_last_step_is_always_logged():
 
 
 def test_the_losses_come_from_the_log_history_that_checkpoints_keep():
-    history = [{"loss": 3.0, "step": 2}, {"grad_norm": 1.0, "step": 2}, {"loss": 2.5, "step": 4},
-               {"train_runtime": 9.0, "step": 4}]
+    history = [
+        {"loss": 3.0, "step": 2},
+        {"grad_norm": 1.0, "step": 2},
+        {"loss": 2.5, "step": 4},
+        {"train_runtime": 9.0, "step": 4},
+    ]
     assert train.logged_losses(history) == [(2, 3.0), (4, 2.5)]
 
 
@@ -191,25 +203,36 @@ def test_deepspeed_config_keeps_the_original_settings(stage):
     assert config.deepspeed_config(s, "fp16", 10**9, 2)["fp16"]["loss_scale"] == 0  # dynamic loss scaling
 
 
-@pytest.mark.parametrize("trainable, processes, bucket, overlap", [
-    (10**9, 1, 5 * 10**8, False),  # one process: nothing to overlap, so no second bucket
-    (11_000_000, 2, 11_000_000, True),  # LoRA: a bucket holds every trained gradient, no more
-    (11_000_000, 1, 11_000_000, False),
-    (11_000_001, 1, 11_000_002, False),  # DeepSpeed asserts an even allgather bucket
-])
+@pytest.mark.parametrize(
+    "trainable, processes, bucket, overlap",
+    [
+        (10**9, 1, 5 * 10**8, False),  # one process: nothing to overlap, so no second bucket
+        (11_000_000, 2, 11_000_000, True),  # LoRA: a bucket holds every trained gradient, no more
+        (11_000_000, 1, 11_000_000, False),
+        (11_000_001, 1, 11_000_002, False),  # DeepSpeed asserts an even allgather bucket
+    ],
+)
 def test_deepspeed_buckets_are_trimmed_to_what_they_can_hold(trainable, processes, bucket, overlap):
-    zero = config.deepspeed_config(config.load_settings({"ZERO_STAGE": "2"}), "bf16", trainable,
-                                   processes)["zero_optimization"]
-    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"], zero["overlap_comm"]) == (bucket, bucket, overlap)
+    zero = config.deepspeed_config(config.load_settings({"ZERO_STAGE": "2"}), "bf16", trainable, processes)[
+        "zero_optimization"
+    ]
+    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"], zero["overlap_comm"]) == (
+        bucket,
+        bucket,
+        overlap,
+    )
 
 
-@pytest.mark.parametrize("stage, use_quant, processes, used", [
-    (2, "true", 1, 1),  # 4-bit + LoRA on one process: nothing to partition, ZeRO-1's step is cheaper
-    (2, "true", 2, 2),
-    (2, "false", 1, 2),
-    (0, "true", 1, 0),
-    (1, "true", 2, 1),
-])
+@pytest.mark.parametrize(
+    "stage, use_quant, processes, used",
+    [
+        (2, "true", 1, 1),  # 4-bit + LoRA on one process: nothing to partition, ZeRO-1's step is cheaper
+        (2, "true", 2, 2),
+        (2, "false", 1, 2),
+        (0, "true", 1, 0),
+        (1, "true", 2, 1),
+    ],
+)
 def test_zero_stage_drops_to_1_only_for_quantized_single_process_runs(stage, use_quant, processes, used):
     s = config.load_settings({"ZERO_STAGE": str(stage), "USE_QUANT": use_quant})
     assert config.zero_stage_for(s, processes) == used
@@ -230,8 +253,10 @@ def test_a_checkpoint_of_another_process_count_is_converted_and_a_failed_convers
     # Empty state files cannot be converted: one line naming the checkpoint and the way on, and the
     # checkpoint is left as it was (no converted folder, no temporary one).
     before = sorted(p.relative_to(checkpoint) for p in checkpoint.rglob("*"))
-    failed = (r"^train: converting \S+checkpoint-4 \(written by 2 process\(es\)\) to DeepSpeed's universal "
-              r"checkpoint failed: .*NUM_PROCESSES=2")
+    failed = (
+        r"^train: converting \S+checkpoint-4 \(written by 2 process\(es\)\) to DeepSpeed's universal "
+        r"checkpoint failed: .*NUM_PROCESSES=2"
+    )
     with pytest.raises(SystemExit, match=failed):
         train.convert_to_universal(checkpoint, 1)
     assert sorted(p.relative_to(checkpoint) for p in checkpoint.rglob("*")) == before

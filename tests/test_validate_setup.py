@@ -2,6 +2,7 @@
 forward/backward check; missing packages,
 version drift and broken settings are reported; `--reuse` skips the checks only after they all passed
 for the same machine boot, software, checking code and settings."""
+
 import json
 import subprocess
 import sys
@@ -14,8 +15,9 @@ import validate_setup
 
 def test_cpu_machine_passes_with_forward_backward(root, base_env):
     env = {**base_env, "PATH": f"{sys.prefix}/bin:{base_env.get('PATH', '')}"}  # the venv's `deepspeed`
-    result = subprocess.run([sys.executable, "validate_setup.py"], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "validate_setup.py"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert "[2/8] ⊘ CUDA: skipped (CPU only" in result.stdout
@@ -26,8 +28,9 @@ def test_cpu_machine_passes_with_forward_backward(root, base_env):
     assert "Traceback" not in result.stderr
 
     # trainer.sh's --reuse: the same machine, software and settings need no second round of checks.
-    again = subprocess.run([sys.executable, "validate_setup.py", "--reuse"], cwd=root, env=env,
-                           capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, "validate_setup.py", "--reuse"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 0 and "not repeated" in again.stdout and "[1/8]" not in again.stdout
 
 
@@ -57,6 +60,7 @@ def test_missing_package_fails_and_bitsandbytes_only_with_quant(monkeypatch):
             if name in names:
                 raise ImportError(f"No module named '{name}'")
             return real_version(name)
+
         return fake
 
     monkeypatch.setattr(validate_setup, "stack_version", without("bitsandbytes"))

@@ -4,6 +4,7 @@ SCRIPT (`prep.py`, `train.py`, `util.py publish`, ...) freezes at its first EVEN
 TEXT, after writing FAULT_DIR/paused; the test then kills the whole process group, so the files on disk
 are exactly what a kill at that moment leaves. EVENT is `write` (a file opened for writing), `read`
 (opened for reading) or `replaced` (just after os.replace put a file in place)."""
+
 import builtins
 import io
 import os
