@@ -5,14 +5,19 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast
+.PHONY: run test test-fast lint
 run: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash trainer.sh
 
-test: $(STAMP)
+test: lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m pytest
 
-test-fast: $(STAMP)
+# ruff.toml's rules and formatting; `$(VENV)/bin/ruff format .` and `ruff check --fix .` fix most findings.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test-fast: lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/python -m pytest -m "not slow"
 
 # torch==2.13.0 first: the CPU wheel where one is on disk, and a version every range below admits.
