@@ -20,7 +20,6 @@ on_exit() {
   fi
 }
 trap on_exit EXIT
-setting() { "$PYTHON" config.py --get "$1"; }
 section() { current_stage=$1; echo; echo "=== $1 ($(elapsed))"; }
 
 # Runs the launcher in the background so that a SIGTERM (a Space or container being stopped) reaches
@@ -47,15 +46,15 @@ section "preflight"
 section "environment validation"
 "$PYTHON" validate_setup.py --reuse
 
-work_dir=$(setting work_dir)
-output_dir=$(setting output_dir)
-run_all=$(setting run_all)
-processes=$(setting num_processes)
-node_rank=$(setting node_rank)
-nnodes=$(setting nnodes)
-gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
-if [ "$processes" -eq 0 ]; then processes=$(( gpus > 0 ? gpus : 1 )); fi
-launcher_args=$("$PYTHON" util.py launcher-args --processes "$processes" --gpus "$gpus")
+# One Python start for every setting the stages below need: name=value lines, read into these names only.
+settings_lines=$("$PYTHON" util.py shell-settings)
+while IFS='=' read -r name value; do
+  case $name in
+    work_dir|output_dir|run_all|processes|gpus|node_rank|nnodes|launcher_args)
+      printf -v "$name" '%s' "$value" ;;
+    *) echo "trainer.sh: util.py shell-settings printed an unknown name '$name'" >&2; exit 2 ;;
+  esac
+done <<< "$settings_lines"
 read -r -a launcher_args <<< "$launcher_args"
 launcher=(deepspeed "${launcher_args[@]}")
 if [ "$gpus" -eq 0 ]; then

@@ -1043,29 +1043,55 @@ def launcher_arguments(settings: config.Settings, processes: int, gpus: int,
     return ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(settings.node_rank), *common]
 
 
+# The names trainer.sh reads from `util.py shell-settings`, and only these.
+SHELL_SETTINGS = ("work_dir", "output_dir", "run_all", "processes", "gpus", "node_rank", "nnodes",
+                  "launcher_args")
+
+
+def shell_settings(settings: config.Settings) -> dict[str, str]:
+    """Everything trainer.sh needs before its stages, from one Python start instead of eight (each
+    start costs a fraction of a second, torch's import two): folders, curriculum mode, nodes, GPUs,
+    processes (NUM_PROCESSES=0: one per GPU, or one on CPU) and the launcher's arguments."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    processes = settings.num_processes or max(gpus, 1)
+    values = {"work_dir": settings.work_dir, "output_dir": settings.output_dir,
+              "run_all": str(settings.run_all).lower(), "processes": processes, "gpus": gpus,
+              "node_rank": settings.node_rank, "nnodes": settings.nnodes,
+              "launcher_args": " ".join(launcher_arguments(settings, processes, gpus, visible_gpus()))}
+    for name, value in values.items():
+        if "\n" in str(value):
+            raise StageError(f"{name}={str(value)!r} holds a line break; trainer.sh reads one setting "
+                             "a line: name folders without line breaks")
+    return {name: str(values[name]) for name in SHELL_SETTINGS}
+
+
 def main() -> int:
     if sys.argv[1:2] == ["gguf"]:  # its own arguments: gguf_export.main parses them
         import gguf_export
         return gguf_export.main(sys.argv[2:])
-    parser = argparse.ArgumentParser(description="Publish the trained model, advance the curriculum, or print "
-                                                 "the launcher's device arguments (launcher-devices) or all its "
-                                                 "arguments: port, devices and nodes (launcher-args).")
-    parser.add_argument("command", choices=("publish", "advance", "launcher-devices", "launcher-args", "gguf"),
+    parser = argparse.ArgumentParser(description="Publish the trained model, advance the curriculum, print "
+                                                 "the launcher's device arguments (launcher-devices) or, as "
+                                                 "name=value lines, what trainer.sh needs: folders, nodes, "
+                                                 "processes and the launcher's arguments (shell-settings).")
+    parser.add_argument("command",
+                        choices=("publish", "advance", "launcher-devices", "shell-settings", "gguf"),
                         help="gguf: write a model folder as GGUF files (`util.py gguf --help`)")
-    parser.add_argument("--processes", type=int, default=1, help="launcher-*: training processes (per node)")
-    parser.add_argument("--gpus", type=int, default=0, help="launcher-*: GPUs torch sees")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="launcher-devices: training processes (per node)")
+    parser.add_argument("--gpus", type=int, default=0, help="launcher-devices: GPUs torch sees")
     parser.add_argument("--retry-delay", type=float, default=DEFAULT_RETRY_DELAY, metavar="SECONDS",
                         help="wait before the first retry of a Hub call; doubles at each retry "
                              f"(default {DEFAULT_RETRY_DELAY:g})")
     args = parser.parse_args()
-    if args.command in ("launcher-devices", "launcher-args"):
+    if args.command in ("launcher-devices", "shell-settings"):
         try:
             if args.command == "launcher-devices":
-                arguments = launcher_devices(args.processes, args.gpus, visible_gpus())
+                print(" ".join(launcher_devices(args.processes, args.gpus, visible_gpus())))
             else:
-                settings = config.settings_or_exit(quiet=True)
-                arguments = launcher_arguments(settings, args.processes, args.gpus, visible_gpus())
-            print(" ".join(arguments))
+                values = shell_settings(config.settings_or_exit(quiet=True))
+                print("\n".join(f"{name}={value}" for name, value in values.items()))
         except StageError as err:
             print(f"launcher: error: {err}", file=sys.stderr)
             return config.ExitCode.CONFIG

@@ -48,13 +48,18 @@ def remove_unmapped_deepspeed_buffers() -> None:
     """A process creates its buffer (tens of MB written) before it maps it, and its peers wait for the
     name: a buffer is removed only when no process maps it and it is older than any creation takes,
     so that a run starting beside (another test suite, pytest -n) never loses one."""
-    in_use = mapped_shared_memory()
+    settled = []
     for leftover in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         try:
-            settled = time.time() - leftover.stat().st_mtime > 30
+            if time.time() - leftover.stat().st_mtime > 30:
+                settled.append(leftover)
         except FileNotFoundError:
             continue
-        if settled and str(leftover) not in in_use:
+    if not settled:
+        return  # reading every process's memory map takes ~40 ms: only when there is a candidate
+    in_use = mapped_shared_memory()
+    for leftover in settled:
+        if str(leftover) not in in_use:
             leftover.unlink(missing_ok=True)
 
 

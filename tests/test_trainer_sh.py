@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_shell_syntax(root):
     assert subprocess.run(["bash", "-n", "trainer.sh"], cwd=root).returncode == 0
@@ -101,3 +103,19 @@ def test_launcher_arguments_for_one_node_a_hostfile_and_nodes_started_one_by_one
     with_hostfile = settings(HOSTFILE=str(tmp_path / "hosts"), MASTER_PORT="29600")
     assert util.launcher_arguments(with_hostfile, 8, 8, None) == [
         "--hostfile", str(tmp_path / "hosts"), "--num_gpus", "8", "--master_port", "29600"]
+
+
+def test_shell_settings_are_one_line_each_with_processes_resolved(tmp_path):
+    import config
+    import util
+
+    work = tmp_path / "work=1"  # a `=` in a value stays in the value
+    settings = config.load_settings({"WORK_DIR": str(work), "OUTPUT_DIR": str(tmp_path / "out"),
+                                     "MASTER_PORT": "12345", "NUM_PROCESSES": "auto", "RUN_ALL": "true"})
+    assert util.shell_settings(settings) == {
+        "work_dir": str(work), "output_dir": str(tmp_path / "out"), "run_all": "true", "processes": "1",
+        "gpus": "0", "node_rank": "0", "nnodes": "1", "launcher_args": "--master_port 12345 --num_gpus 1"}
+    assert tuple(util.shell_settings(settings)) == util.SHELL_SETTINGS
+    broken = config.load_settings({"WORK_DIR": str(tmp_path / "a\nb"), "OUTPUT_DIR": str(tmp_path / "out")})
+    with pytest.raises(util.StageError, match=r"^work_dir=.* holds a line break"):
+        util.shell_settings(broken)
