@@ -8,6 +8,7 @@ resolved configuration; `python3 config.py --markdown` prints the README's varia
 
 This module imports only the standard library, so validation costs milliseconds.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,6 +72,7 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Parsers: each takes the raw string and returns the value or raises ValueError("what is allowed").
 
+
 def parse_int(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         try:
@@ -80,6 +82,7 @@ def parse_int(minimum: int | None = None, maximum: int | None = None) -> Callabl
         if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
             raise ValueError(_range_text("a whole number", minimum, maximum))
         return value
+
     return parse
 
 
@@ -94,6 +97,7 @@ def parse_float(minimum: float, maximum: float, exclusive_min: bool = True) -> C
             low = f"> {minimum:g}" if exclusive_min else f">= {minimum:g}"
             raise ValueError(f"a number {low} and <= {maximum:g}")
         return value
+
     return parse
 
 
@@ -124,6 +128,7 @@ def parse_choice(*choices: str) -> Callable[[str], str]:
         if lowered not in choices:
             raise ValueError("one of " + ", ".join(choices))
         return lowered
+
     return parse
 
 
@@ -148,8 +153,10 @@ def parse_repo(raw: str) -> str:
     if too_long:
         raise ValueError(f"a name and owner of at most {HUB_NAME_LIMIT} characters each, not {too_long[0]}")
     if not re.fullmatch(rf"(?:{_HUB_PART}/)?{_HUB_PART}", value) or ".." in value or "--" in value:
-        raise ValueError("a repository name 'name' or 'owner/name' (letters, digits, '-', '_', '.'; no '--' "
-                         "or '..'; not ending in '-' or '.')")
+        raise ValueError(
+            "a repository name 'name' or 'owner/name' (letters, digits, '-', '_', '.'; no '--' "
+            "or '..'; not ending in '-' or '.')"
+        )
     return value
 
 
@@ -157,8 +164,10 @@ def parse_output_repo(raw: str) -> str:
     """A repository name short enough for every name published from it (`<name>-it-adapter` the longest)."""
     name = raw.strip().split("/")[-1]
     if len(name) > OUTPUT_NAME_LIMIT:
-        raise ValueError(f"a name of at most {OUTPUT_NAME_LIMIT} characters, not {len(name)}: the Hub allows "
-                         f"{HUB_NAME_LIMIT} and runs publish `<name>{LONGEST_PUBLISHED_SUFFIX}`")
+        raise ValueError(
+            f"a name of at most {OUTPUT_NAME_LIMIT} characters, not {len(name)}: the Hub allows "
+            f"{HUB_NAME_LIMIT} and runs publish `<name>{LONGEST_PUBLISHED_SUFFIX}`"
+        )
     return parse_repo(raw)
 
 
@@ -170,8 +179,9 @@ def parse_model_source(raw: str) -> str:
         return parse_repo(value)
     folder = Path(value).expanduser().resolve()
     if not folder.is_dir():
-        raise ValueError(f"an existing model folder when given as a path ({folder} is not a folder), "
-                         "or a Hub id 'owner/name'")
+        raise ValueError(
+            f"an existing model folder when given as a path ({folder} is not a folder), or a Hub id 'owner/name'"
+        )
     return str(folder)
 
 
@@ -216,6 +226,7 @@ def parse_parameter_count(raw: str) -> int:
 
 def parse_or_auto(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """`auto` (None: chosen at run time, see memory.plan_batch) or what `parse` accepts."""
+
     def parse_auto(raw: str) -> Any:
         if raw.strip().lower() == "auto":
             return None
@@ -223,6 +234,7 @@ def parse_or_auto(parse: Callable[[str], Any]) -> Callable[[str], Any]:
             return parse(raw)
         except ValueError as err:
             raise ValueError(f"auto or {err}") from None
+
     return parse_auto
 
 
@@ -240,9 +252,11 @@ def split_dataset_spec(value: str) -> tuple[str, dict[str, str]]:
     for part in query.split("&") if marked else []:
         key, equals, option = part.partition("=")
         if key not in DATASET_OPTIONS or not equals or not option.strip() or key in options:
-            raise ValueError(f"a dataset, optionally followed by ?option=value&... with the options "
-                             f"{', '.join(DATASET_OPTIONS)} (e.g. owner/name?config=en&split=train); "
-                             f"{part!r} is not one of them, empty or repeated")
+            raise ValueError(
+                f"a dataset, optionally followed by ?option=value&... with the options "
+                f"{', '.join(DATASET_OPTIONS)} (e.g. owner/name?config=en&split=train); "
+                f"{part!r} is not one of them, empty or repeated"
+            )
         options[key] = option.strip()
     return base.strip(), options
 
@@ -253,12 +267,16 @@ def parse_dataset(raw: str) -> str:
     for part in raw.split(MIXTURE_SEPARATOR):
         base, options = split_dataset_spec(part)
         if not base:
-            raise ValueError("a local file or folder, or a Hub dataset id such as owner/name (several "
-                             f"joined by {MIXTURE_SEPARATOR!r})")
+            raise ValueError(
+                "a local file or folder, or a Hub dataset id such as owner/name (several "
+                f"joined by {MIXTURE_SEPARATOR!r})"
+            )
         hub_only = sorted(set(options) - set(LOCAL_DATASET_OPTIONS))
         if hub_only and Path(base).expanduser().exists():
-            raise ValueError(f"only ?column= and ?weight= for a local file or folder ({', '.join(hub_only)} "
-                             "select a Hub dataset's files)")
+            raise ValueError(
+                f"only ?column= and ?weight= for a local file or folder ({', '.join(hub_only)} "
+                "select a Hub dataset's files)"
+            )
         if "weight" in options:
             try:
                 parse_float(0, 1e6)(options["weight"])
@@ -285,8 +303,9 @@ def parse_gguf_types(raw: str) -> tuple[str, ...]:
     if names == ["none"]:
         return ()
     if not set(names) <= set(GGUF_TYPES) or len(set(names)) != len(names):
-        raise ValueError(f"none, or GGUF types from {', '.join(GGUF_TYPES)} separated by commas, each once "
-                         "(e.g. f16,q8_0)")
+        raise ValueError(
+            f"none, or GGUF types from {', '.join(GGUF_TYPES)} separated by commas, each once (e.g. f16,q8_0)"
+        )
     return tuple(names)
 
 
@@ -310,6 +329,7 @@ def parse_process_count(raw: str) -> int:
 # ---------------------------------------------------------------------------------------------
 # The variables.
 
+
 @dataclass(frozen=True)
 class Variable:
     name: str  # environment variable
@@ -325,114 +345,364 @@ class Variable:
 
 
 VARIABLES: tuple[Variable, ...] = (
-    Variable("PRESET", "preset", "auto", "`demo` trains on the embedded corpora with a tiny model; `full` uses the defaults below; `auto` is `demo` when neither a dataset nor `OUTPUT_REPO` is named",
-             parse_choice("auto", "demo", "full")),
-    Variable("INPUT_DATASET", "input_dataset", None, "Pretraining data: a Hub dataset id (streamed) or a local "
-             "`.txt`/`.jsonl`/`.json`/`.parquet`/`.csv` file or folder, with a `text` column; options after `?`: "
-             "`config`, `split` (default `train`), `column` (read as `text`), `data_dir`, `data_files`, e.g. "
-             "`owner/name?config=en&split=train&column=content`; several joined by `|` are mixed, each with an "
-             "optional `weight` (default 1), e.g. `a/b?weight=3|./more.jsonl`",
-             parse_dataset, aliases=("INPUT_DS",), shown_default="embedded demo corpus (demo)"),
-    Variable("INSTRUCT_DATASET", "instruct_dataset", None, "Instruction data, same forms, in any of these formats, detected per row by its columns: `messages` "
-             "(`{role, content}` turns), ShareGPT `conversations` (`{from, value}`), Alpaca `instruction`/`input`/`output`, "
-             "`prompt`/`completion` (text or message lists), or `text` in the `<|user|>…<|end|><|bot|>…<|end|>` format; "
-             "only the answers are trained on",
-             parse_dataset, aliases=("INST_DS",), shown_default="embedded demo corpus (demo)"),
-    Variable("OUTPUT_REPO", "output_repo", "train-llama",
-             "Name of the published model: `name` (local only) or `owner/name` (also pushed to the Hub when "
-             "`HF_TOKEN` is set); instruction runs publish `<name>-it`; the name has at most "
-             f"{OUTPUT_NAME_LIMIT} characters (the Hub's {HUB_NAME_LIMIT} less `{LONGEST_PUBLISHED_SUFFIX}`)",
-             parse_output_repo, shown_default="`train-llama` (local)"),
-    Variable("INPUT_REPO", "input_repo", None,
-             "Model and tokenizer to continue from: a folder under `OUTPUT_DIR`, a local path (absolute, `./`, "
-             "`../` or `~`) or a Hub id", parse_model_source, shown_default="`OUTPUT_REPO`"),
-    Variable("INIT", "init", 0, "Run counter within the phase: shard index is 0 for INIT 0 and 1, then INIT−1; epochs are halved for INIT < 2",
-             parse_int(0, 100_000), shown_default="0 (or the state file)"),
-    Variable("INST", "inst", False, "Instruction-tuning phase instead of pretraining", parse_bool,
-             shown_default="false (or the state file)"),
+    Variable(
+        "PRESET",
+        "preset",
+        "auto",
+        "`demo` trains on the embedded corpora with a tiny model; `full` uses the defaults below; "
+        "`auto` is `demo` when neither a dataset nor `OUTPUT_REPO` is named",
+        parse_choice("auto", "demo", "full"),
+    ),
+    Variable(
+        "INPUT_DATASET",
+        "input_dataset",
+        None,
+        "Pretraining data: a Hub dataset id (streamed) or a local "
+        "`.txt`/`.jsonl`/`.json`/`.parquet`/`.csv` file or folder, with a `text` column; options after `?`: "
+        "`config`, `split` (default `train`), `column` (read as `text`), `data_dir`, `data_files`, e.g. "
+        "`owner/name?config=en&split=train&column=content`; several joined by `|` are mixed, each with an "
+        "optional `weight` (default 1), e.g. `a/b?weight=3|./more.jsonl`",
+        parse_dataset,
+        aliases=("INPUT_DS",),
+        shown_default="embedded demo corpus (demo)",
+    ),
+    Variable(
+        "INSTRUCT_DATASET",
+        "instruct_dataset",
+        None,
+        "Instruction data, same forms, in any of these formats, detected per row by its columns: `messages` "
+        "(`{role, content}` turns), ShareGPT `conversations` (`{from, value}`), Alpaca `instruction`/`input`/`output`, "
+        "`prompt`/`completion` (text or message lists), or `text` in the `<|user|>…<|end|><|bot|>…<|end|>` format; "
+        "only the answers are trained on",
+        parse_dataset,
+        aliases=("INST_DS",),
+        shown_default="embedded demo corpus (demo)",
+    ),
+    Variable(
+        "OUTPUT_REPO",
+        "output_repo",
+        "train-llama",
+        "Name of the published model: `name` (local only) or `owner/name` (also pushed to the Hub when "
+        "`HF_TOKEN` is set); instruction runs publish `<name>-it`; the name has at most "
+        f"{OUTPUT_NAME_LIMIT} characters (the Hub's {HUB_NAME_LIMIT} less `{LONGEST_PUBLISHED_SUFFIX}`)",
+        parse_output_repo,
+        shown_default="`train-llama` (local)",
+    ),
+    Variable(
+        "INPUT_REPO",
+        "input_repo",
+        None,
+        "Model and tokenizer to continue from: a folder under `OUTPUT_DIR`, a local path (absolute, `./`, "
+        "`../` or `~`) or a Hub id",
+        parse_model_source,
+        shown_default="`OUTPUT_REPO`",
+    ),
+    Variable(
+        "INIT",
+        "init",
+        0,
+        "Run counter within the phase: shard index is 0 for INIT 0 and 1, then INIT−1; epochs are halved for INIT < 2",
+        parse_int(0, 100_000),
+        shown_default="0 (or the state file)",
+    ),
+    Variable(
+        "INST",
+        "inst",
+        False,
+        "Instruction-tuning phase instead of pretraining",
+        parse_bool,
+        shown_default="false (or the state file)",
+    ),
     Variable("RUN_ALL", "run_all", False, "Run every remaining curriculum stage back to back", parse_bool, demo=True),
-    Variable("USE_QUANT", "use_quant", False, "Train 4-bit NF4 base weights with LoRA adapters (merged before publishing); "
-             "instruction tuning also trains the chat markers' embedding and output rows", parse_bool),
-    Variable("FACTOR", "factor", 12288, "Model size knob: hidden size = FACTOR/6 (6144 ≈ 300M, 12288 ≈ 1B, 24576 ≈ 4B parameters)",
-             parse_int(384, 98_304), demo=768),
-    Variable("TARGET_PARAMETERS", "target_parameters", None, "Alternative to FACTOR: the topology whose parameter count is closest (e.g. `300M`, `1B`)",
-             parse_parameter_count),
-    Variable("VOCAB_SIZE", "vocab_size", 52000, "Tokenizer vocabulary size (byte-level BPE)", parse_int(512, 1_000_000), demo=2048),
-    Variable("TOKENIZER_SAMPLE", "tokenizer_sample", 200_000_000, "Characters at the start of `INPUT_DATASET` that the "
-             "first run trains the tokenizer on (e.g. `200M`, `1G`); 200M took 32 s on 2 cores (BENCHMARKS.md)",
-             parse_character_count, shown_default="`200M`"),
+    Variable(
+        "USE_QUANT",
+        "use_quant",
+        False,
+        "Train 4-bit NF4 base weights with LoRA adapters (merged before publishing); "
+        "instruction tuning also trains the chat markers' embedding and output rows",
+        parse_bool,
+    ),
+    Variable(
+        "FACTOR",
+        "factor",
+        12288,
+        "Model size knob: hidden size = FACTOR/6 (6144 ≈ 300M, 12288 ≈ 1B, 24576 ≈ 4B parameters)",
+        parse_int(384, 98_304),
+        demo=768,
+    ),
+    Variable(
+        "TARGET_PARAMETERS",
+        "target_parameters",
+        None,
+        "Alternative to FACTOR: the topology whose parameter count is closest (e.g. `300M`, `1B`)",
+        parse_parameter_count,
+    ),
+    Variable(
+        "VOCAB_SIZE",
+        "vocab_size",
+        52000,
+        "Tokenizer vocabulary size (byte-level BPE)",
+        parse_int(512, 1_000_000),
+        demo=2048,
+    ),
+    Variable(
+        "TOKENIZER_SAMPLE",
+        "tokenizer_sample",
+        200_000_000,
+        "Characters at the start of `INPUT_DATASET` that the "
+        "first run trains the tokenizer on (e.g. `200M`, `1G`); 200M took 32 s on 2 cores (BENCHMARKS.md)",
+        parse_character_count,
+        shown_default="`200M`",
+    ),
     Variable("MAX_LENGTH", "max_length", 2048, "Tokens per training sequence", parse_int(16, 131_072), demo=256),
-    Variable("GLOBAL_BATCH_SIZE", "global_batch_size", 32,
-             "Sequences per optimizer step over all processes (each `MAX_LENGTH` tokens): what the loss curve "
-             "depends on, so `auto` micro-batches never change it; with `BATCH_SIZE` and "
-             "`GRADIENT_ACCUMULATION_STEPS` both set it is their product times the processes",
-             parse_int(1, 1_000_000), demo=16),
-    Variable("BATCH_SIZE", "batch_size", None, "Sequences per GPU per micro-step; `auto`: the largest that fits "
-             "the GPU's memory (by the memory estimate) and divides the global batch, at most 4 on CPU",
-             parse_or_auto(parse_int(1, 4096)), demo=16, automatic=True),
-    Variable("GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps", None,
-             "Micro-steps per optimizer step; `auto`: what makes up `GLOBAL_BATCH_SIZE`",
-             parse_or_auto(parse_int(1, 4096)), demo=1, automatic=True),
+    Variable(
+        "GLOBAL_BATCH_SIZE",
+        "global_batch_size",
+        32,
+        "Sequences per optimizer step over all processes (each `MAX_LENGTH` tokens): what the loss curve "
+        "depends on, so `auto` micro-batches never change it; with `BATCH_SIZE` and "
+        "`GRADIENT_ACCUMULATION_STEPS` both set it is their product times the processes",
+        parse_int(1, 1_000_000),
+        demo=16,
+    ),
+    Variable(
+        "BATCH_SIZE",
+        "batch_size",
+        None,
+        "Sequences per GPU per micro-step; `auto`: the largest that fits "
+        "the GPU's memory (by the memory estimate) and divides the global batch, at most 4 on CPU",
+        parse_or_auto(parse_int(1, 4096)),
+        demo=16,
+        automatic=True,
+    ),
+    Variable(
+        "GRADIENT_ACCUMULATION_STEPS",
+        "gradient_accumulation_steps",
+        None,
+        "Micro-steps per optimizer step; `auto`: what makes up `GLOBAL_BATCH_SIZE`",
+        parse_or_auto(parse_int(1, 4096)),
+        demo=1,
+        automatic=True,
+    ),
     Variable("EPOCHS", "epochs", 3.0, "Passes over each shard (halved for INIT < 2)", parse_float(0, 1000), demo=1.0),
-    Variable("INSTRUCT_EPOCHS", "instruct_epochs", None, "Passes over each instruction shard (halved for INIT < 2)",
-             parse_float(0, 1000), demo=3.0, shown_default="`EPOCHS`"),
-    Variable("MAX_STEPS", "max_steps", -1, "Stop after this many optimizer steps (-1: run the epochs)", parse_int(-1, 10**9)),
-    Variable("LEARNING_RATE", "learning_rate", 3e-4, "Peak learning rate (AdamW, cosine schedule, 10% warm-up)", parse_float(0, 1.0), demo=2e-3),
+    Variable(
+        "INSTRUCT_EPOCHS",
+        "instruct_epochs",
+        None,
+        "Passes over each instruction shard (halved for INIT < 2)",
+        parse_float(0, 1000),
+        demo=3.0,
+        shown_default="`EPOCHS`",
+    ),
+    Variable(
+        "MAX_STEPS", "max_steps", -1, "Stop after this many optimizer steps (-1: run the epochs)", parse_int(-1, 10**9)
+    ),
+    Variable(
+        "LEARNING_RATE",
+        "learning_rate",
+        3e-4,
+        "Peak learning rate (AdamW, cosine schedule, 10% warm-up)",
+        parse_float(0, 1.0),
+        demo=2e-3,
+    ),
     Variable("WEIGHT_DECAY", "weight_decay", 0.01, "AdamW weight decay", parse_float(0, 1.0, exclusive_min=False)),
-    Variable("SHARD_SIZE", "shard_size", 131072, "Rows of the dataset per run (shard)", parse_int(1, 10**10), demo=100_000),
-    Variable("PRECISION", "precision", "auto", "`auto` (bf16 where the GPU supports it, else fp16; fp32 on CPU), `bf16`, `fp16`, `fp32`",
-             parse_choice("auto", "bf16", "fp16", "fp32")),
-    Variable("ZERO_STAGE", "zero_stage", 2, "DeepSpeed ZeRO stage (2 runs as 1 with `USE_QUANT` on one process: "
-             "same memory, a cheaper optimizer step)", parse_int(0, 3)),
-    Variable("GRADIENT_CHECKPOINTING", "gradient_checkpointing", None, "Recompute activations in the backward pass "
-             "to save memory; `auto`: only where no micro-batch fits without it", parse_or_auto(parse_bool), demo=False,
-             automatic=True),
-    Variable("USE_LIGER", "use_liger", None, "Liger's fused GPU kernels for RMSNorm, SwiGLU and rotary embeddings "
-             "(less memory, faster steps); `auto`: on a GPU", parse_or_auto(parse_bool), automatic=True),
-    Variable("SAVE_STEPS", "save_steps", 500, "Checkpoint every this many optimizer steps (the last two are kept)", parse_int(1, 10**9), demo=50),
-    Variable("LOGGING_STEPS", "logging_steps", 10, "Log one line every this many optimizer steps", parse_int(1, 10**9), demo=10),
-    Variable("EVAL_ROWS", "eval_rows", 256, "Sequences of each shard held out from training for the eval "
-             "loss and perplexity (at most a tenth of the shard; none below 10 sequences; 0: no eval split)",
-             parse_int(0, 1_000_000), demo=64),
-    Variable("EVAL_STEPS", "eval_steps", 500, "Eval loss and perplexity on the held-out split every this "
-             "many optimizer steps, and at the end of each stage", parse_int(1, 10**9), demo=100),
-    Variable("REPORT_TO", "report_to", "tensorboard", "Where the Trainer reports losses: `tensorboard` (in "
-             "`WORK_DIR/tensorboard/<phase>-init<INIT>`), `trackio` or `wandb` (when installed), or `none`",
-             parse_choice(*REPORT_TARGETS)),
-    Variable("MODEL_LICENSE", "model_license", "mit", "License id in the published model cards' metadata "
-             "(a Hub license id such as `mit`, `apache-2.0`, `other`)", parse_license),
-    Variable("SEED", "seed", 42, "Random seed (model and LoRA adapter initialisation, data order, dropout)", parse_int(0, 2**32 - 1)),
-    Variable("NUM_PROCESSES", "num_processes", 0, "Training processes on each node: `auto` is one per GPU, "
-             "or 1 on CPU", parse_process_count, shown_default="auto"),
-    Variable("NNODES", "nnodes", 1, "Machines (nodes) training together; without `HOSTFILE` each runs "
-             "`trainer.sh` with its own `NODE_RANK` (README: Several machines)", parse_int(1, 4096)),
-    Variable("NODE_RANK", "node_rank", 0, "This node's number, from 0 to `NNODES`-1; node 0 prepares, "
-             "publishes and advances the run state", parse_int(0, 4095)),
-    Variable("MASTER_ADDR", "master_addr", None, "Address of node 0 that every node reaches; required when "
-             "`NNODES` > 1 without `HOSTFILE`", parse_text),
-    Variable("MASTER_PORT", "master_port", None, "Port on node 0 for the processes' rendezvous; the same on "
-             "every node (`auto`: a free port on one node, 29500 on several)",
-             parse_or_auto(parse_int(1024, 65535)), automatic=True),
-    Variable("HOSTFILE", "hostfile", None, "DeepSpeed hostfile (`host slots=N` lines): node 0 starts the "
-             "other nodes over ssh (pdsh); the other nodes do not run `trainer.sh`", parse_text),
+    Variable(
+        "SHARD_SIZE", "shard_size", 131072, "Rows of the dataset per run (shard)", parse_int(1, 10**10), demo=100_000
+    ),
+    Variable(
+        "PRECISION",
+        "precision",
+        "auto",
+        "`auto` (bf16 where the GPU supports it, else fp16; fp32 on CPU), `bf16`, `fp16`, `fp32`",
+        parse_choice("auto", "bf16", "fp16", "fp32"),
+    ),
+    Variable(
+        "ZERO_STAGE",
+        "zero_stage",
+        2,
+        "DeepSpeed ZeRO stage (2 runs as 1 with `USE_QUANT` on one process: same memory, a cheaper optimizer step)",
+        parse_int(0, 3),
+    ),
+    Variable(
+        "GRADIENT_CHECKPOINTING",
+        "gradient_checkpointing",
+        None,
+        "Recompute activations in the backward pass to save memory; `auto`: only where no micro-batch fits without it",
+        parse_or_auto(parse_bool),
+        demo=False,
+        automatic=True,
+    ),
+    Variable(
+        "USE_LIGER",
+        "use_liger",
+        None,
+        "Liger's fused GPU kernels for RMSNorm, SwiGLU and rotary embeddings "
+        "(less memory, faster steps); `auto`: on a GPU",
+        parse_or_auto(parse_bool),
+        automatic=True,
+    ),
+    Variable(
+        "SAVE_STEPS",
+        "save_steps",
+        500,
+        "Checkpoint every this many optimizer steps (the last two are kept)",
+        parse_int(1, 10**9),
+        demo=50,
+    ),
+    Variable(
+        "LOGGING_STEPS",
+        "logging_steps",
+        10,
+        "Log one line every this many optimizer steps",
+        parse_int(1, 10**9),
+        demo=10,
+    ),
+    Variable(
+        "EVAL_ROWS",
+        "eval_rows",
+        256,
+        "Sequences of each shard held out from training for the eval "
+        "loss and perplexity (at most a tenth of the shard; none below 10 sequences; 0: no eval split)",
+        parse_int(0, 1_000_000),
+        demo=64,
+    ),
+    Variable(
+        "EVAL_STEPS",
+        "eval_steps",
+        500,
+        "Eval loss and perplexity on the held-out split every this many optimizer steps, and at the end of each stage",
+        parse_int(1, 10**9),
+        demo=100,
+    ),
+    Variable(
+        "REPORT_TO",
+        "report_to",
+        "tensorboard",
+        "Where the Trainer reports losses: `tensorboard` (in "
+        "`WORK_DIR/tensorboard/<phase>-init<INIT>`), `trackio` or `wandb` (when installed), or `none`",
+        parse_choice(*REPORT_TARGETS),
+    ),
+    Variable(
+        "MODEL_LICENSE",
+        "model_license",
+        "mit",
+        "License id in the published model cards' metadata (a Hub license id such as `mit`, `apache-2.0`, `other`)",
+        parse_license,
+    ),
+    Variable(
+        "SEED",
+        "seed",
+        42,
+        "Random seed (model and LoRA adapter initialisation, data order, dropout)",
+        parse_int(0, 2**32 - 1),
+    ),
+    Variable(
+        "NUM_PROCESSES",
+        "num_processes",
+        0,
+        "Training processes on each node: `auto` is one per GPU, or 1 on CPU",
+        parse_process_count,
+        shown_default="auto",
+    ),
+    Variable(
+        "NNODES",
+        "nnodes",
+        1,
+        "Machines (nodes) training together; without `HOSTFILE` each runs "
+        "`trainer.sh` with its own `NODE_RANK` (README: Several machines)",
+        parse_int(1, 4096),
+    ),
+    Variable(
+        "NODE_RANK",
+        "node_rank",
+        0,
+        "This node's number, from 0 to `NNODES`-1; node 0 prepares, publishes and advances the run state",
+        parse_int(0, 4095),
+    ),
+    Variable(
+        "MASTER_ADDR",
+        "master_addr",
+        None,
+        "Address of node 0 that every node reaches; required when `NNODES` > 1 without `HOSTFILE`",
+        parse_text,
+    ),
+    Variable(
+        "MASTER_PORT",
+        "master_port",
+        None,
+        "Port on node 0 for the processes' rendezvous; the same on "
+        "every node (`auto`: a free port on one node, 29500 on several)",
+        parse_or_auto(parse_int(1024, 65535)),
+        automatic=True,
+    ),
+    Variable(
+        "HOSTFILE",
+        "hostfile",
+        None,
+        "DeepSpeed hostfile (`host slots=N` lines): node 0 starts the "
+        "other nodes over ssh (pdsh); the other nodes do not run `trainer.sh`",
+        parse_text,
+    ),
     Variable("OUTPUT_DIR", "output_dir", "./output", "Local copy of every published model, and the run-state file"),
     Variable("WORK_DIR", "work_dir", "./work", "Prepared data, model and checkpoints passed between stages"),
-    Variable("CACHE_DIR", "cache_dir", "~/.cache/train-llama", "What outlives a WORK_DIR: the record that the "
-             "software checks passed on this machine, so that restarts skip them"),
-    Variable("STARTUP_DURATION_TIMEOUT", "startup_duration_timeout", 350.0, "Time the job may run (e.g. `350m`, `6h`); training stops, saves and publishes before it",
-             parse_minutes, shown_default="350m"),
-    Variable("TIMEOUT_BUFFER", "timeout_buffer", 20.0, "Minutes kept free at the end of the timeout for saving and publishing", parse_buffer_minutes),
-    Variable("SAVE_ADAPTER", "save_adapter", False, "With USE_QUANT, also publish the LoRA adapter alone (`<name>-adapter`)", parse_bool),
-    Variable("GGUF_TYPES", "gguf_types", (), "GGUF files (for llama.cpp, Ollama, LM Studio) that publishing "
-             "also writes into the published folder, e.g. `f16,q8_0`; types: "
-             + ", ".join(f"`{t}`" for t in GGUF_TYPES),
-             parse_gguf_types, shown_default="none"),
+    Variable(
+        "CACHE_DIR",
+        "cache_dir",
+        "~/.cache/train-llama",
+        "What outlives a WORK_DIR: the record that the "
+        "software checks passed on this machine, so that restarts skip them",
+    ),
+    Variable(
+        "STARTUP_DURATION_TIMEOUT",
+        "startup_duration_timeout",
+        350.0,
+        "Time the job may run (e.g. `350m`, `6h`); training stops, saves and publishes before it",
+        parse_minutes,
+        shown_default="350m",
+    ),
+    Variable(
+        "TIMEOUT_BUFFER",
+        "timeout_buffer",
+        20.0,
+        "Minutes kept free at the end of the timeout for saving and publishing",
+        parse_buffer_minutes,
+    ),
+    Variable(
+        "SAVE_ADAPTER",
+        "save_adapter",
+        False,
+        "With USE_QUANT, also publish the LoRA adapter alone (`<name>-adapter`)",
+        parse_bool,
+    ),
+    Variable(
+        "GGUF_TYPES",
+        "gguf_types",
+        (),
+        "GGUF files (for llama.cpp, Ollama, LM Studio) that publishing "
+        "also writes into the published folder, e.g. `f16,q8_0`; types: " + ", ".join(f"`{t}`" for t in GGUF_TYPES),
+        parse_gguf_types,
+        shown_default="none",
+    ),
     Variable("MAX_RETRIES", "max_retries", 5, "Attempts for each Hub call (exponential backoff)", parse_int(1, 20)),
-    Variable("HF_TOKEN", "hf_token", None, "Hugging Face token for pushing and Space variables (never logged)", secret=True),
+    Variable(
+        "HF_TOKEN", "hf_token", None, "Hugging Face token for pushing and Space variables (never logged)", secret=True
+    ),
     Variable("HF_ENDPOINT", "hf_endpoint", "https://huggingface.co", "Hub address (a mirror, or a local test server)"),
-    Variable("SPACE_ID", "space_id", None, "Set by Hugging Face Spaces: the run state is kept in the Space's variables and the Space pauses when done", parse_repo),
-    Variable("TRAINER_STARTED_AT", "started_at", None, "Set by `trainer.sh`: Unix time the job started, for the timeout",
-             parse_float(0, 1e11), shown_default="now"),
+    Variable(
+        "SPACE_ID",
+        "space_id",
+        None,
+        "Set by Hugging Face Spaces: the run state is kept in the Space's variables and the Space pauses when done",
+        parse_repo,
+    ),
+    Variable(
+        "TRAINER_STARTED_AT",
+        "started_at",
+        None,
+        "Set by `trainer.sh`: Unix time the job started, for the timeout",
+        parse_float(0, 1e11),
+        shown_default="now",
+    ),
 )
 
 VARIABLE_NAMES = frozenset(n for v in VARIABLES for n in (v.name, *v.aliases))
@@ -440,6 +710,7 @@ VARIABLE_NAMES = frozenset(n for v in VARIABLES for n in (v.name, *v.aliases))
 
 # ---------------------------------------------------------------------------------------------
 # Model topology.
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -476,8 +747,10 @@ class Topology:
         )
 
     def describe(self) -> str:
-        return (f"{self.num_layers} layers, hidden {self.hidden_size}, {self.num_heads} heads "
-                f"({self.num_kv_heads} key/value) of {self.head_dim}, MLP {self.intermediate_size}")
+        return (
+            f"{self.num_layers} layers, hidden {self.hidden_size}, {self.num_heads} heads "
+            f"({self.num_kv_heads} key/value) of {self.head_dim}, MLP {self.intermediate_size}"
+        )
 
 
 def padded_vocab(vocab_size: int) -> int:
@@ -515,12 +788,14 @@ def topology_for_parameters(target: int, vocab_size: int) -> Topology:
     if not 0.5 <= best.parameter_count() / target <= 2.0:
         raise ValueError(
             f"no topology within 2x of {target:,} parameters with VOCAB_SIZE {vocab_size} "
-            f"(closest: {best.parameter_count():,})")
+            f"(closest: {best.parameter_count():,})"
+        )
     return best
 
 
 # ---------------------------------------------------------------------------------------------
 # The settings object.
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -656,12 +931,21 @@ class Settings:
 
     def stage_key(self) -> dict[str, Any]:
         """What identifies one run's preparation and checkpoints: a change means start over."""
-        return {"phase": self.phase, "init": self.init, "shard_index": self.shard_index,
-                "dataset": self.stage_dataset, "shard_size": self.shard_size,
-                "max_length": self.max_length, "source_repo": None if self.first_run else self.source_repo,
-                "use_quant": self.use_quant, "vocab_size": self.vocab_size,
-                "tokenizer_sample": self.tokenizer_sample if self.first_run else None,
-                "topology": dataclasses.asdict(self.topology), "seed": self.seed, "eval_rows": self.eval_rows}
+        return {
+            "phase": self.phase,
+            "init": self.init,
+            "shard_index": self.shard_index,
+            "dataset": self.stage_dataset,
+            "shard_size": self.shard_size,
+            "max_length": self.max_length,
+            "source_repo": None if self.first_run else self.source_repo,
+            "use_quant": self.use_quant,
+            "vocab_size": self.vocab_size,
+            "tokenizer_sample": self.tokenizer_sample if self.first_run else None,
+            "topology": dataclasses.asdict(self.topology),
+            "seed": self.seed,
+            "eval_rows": self.eval_rows,
+        }
 
     def public_dict(self) -> dict[str, Any]:
         """Every setting except the secret, for logs, model cards and summaries."""
@@ -701,8 +985,10 @@ def _read_state_file(output_dir: Path) -> dict[str, Any]:
 
 def _damaged_state(path: Path, what: str) -> str:
     # Deleting the file is not offered as the fix: without it the curriculum would start again at INIT 0.
-    return (f"{path}: the run-state file is damaged ({what}); it records the next stage of the curriculum: "
-            f"set INIT and INST to the stage to run next, or write {STATE_FILE_FORM} into it")
+    return (
+        f"{path}: the run-state file is damaged ({what}); it records the next stage of the curriculum: "
+        f"set INIT and INST to the stage to run next, or write {STATE_FILE_FORM} into it"
+    )
 
 
 def _published_stages(output_dir: Path, repo_name: str) -> dict[str, str]:
@@ -730,9 +1016,11 @@ def _check_published_without_state(values: dict, problems: list[str]) -> None:
     later = {name: stage for name, stage in published.items() if stage != "pretrain INIT=0"}
     if later:
         found = ", ".join(f"{name} ({stage})" for name, stage in later.items())
-        problems.append(f"OUTPUT_DIR={values['output_dir']}: no run_state.json, but it holds published models "
-                        f"of later stages: {found}; set INIT and INST to the stage to run next (INIT=0 INST=false "
-                        "starts over and replaces them), or use another OUTPUT_DIR")
+        problems.append(
+            f"OUTPUT_DIR={values['output_dir']}: no run_state.json, but it holds published models "
+            f"of later stages: {found}; set INIT and INST to the stage to run next (INIT=0 INST=false "
+            "starts over and replaces them), or use another OUTPUT_DIR"
+        )
 
 
 def _raw_value(env: Mapping[str, str], var: Variable) -> tuple[str | None, str | None]:
@@ -747,7 +1035,9 @@ def _raw_value(env: Mapping[str, str], var: Variable) -> tuple[str | None, str |
 def _choose_preset(env: Mapping[str, str], requested: str) -> str:
     if requested != "auto":
         return requested
-    names_data = any(_raw_value(env, v)[0] for v in VARIABLES if v.name in ("INPUT_DATASET", "INSTRUCT_DATASET", "OUTPUT_REPO"))
+    names_data = any(
+        _raw_value(env, v)[0] for v in VARIABLES if v.name in ("INPUT_DATASET", "INSTRUCT_DATASET", "OUTPUT_REPO")
+    )
     return "full" if names_data else "demo"
 
 
@@ -787,8 +1077,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             values[var.attr] = var.parse(raw)
         except ValueError as err:
             shown = "(hidden)" if var.secret else repr(raw)
-            default = var.shown_default or ("auto" if var.automatic and var.default is None else
-                                            "unset" if var.default is None else var.default)
+            default = var.shown_default or (
+                "auto" if var.automatic and var.default is None else "unset" if var.default is None else var.default
+            )
             problems.append(f"{name}={shown}: must be {err} (default {default})")
             values[var.attr] = var.default
     values["preset"] = preset
@@ -821,21 +1112,27 @@ def _apply_run_state(values: dict, sources: dict, problems: list[str]) -> None:
     # A finished curriculum keeps its last stage in the file. Asking for that same stage again (from
     # the file, or from a Space's variables that mirror it) means a restart after the end: refuse it.
     if state.get("done") and (values["init"], values["inst"]) == (state["init"], state["inst"]):
-        problems.append(f"OUTPUT_DIR={values['output_dir']}: the run state says every stage is done; "
-                        "set INIT and INST to a stage to train more (INIT=0 INST=false starts over), "
-                        "or use another OUTPUT_DIR")
+        problems.append(
+            f"OUTPUT_DIR={values['output_dir']}: the run state says every stage is done; "
+            "set INIT and INST to a stage to train more (INIT=0 INST=false starts over), "
+            "or use another OUTPUT_DIR"
+        )
 
 
 def _resolve_derived(preset: str, values: dict, sources: dict, problems: list[str]) -> None:
     if preset == "demo":
-        for attr, path, name in (("input_dataset", DEMO_PRETRAIN, "INPUT_DATASET"),
-                                 ("instruct_dataset", DEMO_INSTRUCT, "INSTRUCT_DATASET")):
+        for attr, path, name in (
+            ("input_dataset", DEMO_PRETRAIN, "INPUT_DATASET"),
+            ("instruct_dataset", DEMO_INSTRUCT, "INSTRUCT_DATASET"),
+        ):
             if values[attr] is None:
                 values[attr] = str(path)
                 sources[name] = "demo"
     if values["input_dataset"] is None:
-        problems.append("INPUT_DATASET: not set; name a Hub dataset id or a local file or folder "
-                        "with a `text` column (or set PRESET=demo for the embedded corpus)")
+        problems.append(
+            "INPUT_DATASET: not set; name a Hub dataset id or a local file or folder "
+            "with a `text` column (or set PRESET=demo for the embedded corpus)"
+        )
     for attr in ("input_dataset", "instruct_dataset"):
         values[attr] = _resolved_local_dataset(values[attr])
     if values["input_repo"] is None:
@@ -863,28 +1160,41 @@ def _resolved_local_dataset(value: str | None) -> str | None:
 def _check_combinations(values: dict, problems: list[str]) -> None:
     min_vocab = len(SPECIAL_TOKENS) + len(CHAT_TOKENS) + 256
     if values["vocab_size"] < min_vocab:
-        problems.append(f"VOCAB_SIZE={values['vocab_size']}: must be at least {min_vocab} "
-                        "(256 byte tokens plus the special and chat tokens)")
+        problems.append(
+            f"VOCAB_SIZE={values['vocab_size']}: must be at least {min_vocab} "
+            "(256 byte tokens plus the special and chat tokens)"
+        )
     if values["save_steps"] % values["logging_steps"] != 0:
-        problems.append(f"SAVE_STEPS={values['save_steps']}: must be a multiple of LOGGING_STEPS="
-                        f"{values['logging_steps']}, so that every checkpoint follows a loss check")
+        problems.append(
+            f"SAVE_STEPS={values['save_steps']}: must be a multiple of LOGGING_STEPS="
+            f"{values['logging_steps']}, so that every checkpoint follows a loss check"
+        )
     if values["timeout_buffer"] >= values["startup_duration_timeout"]:
-        problems.append(f"TIMEOUT_BUFFER={values['timeout_buffer']:g}: must be below "
-                        f"STARTUP_DURATION_TIMEOUT ({values['startup_duration_timeout']:g} minutes)")
+        problems.append(
+            f"TIMEOUT_BUFFER={values['timeout_buffer']:g}: must be below "
+            f"STARTUP_DURATION_TIMEOUT ({values['startup_duration_timeout']:g} minutes)"
+        )
     if values["inst"] and not values["instruct_dataset"]:
-        problems.append("INSTRUCT_DATASET: not set, but INST=true; name the instruction data "
-                        "(a Hub id or a local file or folder)")
+        problems.append(
+            "INSTRUCT_DATASET: not set, but INST=true; name the instruction data (a Hub id or a local file or folder)"
+        )
     if values["use_quant"] and values["precision"] in ("fp16", "fp32"):
-        problems.append(f"PRECISION={values['precision']}: USE_QUANT=true trains in bf16 "
-                        "(NF4 with bf16 compute); set PRECISION=auto or bf16")
+        problems.append(
+            f"PRECISION={values['precision']}: USE_QUANT=true trains in bf16 "
+            "(NF4 with bf16 compute); set PRECISION=auto or bf16"
+        )
     if values["use_quant"] and values["zero_stage"] == 3:
-        problems.append("ZERO_STAGE=3: 4-bit weights cannot be partitioned by ZeRO-3; with USE_QUANT=true "
-                        "use ZERO_STAGE 0, 1 or 2 (the default)")
+        problems.append(
+            "ZERO_STAGE=3: 4-bit weights cannot be partitioned by ZeRO-3; with USE_QUANT=true "
+            "use ZERO_STAGE 0, 1 or 2 (the default)"
+        )
     package = REPORT_TARGETS.get(values["report_to"])
     if package and importlib.util.find_spec(package) is None:
-        problems.append(f"REPORT_TO={values['report_to']}: the Python package `{package}` "
-                        f"is not installed; install it (pip install {package}) or set "
-                        "REPORT_TO=tensorboard or none")
+        problems.append(
+            f"REPORT_TO={values['report_to']}: the Python package `{package}` "
+            f"is not installed; install it (pip install {package}) or set "
+            "REPORT_TO=tensorboard or none"
+        )
     if values["hf_token"] and any(c.isspace() for c in values["hf_token"]):
         problems.append("HF_TOKEN=(hidden): contains whitespace; paste the token alone")
 
@@ -893,20 +1203,28 @@ def _check_nodes(values: dict, problems: list[str]) -> None:
     """The multi-node settings agree with each other (trainer.sh turns them into launcher arguments)."""
     nnodes, node_rank, hostfile = values["nnodes"], values["node_rank"], values["hostfile"]
     if node_rank >= nnodes:
-        problems.append(f"NODE_RANK={node_rank}: must be below NNODES={nnodes} (nodes count from 0); "
-                        "give each node its own number from 0 to NNODES-1")
+        problems.append(
+            f"NODE_RANK={node_rank}: must be below NNODES={nnodes} (nodes count from 0); "
+            "give each node its own number from 0 to NNODES-1"
+        )
     if hostfile is not None:
         values["hostfile"] = hostfile = Path(hostfile).expanduser().resolve()
         if not hostfile.is_file():
-            problems.append(f"HOSTFILE={hostfile}: no such file; write one `<host> slots=<GPUs>` line per "
-                            "node, or unset HOSTFILE and start trainer.sh on every node with its NODE_RANK")
+            problems.append(
+                f"HOSTFILE={hostfile}: no such file; write one `<host> slots=<GPUs>` line per "
+                "node, or unset HOSTFILE and start trainer.sh on every node with its NODE_RANK"
+            )
         elif node_rank != 0:
-            problems.append(f"NODE_RANK={node_rank}: with HOSTFILE only node 0 runs trainer.sh (the launcher "
-                            "starts the others over ssh); unset NODE_RANK, or HOSTFILE to start every node "
-                            "yourself")
+            problems.append(
+                f"NODE_RANK={node_rank}: with HOSTFILE only node 0 runs trainer.sh (the launcher "
+                "starts the others over ssh); unset NODE_RANK, or HOSTFILE to start every node "
+                "yourself"
+            )
     elif nnodes > 1 and not values["master_addr"]:
-        problems.append(f"MASTER_ADDR: not set, but NNODES={nnodes}; set it to node 0's address (the same on "
-                        "every node), or give a HOSTFILE")
+        problems.append(
+            f"MASTER_ADDR: not set, but NNODES={nnodes}; set it to node 0's address (the same on "
+            "every node), or give a HOSTFILE"
+        )
 
 
 def _build_topology(values: dict, problems: list[str]) -> Topology | None:
@@ -936,8 +1254,10 @@ def settings_or_exit(env: Mapping[str, str] | None = None, quiet: bool = False) 
 
 def describe(settings: Settings) -> str:
     """The resolved configuration, one variable a line, with where each value came from."""
-    lines = [f"configuration (preset: {settings.preset}; stage: {settings.phase} INIT={settings.init}, "
-             f"shard {settings.shard_index}, {settings.run_epochs:g} epochs)"]
+    lines = [
+        f"configuration (preset: {settings.preset}; stage: {settings.phase} INIT={settings.init}, "
+        f"shard {settings.shard_index}, {settings.run_epochs:g} epochs)"
+    ]
     for name, value in settings.public_dict().items():
         lines.append(f"  {name:<28} = {value!s:<40} [{settings.sources[name]}]")
     topo = settings.topology
@@ -949,8 +1269,13 @@ def markdown_table() -> str:
     rows = ["| Variable | Default | Demo | Meaning |", "| --- | --- | --- | --- |"]
     for var in VARIABLES:
         names = " / ".join(f"`{n}`" for n in (var.name, *var.aliases))
-        default = var.shown_default or ("`auto`" if var.automatic and var.default is None else
-                                        "unset" if var.default is None else f"`{var.default}`")
+        default = var.shown_default or (
+            "`auto`"
+            if var.automatic and var.default is None
+            else "unset"
+            if var.default is None
+            else f"`{var.default}`"
+        )
         demo = "" if var.demo is None else f"`{var.demo}`"
         rows.append(f"| {names} | {default} | {demo} | {var.meaning} |")
     return "\n".join(rows)
@@ -981,8 +1306,7 @@ def zero_stage_for(settings: Settings, world_size: int) -> int:
     return settings.zero_stage
 
 
-def deepspeed_config(settings: Settings, precision: str, trainable_parameters: int,
-                     world_size: int) -> dict[str, Any]:
+def deepspeed_config(settings: Settings, precision: str, trainable_parameters: int, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config of the original pipeline (ZeRO with overlapped communication, contiguous
     gradients, 5e8 buckets, clipping 1.0; buckets trimmed by `deepspeed_buckets`, the stage chosen by
     `zero_stage_for`); "auto" values are filled in by the HF Trainer from the same settings, so
@@ -991,8 +1315,9 @@ def deepspeed_config(settings: Settings, precision: str, trainable_parameters: i
     zero: dict[str, Any] = {"stage": stage}
     if stage > 0:
         bucket, overlap = deepspeed_buckets(trainable_parameters, world_size)
-        zero.update(overlap_comm=overlap, contiguous_gradients=True,
-                    reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+        zero.update(
+            overlap_comm=overlap, contiguous_gradients=True, reduce_bucket_size=bucket, allgather_bucket_size=bucket
+        )
     if stage == 3:
         # Publishing needs whole 16-bit weights gathered from the shards.
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
@@ -1005,8 +1330,14 @@ def deepspeed_config(settings: Settings, precision: str, trainable_parameters: i
         "bf16": {"enabled": precision == "bf16"},
         # loss_scale 0 is DeepSpeed's dynamic loss scaling: fp16 overflows lower the scale instead of
         # producing inf weights.
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }

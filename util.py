@@ -9,6 +9,7 @@ and was published. `gguf FOLDER [OUT]` writes a model folder as GGUF files (gguf
 Exit status (config.ExitCode): FAILED with a one-line explanation on stderr; `advance` ends with
 INCOMPLETE for a stage that stopped early, whose run state stays as it was.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -215,6 +216,7 @@ def utc_now() -> str:
 # ---------------------------------------------------------------------------------------------
 # Hub calls with retries.
 
+
 def hub_failure(err: BaseException) -> tuple[bool, str] | None:
     """(worth retrying, reason in one line) for an error of a Hub request; None for other errors."""
     import httpx
@@ -225,15 +227,20 @@ def hub_failure(err: BaseException) -> tuple[bool, str] | None:
     if isinstance(err, HfHubHTTPError) and err.response is not None:
         status = err.response.status_code
         if status in (401, 403):
-            return False, (f"the Hub rejected HF_TOKEN (HTTP {status}): check that the token is valid "
-                           "and has write access to the repository or Space")
+            return False, (
+                f"the Hub rejected HF_TOKEN (HTTP {status}): check that the token is valid "
+                "and has write access to the repository or Space"
+            )
         if status == 404:
-            return False, ("the repository or Space does not exist on the Hub (HTTP 404): check its "
-                           "name (OUTPUT_REPO, SPACE_ID) and that HF_TOKEN can see it")
+            return False, (
+                "the repository or Space does not exist on the Hub (HTTP 404): check its "
+                "name (OUTPUT_REPO, SPACE_ID) and that HF_TOKEN can see it"
+            )
         detail = err.server_message or str(err).splitlines()[0]
         return status >= 500 or status in (408, 429), one_line(f"HTTP {status}: {detail}")
-    if isinstance(err, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError,
-                        ConnectionError, TimeoutError)):
+    if isinstance(
+        err, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError, ConnectionError, TimeoutError)
+    ):
         return True, one_line(f"connection failed: {type(err).__name__}: {err}")
     if isinstance(err, httpx.HTTPError):
         return False, one_line(f"{type(err).__name__}: {err}")
@@ -248,8 +255,14 @@ def retry_after(err: BaseException) -> float | None:
     return float(value) if value.isdigit() else None
 
 
-def hub_call(action: Callable[[], T], what: str, attempts: int, base_delay: float,
-             secret: str | None = None, sleep: Callable[[float], None] | None = None) -> T:
+def hub_call(
+    action: Callable[[], T],
+    what: str,
+    attempts: int,
+    base_delay: float,
+    secret: str | None = None,
+    sleep: Callable[[float], None] | None = None,
+) -> T:
     """Run one Hub request, retrying server errors (5xx), rate limits (429) and connection errors up
     to `attempts` times in all, waiting base_delay, 2*base_delay, ... between them, or what the Hub's
     Retry-After header asks, never more than MAX_RETRY_DELAY. A rejected token or a missing repository
@@ -331,6 +344,7 @@ def hub_repo_id(settings: config.Settings, name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The trained model, checked before anything is published.
 
+
 def stage_text(key: Any) -> str:
     if isinstance(key, dict) and {"phase", "init", "shard_index"} <= key.keys():
         return f"{key['phase']} INIT={key['init']} (shard {key['shard_index']})"
@@ -365,7 +379,8 @@ def check_stage(settings: config.Settings, summary: dict[str, Any]) -> None:
     raise StageError(
         f"{settings.trained_dir / 'summary.json'}: the trained model belongs to another stage ({detail}), "
         f"not to this run's {stage_text(expected)}; train this stage first, or set INIT/INST to the "
-        "stage that was trained")
+        "stage that was trained"
+    )
 
 
 def check_final_loss(settings: config.Settings, summary: dict[str, Any]) -> float:
@@ -373,7 +388,8 @@ def check_final_loss(settings: config.Settings, summary: dict[str, Any]) -> floa
     if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
         raise StageError(
             f"{settings.trained_dir / 'summary.json'}: final_loss is {loss!r}; a model without a finite "
-            "training loss is not published (check the data or lower LEARNING_RATE, then train again)")
+            "training loss is not published (check the data or lower LEARNING_RATE, then train again)"
+        )
     return float(loss)
 
 
@@ -402,12 +418,12 @@ def check_model_folder(folder: Path) -> None:
         raise StageError(f"{folder}: missing; train.py writes the trained model there, so train this stage first")
     missing = missing_model_files(folder)
     if missing:
-        raise StageError(f"{folder}: incomplete trained model, missing {', '.join(missing)}; "
-                         "train this stage again")
+        raise StageError(f"{folder}: incomplete trained model, missing {', '.join(missing)}; train this stage again")
 
 
 # ---------------------------------------------------------------------------------------------
 # The published folder.
+
 
 def human_count(n: Any) -> str:
     if not isinstance(n, (int, float)):
@@ -449,15 +465,20 @@ def card_eval_results(settings: config.Settings, summary: dict[str, Any]) -> lis
     # The split's dataset by its Hub id where the stage reads one Hub dataset alone (no mixture).
     dataset = settings.stage_dataset
     single = config.MIXTURE_SEPARATOR not in dataset and hub_dataset_ids(dataset)
-    where = dict(task_type="text-generation", task_name="Causal language modeling",
-                 dataset_type=single[0] if single else "held-out",
-                 dataset_name=f"held-out split of {settings.phase} shard {settings.shard_index} "
-                              f"({summary.get('eval_sequences')} sequences)", dataset_split="held-out")
+    where = dict(
+        task_type="text-generation",
+        task_name="Causal language modeling",
+        dataset_type=single[0] if single else "held-out",
+        dataset_name=f"held-out split of {settings.phase} shard {settings.shard_index} "
+        f"({summary.get('eval_sequences')} sequences)",
+        dataset_split="held-out",
+    )
     results = [EvalResult(metric_type="loss", metric_name="Eval loss", metric_value=round(loss, 4), **where)]
     ppl = summary.get("eval_perplexity")
     if isinstance(ppl, (int, float)) and math.isfinite(ppl):
-        results.append(EvalResult(metric_type="perplexity", metric_name="Perplexity",
-                                  metric_value=round(ppl, 3), **where))
+        results.append(
+            EvalResult(metric_type="perplexity", metric_name="Perplexity", metric_value=round(ppl, 3), **where)
+        )
     return results
 
 
@@ -465,17 +486,27 @@ def card_data(settings: config.Settings, summary: dict[str, Any], name: str):
     """The card's metadata, as huggingface_hub's ModelCardData (validated and written by it)."""
     from huggingface_hub import ModelCardData
 
-    tags = ["llama", "text-generation", "train-llama",
-            "instruction-tuned" if settings.inst else "pretrained-from-scratch"]
+    tags = [
+        "llama",
+        "text-generation",
+        "train-llama",
+        "instruction-tuned" if settings.inst else "pretrained-from-scratch",
+    ]
     if settings.use_quant:
         tags.append("lora")
     trained_on = hub_dataset_ids(settings.input_dataset)
     if settings.inst:
         trained_on += hub_dataset_ids(settings.instruct_dataset)
     return ModelCardData(
-        license=settings.model_license, library_name="transformers", pipeline_tag="text-generation",
-        tags=tags, datasets=list(dict.fromkeys(trained_on)) or None, base_model=base_model_id(settings),
-        model_name=name, eval_results=card_eval_results(settings, summary) or None)
+        license=settings.model_license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        datasets=list(dict.fromkeys(trained_on)) or None,
+        base_model=base_model_id(settings),
+        model_name=name,
+        eval_results=card_eval_results(settings, summary) or None,
+    )
 
 
 def card_facts(settings: config.Settings, summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -486,16 +517,22 @@ def card_facts(settings: config.Settings, summary: dict[str, Any]) -> list[tuple
     return [
         ("Parameters", human_count(summary.get("parameters"))),
         ("Topology", f"LLaMA, {settings.topology.describe()}, vocabulary {settings.topology.vocab_size}"),
-        ("Stage", f"{settings.phase}, INIT={settings.init}, shard {settings.shard_index}, "
-                  f"{settings.run_epochs:g} epoch(s) over a shard of {settings.shard_size:,} rows"),
+        (
+            "Stage",
+            f"{settings.phase}, INIT={settings.init}, shard {settings.shard_index}, "
+            f"{settings.run_epochs:g} epoch(s) over a shard of {settings.shard_size:,} rows",
+        ),
         ("Dataset", f"`{settings.stage_dataset}`"),
         ("Base model", base),
         ("Steps", steps),
         ("Tokens seen", human_count(summary.get("tokens_seen"))),
         ("Loss", f"final {summary['final_loss']:.4f} (first logged: {number_text(summary.get('first_loss'))})"),
-        ("Training", f"{summary.get('precision')} on {summary.get('world_size')} process(es), "
-                     f"{'4-bit NF4 + LoRA (merged)' if summary.get('use_quant') else 'full weights'}, "
-                     f"{summary.get('wall_seconds')} s"),
+        (
+            "Training",
+            f"{summary.get('precision')} on {summary.get('world_size')} process(es), "
+            f"{'4-bit NF4 + LoRA (merged)' if summary.get('use_quant') else 'full weights'}, "
+            f"{summary.get('wall_seconds')} s",
+        ),
         ("Date", utc_now()),
     ]
 
@@ -505,13 +542,19 @@ def card_evaluation(settings: config.Settings, summary: dict[str, Any]) -> str:
     loss = summary.get("eval_loss")
     lines = ["## Evaluation", ""]
     if isinstance(loss, (int, float)):
-        lines.append(f"On {summary.get('eval_sequences')} held-out sequences of this stage's shard (never "
-                     f"trained on): eval loss {loss:.4f}, perplexity {number_text(summary.get('eval_perplexity'))}.")
+        lines.append(
+            f"On {summary.get('eval_sequences')} held-out sequences of this stage's shard (never "
+            f"trained on): eval loss {loss:.4f}, perplexity {number_text(summary.get('eval_perplexity'))}."
+        )
     else:
         lines.append("No eval loss: this stage held out no sequences (EVAL_ROWS=0 or a small shard).")
     if (settings.trained_dir / "model" / PLOT_FILE).is_file():
-        lines += ["", f"![Training and eval loss of every stage so far]({PLOT_FILE})", "",
-                  f"The losses behind the plot, stage by stage, are in `{HISTORY_FILE}`."]
+        lines += [
+            "",
+            f"![Training and eval loss of every stage so far]({PLOT_FILE})",
+            "",
+            f"The losses behind the plot, stage by stage, are in `{HISTORY_FILE}`.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -524,9 +567,12 @@ def card_samples(settings: config.Settings) -> str:
     if not settings.inst or not eval_split.is_dir() or manifest.get("stage_key") != settings.stage_key():
         return ""
     samples = evaluate.eval_split_samples(settings.trained_dir / "model", eval_split, CARD_SAMPLES)
-    blocks = [f"**Prompt**\n\n{fenced(sample['prompt'])}\n"
-              f"**Answer in the data**\n\n{fenced(sample['expected'])}\n"
-              f"**This model's answer**\n\n{fenced(sample['answer'])}" for sample in samples]
+    blocks = [
+        f"**Prompt**\n\n{fenced(sample['prompt'])}\n"
+        f"**Answer in the data**\n\n{fenced(sample['expected'])}\n"
+        f"**This model's answer**\n\n{fenced(sample['answer'])}"
+        for sample in samples
+    ]
     return "\n## Held-out prompts\n\nGreedy answers to prompts of the held-out split:\n\n" + "\n".join(blocks)
 
 
@@ -559,8 +605,7 @@ def model_card(settings: config.Settings, summary: dict[str, Any], name: str) ->
     where = hub_repo_id(settings, name) if settings.pushes_to_hub else str(settings.output_dir / name)
     kind = "instruction-tuned" if settings.inst else "pretrained from scratch"
     table = "\n".join(f"| {key} | {value} |" for key, value in card_facts(settings, summary))
-    prompt = ("<|user|>Reverse the word: apple<|end|><|bot|>" if settings.inst
-              else "Once upon a time")
+    prompt = "<|user|>Reverse the word: apple<|end|><|bot|>" if settings.inst else "Once upon a time"
     body = f"""
 # {name}
 
@@ -611,14 +656,20 @@ def stage_order(entry: dict[str, Any]) -> tuple[bool, int]:
 def is_loss_series(value: Any) -> bool:
     return isinstance(value, list) and all(
         isinstance(point, list) and len(point) == 2 and all(isinstance(x, (int, float)) for x in point)
-        for point in value)
+        for point in value
+    )
 
 
 def is_stage_record(stage: Any) -> bool:
     """Whether a loss history entry has the form extend_history writes (a damaged one is left out)."""
-    return (isinstance(stage, dict) and stage.get("phase") in ("pretrain", "instruct")
-            and isinstance(stage.get("init"), int) and isinstance(stage.get("steps"), int)
-            and is_loss_series(stage.get("train")) and is_loss_series(stage.get("eval")))
+    return (
+        isinstance(stage, dict)
+        and stage.get("phase") in ("pretrain", "instruct")
+        and isinstance(stage.get("init"), int)
+        and isinstance(stage.get("steps"), int)
+        and is_loss_series(stage.get("train"))
+        and is_loss_series(stage.get("eval"))
+    )
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
@@ -632,8 +683,14 @@ def extend_history(earlier: list[dict[str, Any]], summary: dict[str, Any]) -> li
     """The stages before this one (a rerun of an earlier stage drops the later ones it replaces),
     then this stage's train and eval losses from train.py's summary."""
     key = summary["stage_key"]
-    entry = {"stage": stage_text(key), "phase": key["phase"], "init": key["init"], "steps": summary["steps"],
-             "train": summary.get("losses") or [], "eval": summary.get("eval_losses") or []}
+    entry = {
+        "stage": stage_text(key),
+        "phase": key["phase"],
+        "init": key["init"],
+        "steps": summary["steps"],
+        "train": summary.get("losses") or [],
+        "eval": summary.get("eval_losses") or [],
+    }
     return [stage for stage in earlier if stage_order(stage) < stage_order(entry)] + [entry]
 
 
@@ -651,11 +708,21 @@ def loss_figure(stages: list[dict[str, Any]]):
     for number, stage in enumerate(stages):
         colour = f"C{number % 10}"
         train, evals = stage.get("train", []), stage.get("eval", [])
-        axes.plot([offset + step for step, _ in train], [loss for _, loss in train], color=colour,
-                  label=f"{stage.get('stage')} train")
+        axes.plot(
+            [offset + step for step, _ in train],
+            [loss for _, loss in train],
+            color=colour,
+            label=f"{stage.get('stage')} train",
+        )
         if evals:
-            axes.scatter([offset + step for step, _ in evals], [loss for _, loss in evals], color=colour,
-                         edgecolors="black", zorder=3, label=f"{stage.get('stage')} eval")
+            axes.scatter(
+                [offset + step for step, _ in evals],
+                [loss for _, loss in evals],
+                color=colour,
+                edgecolors="black",
+                zorder=3,
+                label=f"{stage.get('stage')} eval",
+            )
         offset += int(stage.get("steps") or 0)
     axes.set_xlabel("optimizer step (all stages so far)")
     axes.set_ylabel("loss")
@@ -703,8 +770,9 @@ def write_serving_chat_templates(folder: Path) -> None:
     if isinstance(template, str):
         tokenizer_config["chat_template"] = serving_chat_template(template)
     elif isinstance(template, list):
-        tokenizer_config["chat_template"] = [{**entry, "template": serving_chat_template(entry["template"])}
-                                             for entry in template]
+        tokenizer_config["chat_template"] = [
+            {**entry, "template": serving_chat_template(entry["template"])} for entry in template
+        ]
     else:
         return
     config_path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
@@ -712,9 +780,15 @@ def write_serving_chat_templates(folder: Path) -> None:
 
 def publish_marker(settings: config.Settings, summary: dict[str, Any], digest: str) -> dict[str, Any]:
     """What `advance` checks: which stage and which exact summary this folder holds, and the push."""
-    return {"stage_key": settings.stage_key(), "summary_sha256": digest, "published_at": utc_now(),
-            "completed": bool(summary.get("completed")), "steps": summary.get("steps"),
-            "final_loss": summary["final_loss"], "hub": None}
+    return {
+        "stage_key": settings.stage_key(),
+        "summary_sha256": digest,
+        "published_at": utc_now(),
+        "completed": bool(summary.get("completed")),
+        "steps": summary.get("steps"),
+        "final_loss": summary["final_loss"],
+        "hub": None,
+    }
 
 
 def copy_model_files(source: Path, target: Path) -> None:
@@ -737,8 +811,9 @@ def make_readable_by_others(folder: Path) -> None:
         path.chmod(PUBLISHED_FOLDER_MODE if path.is_dir() else PUBLISHED_FILE_MODE)
 
 
-def publish_folder(source: Path, target: Path, card: str, marker: dict[str, Any],
-                   gguf_types: tuple[str, ...] = ()) -> None:
+def publish_folder(
+    source: Path, target: Path, card: str, marker: dict[str, Any], gguf_types: tuple[str, ...] = ()
+) -> None:
     """Replace `target` by a copy of `source` with serving-safe chat templates, GGUF files of
     `gguf_types`, the card and the marker, all or nothing; a failure to write (a full disk) leaves the
     previous version at `target` as it was."""
@@ -778,25 +853,32 @@ def byte_text(n: int) -> str:
 def local_publish_failure(err: OSError, source: Path, target: Path) -> str:
     """One line for an OSError while writing the published folder `target`: what failed, that the
     previous version is intact, and what to do."""
-    previous = (f"the previously published version at {target} is intact" if target.is_dir()
-                else f"nothing was published at {target}")
+    previous = (
+        f"the previously published version at {target} is intact"
+        if target.is_dir()
+        else f"nothing was published at {target}"
+    )
     rerun = "then rerun `bash trainer.sh` or `python3 util.py publish`"
     if err.errno in DISK_FULL_ERRORS:
         needed = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
         existing = next(p for p in [target.parent, *target.parent.parents] if p.exists())
         free = shutil.disk_usage(existing).free
-        return (f"{target.parent}: {DISK_FULL_ERRORS[err.errno]} while publishing {target.name} "
-                f"(it needs about {byte_text(needed)}, {byte_text(free)} free); {previous}; "
-                f"free space on that filesystem, {rerun}")
+        return (
+            f"{target.parent}: {DISK_FULL_ERRORS[err.errno]} while publishing {target.name} "
+            f"(it needs about {byte_text(needed)}, {byte_text(free)} free); {previous}; "
+            f"free space on that filesystem, {rerun}"
+        )
     where = err.filename or target
-    return (f"{where}: {err.strerror or err} while publishing {target.name}; {previous}; fix that, {rerun}")
+    return f"{where}: {err.strerror or err} while publishing {target.name}; {previous}; fix that, {rerun}"
 
 
 def adapter_card(settings: config.Settings, summary: dict[str, Any], name: str) -> str:
-    text = (f"---\nlibrary_name: peft\ntags:\n- lora\n- train-llama\n---\n\n# {name}\n\n"
-            f"The LoRA adapter (r={config.LORA_R}, alpha={config.LORA_ALPHA}) trained on 4-bit NF4 weights "
-            f"in {stage_text(settings.stage_key())}; the merged model is `{settings.published_name}`. "
-            f"Final loss {summary['final_loss']:.4f} after {summary.get('steps')} steps, {utc_now()}.\n")
+    text = (
+        f"---\nlibrary_name: peft\ntags:\n- lora\n- train-llama\n---\n\n# {name}\n\n"
+        f"The LoRA adapter (r={config.LORA_R}, alpha={config.LORA_ALPHA}) trained on 4-bit NF4 weights "
+        f"in {stage_text(settings.stage_key())}; the merged model is `{settings.published_name}`. "
+        f"Final loss {summary['final_loss']:.4f} after {summary.get('steps')} steps, {utc_now()}.\n"
+    )
     return redact(text, settings.hf_token)
 
 
@@ -806,8 +888,10 @@ def adapter_source(settings: config.Settings) -> Path | None:
         return None
     adapter = settings.trained_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file() or missing_weights(adapter, ("adapter_model.safetensors",)):
-        raise StageError(f"{adapter}: SAVE_ADAPTER=true but the LoRA adapter is missing or incomplete; "
-                         "train this stage again or set SAVE_ADAPTER=false")
+        raise StageError(
+            f"{adapter}: SAVE_ADAPTER=true but the LoRA adapter is missing or incomplete; "
+            "train this stage again or set SAVE_ADAPTER=false"
+        )
     return adapter
 
 
@@ -816,8 +900,13 @@ def publish_local(settings: config.Settings, summary: dict[str, Any], digest: st
     adapter = adapter_source(settings)
     marker = publish_marker(settings, summary, digest)
     model_folder = settings.output_dir / settings.published_name
-    publish_folder(settings.trained_dir / "model", model_folder,
-                   model_card(settings, summary, model_folder.name), marker, settings.gguf_types)
+    publish_folder(
+        settings.trained_dir / "model",
+        model_folder,
+        model_card(settings, summary, model_folder.name),
+        marker,
+        settings.gguf_types,
+    )
     if adapter is None:
         return [model_folder]
     adapter_folder = settings.output_dir / f"{settings.published_name}-adapter"
@@ -827,21 +916,28 @@ def publish_local(settings: config.Settings, summary: dict[str, Any], digest: st
 
 def commit_message(settings: config.Settings, summary: dict[str, Any]) -> str:
     early = "" if summary.get("completed") else f" (stopped early by the {summary.get('stopped_by')})"
-    return (f"{stage_text(settings.stage_key())}: {summary.get('steps')} steps{early}, "
-            f"{summary.get('tokens_seen')} tokens, final loss {summary['final_loss']:.4f}")
+    return (
+        f"{stage_text(settings.stage_key())}: {summary.get('steps')} steps{early}, "
+        f"{summary.get('tokens_seen')} tokens, final loss {summary['final_loss']:.4f}"
+    )
 
 
 def push_folder(settings: config.Settings, folder: Path, message: str, retry_delay: float) -> str:
     """Create the Hub repository if needed and upload the folder in one commit; its URL."""
     api = hub_api(settings)
-    call = functools.partial(hub_call, attempts=settings.max_retries, base_delay=retry_delay,
-                             secret=settings.hf_token)
+    call = functools.partial(hub_call, attempts=settings.max_retries, base_delay=retry_delay, secret=settings.hf_token)
     repo_id = hub_repo_id(settings, folder.name)
     call(lambda: api.create_repo(repo_id, exist_ok=True), f"creating the Hub repository {repo_id}")
-    commit = call(lambda: api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message,
-                                            ignore_patterns=[PUBLISH_MARKER],
-                                            delete_patterns=STALE_WEIGHT_PATTERNS),
-                  f"uploading {folder.name} to {repo_id}")
+    commit = call(
+        lambda: api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=message,
+            ignore_patterns=[PUBLISH_MARKER],
+            delete_patterns=STALE_WEIGHT_PATTERNS,
+        ),
+        f"uploading {folder.name} to {repo_id}",
+    )
     marker = json.loads((folder / PUBLISH_MARKER).read_text())
     marker["hub"] = {"repo_id": repo_id, "commit_url": commit.commit_url, "pushed_at": utc_now()}
     write_json_atomic(folder / PUBLISH_MARKER, marker)
@@ -851,8 +947,9 @@ def push_folder(settings: config.Settings, folder: Path, message: str, retry_del
 def check_token(settings: config.Settings, retry_delay: float) -> None:
     """Fail before any upload when the Hub refuses the token or it can only read."""
     api = hub_api(settings)
-    who = hub_call(lambda: api.whoami(), "checking HF_TOKEN", settings.max_retries, retry_delay,
-                   secret=settings.hf_token)
+    who = hub_call(
+        lambda: api.whoami(), "checking HF_TOKEN", settings.max_retries, retry_delay, secret=settings.hf_token
+    )
     role = (who.get("auth") or {}).get("accessToken", {}).get("role")
     if role == "read":
         raise StageError("HF_TOKEN is a read-only token; publishing needs a token with write access")
@@ -880,13 +977,16 @@ def publish(settings: config.Settings, retry_delay: float) -> int:
             log(f"publish: pushed {folder.name} to the Hub: {url}")
     except Exception as err:
         reason = str(err) if isinstance(err, StageError) else f"{type(err).__name__}: {err}"
-        raise StageError(f"{one_line(reason, 500)}. The model is saved locally at {folders[0]}; the run "
-                         "state was not advanced; run `python3 util.py publish` again to retry the push") from None
+        raise StageError(
+            f"{one_line(reason, 500)}. The model is saved locally at {folders[0]}; the run "
+            "state was not advanced; run `python3 util.py publish` again to retry the push"
+        ) from None
     return config.ExitCode.OK
 
 
 # ---------------------------------------------------------------------------------------------
 # The curriculum.
+
 
 def next_stage(init: int, inst: bool, is_last_shard: bool, has_instruct: bool) -> tuple[int, bool, bool]:
     """The stage after a completed one, as (init, inst, done).
@@ -910,11 +1010,15 @@ def check_published(settings: config.Settings, digest: str) -> None:
     except (OSError, json.JSONDecodeError):
         marker = None
     if not isinstance(marker, dict) or marker.get("summary_sha256") != digest:
-        raise StageError(f"{path}: no publish record of this training run; the run state advances only "
-                         "after `python3 util.py publish` succeeded")
+        raise StageError(
+            f"{path}: no publish record of this training run; the run state advances only "
+            "after `python3 util.py publish` succeeded"
+        )
     if settings.pushes_to_hub and not marker.get("hub"):
-        raise StageError(f"{path}: this model was saved locally but not pushed to the Hub; run "
-                         "`python3 util.py publish` again before advancing")
+        raise StageError(
+            f"{path}: this model was saved locally but not pushed to the Hub; run "
+            "`python3 util.py publish` again before advancing"
+        )
 
 
 def previous_history(settings: config.Settings) -> list[Any]:
@@ -928,9 +1032,13 @@ def previous_history(settings: config.Settings) -> list[Any]:
 
 def new_run_state(settings: config.Settings, stage: tuple[int, bool, bool], summary: dict[str, Any]) -> dict:
     init, inst, done = stage
-    entry = {"at": utc_now(), "trained": stage_text(settings.stage_key()), "steps": summary.get("steps"),
-             "final_loss": summary.get("final_loss"),
-             "next": "done" if done else f"{'instruct' if inst else 'pretrain'} INIT={init}"}
+    entry = {
+        "at": utc_now(),
+        "trained": stage_text(settings.stage_key()),
+        "steps": summary.get("steps"),
+        "final_loss": summary.get("final_loss"),
+        "next": "done" if done else f"{'instruct' if inst else 'pretrain'} INIT={init}",
+    }
     history = (previous_history(settings) + [entry])[-HISTORY_LENGTH:]
     return {"init": init, "inst": inst, "done": done, "updated_at": entry["at"], "history": history}
 
@@ -941,8 +1049,7 @@ def update_space(settings: config.Settings, state: dict[str, Any], retry_delay: 
     restarts between the two writes then never retrains pretraining from INIT 0 over a finished model.
     A failure to pause only warns: the curriculum is done and recorded, the pause only saves hardware."""
     api = hub_api(settings)
-    call = functools.partial(hub_call, attempts=settings.max_retries, base_delay=retry_delay,
-                             secret=settings.hf_token)
+    call = functools.partial(hub_call, attempts=settings.max_retries, base_delay=retry_delay, secret=settings.hf_token)
     space = settings.space_id
     inst_text = "true" if state["inst"] else "false"
     call(lambda: api.add_space_variable(space, "INST", inst_text), f"setting INST on the Space {space}")
@@ -962,17 +1069,23 @@ def advance(settings: config.Settings, retry_delay: float) -> int:
     check_stage(settings, summary)
     current = stage_text(settings.stage_key())
     if not summary.get("completed"):
-        log(f"advance: {current} is incomplete (stopped by the {summary.get('stopped_by') or 'interruption'}); "
-            f"the run state stays; rerunning continues from the checkpoint in {settings.checkpoint_dir}")
+        log(
+            f"advance: {current} is incomplete (stopped by the {summary.get('stopped_by') or 'interruption'}); "
+            f"the run state stays; rerunning continues from the checkpoint in {settings.checkpoint_dir}"
+        )
         return config.ExitCode.INCOMPLETE
     check_published(settings, digest)
     is_last_shard = summary.get("is_last_shard")
     if not isinstance(is_last_shard, bool):
-        raise StageError(f"{settings.trained_dir / 'summary.json'}: is_last_shard must be true or false, "
-                         f"not {is_last_shard!r}; train this stage again")
+        raise StageError(
+            f"{settings.trained_dir / 'summary.json'}: is_last_shard must be true or false, "
+            f"not {is_last_shard!r}; train this stage again"
+        )
     if settings.space_id and not settings.hf_token:
-        raise StageError("SPACE_ID is set but HF_TOKEN is not: the Space's INIT/INST variables cannot be "
-                         "updated; add HF_TOKEN as a secret of the Space")
+        raise StageError(
+            "SPACE_ID is set but HF_TOKEN is not: the Space's INIT/INST variables cannot be "
+            "updated; add HF_TOKEN as a secret of the Space"
+        )
     stage = next_stage(settings.init, settings.inst, is_last_shard, bool(settings.instruct_dataset))
     state = new_run_state(settings, stage, summary)
     write_json_atomic(settings.state_file, state)
@@ -981,8 +1094,10 @@ def advance(settings: config.Settings, retry_delay: float) -> int:
         try:
             paused = update_space(settings, state, retry_delay)
         except StageError as err:
-            raise StageError(f"{err}; {settings.state_file} already says INIT={state['init']} "
-                             f"INST={str(state['inst']).lower()}: set those Space variables by hand") from None
+            raise StageError(
+                f"{err}; {settings.state_file} already says INIT={state['init']} "
+                f"INST={str(state['inst']).lower()}: set those Space variables by hand"
+            ) from None
     log(advance_line(settings, state, current, paused))
     return config.ExitCode.OK
 
@@ -990,11 +1105,14 @@ def advance(settings: config.Settings, retry_delay: float) -> int:
 def advance_line(settings: config.Settings, state: dict[str, Any], current: str, paused: bool) -> str:
     if state["done"]:
         return f"done: the curriculum is finished after {current}" + (
-            f"; the Space {settings.space_id} is paused" if paused else "")
+            f"; the Space {settings.space_id} is paused" if paused else ""
+        )
     phase = "instruct" if state["inst"] else "pretrain"
     shard = 0 if state["init"] < 2 else state["init"] - 1
-    return (f"advanced: {current} -> {phase} INIT={state['init']} (shard {shard}); "
-            f"next run: INIT={state['init']} INST={str(state['inst']).lower()}")
+    return (
+        f"advanced: {current} -> {phase} INIT={state['init']} (shard {shard}); "
+        f"next run: INIT={state['init']} INST={str(state['inst']).lower()}"
+    )
 
 
 def launcher_devices(processes: int, gpus: int, visible: str | None) -> list[str]:
@@ -1005,8 +1123,10 @@ def launcher_devices(processes: int, gpus: int, visible: str | None) -> list[str
         return ["--num_gpus", str(processes)]
     indices = [part.strip() for part in visible.split(",") if part.strip()]
     if not all(part.isdigit() for part in indices):
-        raise StageError(f"CUDA_VISIBLE_DEVICES={visible!r}: the DeepSpeed launcher needs GPU indices; "
-                         "name the GPUs by number, e.g. CUDA_VISIBLE_DEVICES=0,1")
+        raise StageError(
+            f"CUDA_VISIBLE_DEVICES={visible!r}: the DeepSpeed launcher needs GPU indices; "
+            "name the GPUs by number, e.g. CUDA_VISIBLE_DEVICES=0,1"
+        )
     return ["--include", "localhost:" + ",".join(indices[:processes])]
 
 
@@ -1019,16 +1139,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launcher_arguments(settings: config.Settings, processes: int, gpus: int,
-                       visible: str | None) -> list[str]:
+def launcher_arguments(settings: config.Settings, processes: int, gpus: int, visible: str | None) -> list[str]:
     """The `deepspeed` launcher's arguments. One node: a free port (or MASTER_PORT) and the devices
     (launcher_devices). HOSTFILE: the launcher starts `processes` per host over ssh, on every host
     listed (the first NNODES where NNODES > 1). NNODES > 1 without one: every node runs the launcher
     itself (--no_ssh) with its --node_rank, from a hostfile written here that only counts the nodes
     (their names are never looked up). Several nodes must agree on the port: 29500 unless MASTER_PORT."""
     if settings.hostfile is None and settings.nnodes == 1:
-        return ["--master_port", str(settings.master_port or free_port()),
-                *launcher_devices(processes, gpus, visible)]
+        return ["--master_port", str(settings.master_port or free_port()), *launcher_devices(processes, gpus, visible)]
     port = settings.master_port or DEFAULT_MULTI_NODE_PORT
     common = ["--num_gpus", str(processes), "--master_port", str(port)]
     if settings.nnodes > 1:
@@ -1044,8 +1162,7 @@ def launcher_arguments(settings: config.Settings, processes: int, gpus: int,
 
 
 # The names trainer.sh reads from `util.py shell-settings`, and only these.
-SHELL_SETTINGS = ("work_dir", "output_dir", "run_all", "processes", "gpus", "node_rank", "nnodes",
-                  "launcher_args")
+SHELL_SETTINGS = ("work_dir", "output_dir", "run_all", "processes", "gpus", "node_rank", "nnodes", "launcher_args")
 
 
 def shell_settings(settings: config.Settings) -> dict[str, str]:
@@ -1056,34 +1173,50 @@ def shell_settings(settings: config.Settings) -> dict[str, str]:
 
     gpus = torch.cuda.device_count()
     processes = settings.num_processes or max(gpus, 1)
-    values = {"work_dir": settings.work_dir, "output_dir": settings.output_dir,
-              "run_all": str(settings.run_all).lower(), "processes": processes, "gpus": gpus,
-              "node_rank": settings.node_rank, "nnodes": settings.nnodes,
-              "launcher_args": " ".join(launcher_arguments(settings, processes, gpus, visible_gpus()))}
+    values = {
+        "work_dir": settings.work_dir,
+        "output_dir": settings.output_dir,
+        "run_all": str(settings.run_all).lower(),
+        "processes": processes,
+        "gpus": gpus,
+        "node_rank": settings.node_rank,
+        "nnodes": settings.nnodes,
+        "launcher_args": " ".join(launcher_arguments(settings, processes, gpus, visible_gpus())),
+    }
     for name, value in values.items():
         if "\n" in str(value):
-            raise StageError(f"{name}={str(value)!r} holds a line break; trainer.sh reads one setting "
-                             "a line: name folders without line breaks")
+            raise StageError(
+                f"{name}={str(value)!r} holds a line break; trainer.sh reads one setting "
+                "a line: name folders without line breaks"
+            )
     return {name: str(values[name]) for name in SHELL_SETTINGS}
 
 
 def main() -> int:
     if sys.argv[1:2] == ["gguf"]:  # its own arguments: gguf_export.main parses them
         import gguf_export
+
         return gguf_export.main(sys.argv[2:])
-    parser = argparse.ArgumentParser(description="Publish the trained model, advance the curriculum, print "
-                                                 "the launcher's device arguments (launcher-devices) or, as "
-                                                 "name=value lines, what trainer.sh needs: folders, nodes, "
-                                                 "processes and the launcher's arguments (shell-settings).")
-    parser.add_argument("command",
-                        choices=("publish", "advance", "launcher-devices", "shell-settings", "gguf"),
-                        help="gguf: write a model folder as GGUF files (`util.py gguf --help`)")
-    parser.add_argument("--processes", type=int, default=1,
-                        help="launcher-devices: training processes (per node)")
+    parser = argparse.ArgumentParser(
+        description="Publish the trained model, advance the curriculum, print "
+        "the launcher's device arguments (launcher-devices) or, as "
+        "name=value lines, what trainer.sh needs: folders, nodes, "
+        "processes and the launcher's arguments (shell-settings)."
+    )
+    parser.add_argument(
+        "command",
+        choices=("publish", "advance", "launcher-devices", "shell-settings", "gguf"),
+        help="gguf: write a model folder as GGUF files (`util.py gguf --help`)",
+    )
+    parser.add_argument("--processes", type=int, default=1, help="launcher-devices: training processes (per node)")
     parser.add_argument("--gpus", type=int, default=0, help="launcher-devices: GPUs torch sees")
-    parser.add_argument("--retry-delay", type=float, default=DEFAULT_RETRY_DELAY, metavar="SECONDS",
-                        help="wait before the first retry of a Hub call; doubles at each retry "
-                             f"(default {DEFAULT_RETRY_DELAY:g})")
+    parser.add_argument(
+        "--retry-delay",
+        type=float,
+        default=DEFAULT_RETRY_DELAY,
+        metavar="SECONDS",
+        help=f"wait before the first retry of a Hub call; doubles at each retry (default {DEFAULT_RETRY_DELAY:g})",
+    )
     args = parser.parse_args()
     if args.command in ("launcher-devices", "shell-settings"):
         try:
@@ -1103,8 +1236,9 @@ def main() -> int:
     try:
         return stage(settings, args.retry_delay)
     except StageError as err:
-        print(f"{args.command}: error: {redact(one_line(str(err), 1000), settings.hf_token)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{args.command}: error: {redact(one_line(str(err), 1000), settings.hf_token)}", file=sys.stderr, flush=True
+        )
         return config.ExitCode.FAILED
 
 

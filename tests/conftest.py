@@ -1,5 +1,6 @@
 """Shared fixtures: an isolated environment for each test, the repo's paths, and the removal of the
 shared memory that DeepSpeed's CPU processes leave behind."""
+
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ def _our_variable_names():
     global _OURS
     if _OURS is None:
         import config
+
         _OURS = config.VARIABLE_NAMES
     return _OURS
 
@@ -27,8 +29,9 @@ def mapped_shared_memory() -> set[str]:
     mapped = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
-            mapped.update(line.split(None, 5)[5].strip() for line in maps.read_text().splitlines()
-                          if "/dev/shm/" in line)
+            mapped.update(
+                line.split(None, 5)[5].strip() for line in maps.read_text().splitlines() if "/dev/shm/" in line
+            )
         except (OSError, IndexError):
             continue  # the process ended meanwhile, or the line maps no file
     return mapped

@@ -8,6 +8,7 @@ gradient buckets train exactly like the original's; SEED repeats a 4-bit + LoRA 
 LoRA curriculum trains the chat markers' rows, publishes plain models to the Hub stand-in after a failed
 push and never shows the token; the timer stops training cleanly and publishes a loss even before the
 first logging interval."""
+
 import io
 import json
 import math
@@ -32,8 +33,7 @@ pytestmark = pytest.mark.slow
 def run_trainer(root, env, timeout=900):
     # trainer.sh runs `python3` and `deepspeed` from PATH: those of this interpreter's environment.
     env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
-    result = subprocess.run(["bash", "trainer.sh"], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(["bash", "trainer.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     return log
@@ -45,8 +45,10 @@ EVAL_LINE = re.compile(r"^eval +(\d+)/\d+ \| loss +([\d.]+)", flags=re.M)
 
 def step_losses(log: str) -> dict[int, float]:
     """step -> loss from the fixed-format step lines."""
-    return {int(m.group(1)): float(m.group(2))
-            for m in re.finditer(r"^step\s+(\d+)/\d+ \| loss\s+([-\d.naif]+)", log, flags=re.M)}
+    return {
+        int(m.group(1)): float(m.group(2))
+        for m in re.finditer(r"^step\s+(\d+)/\d+ \| loss\s+([-\d.naif]+)", log, flags=re.M)
+    }
 
 
 def generate_text(model_dir: Path, prompt: str) -> str:
@@ -56,7 +58,7 @@ def generate_text(model_dir: Path, prompt: str) -> str:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1]:])
+    return tokenizer.decode(out[0, ids.shape[1] :])
 
 
 def test_demo_curriculum_produces_a_working_instruction_model(base_env, root, tmp_path):
@@ -88,8 +90,10 @@ def test_demo_curriculum_produces_a_working_instruction_model(base_env, root, tm
 
     pretrained = heldout_accuracy(output / "train-llama")
     tuned = heldout_accuracy(output / "train-llama-it")
-    print(f"held-out accuracy: pretrained only {pretrained:.1%}, instruction-tuned {tuned:.1%}; "
-          f"whole curriculum in {time.time() - started:.0f}s")
+    print(
+        f"held-out accuracy: pretrained only {pretrained:.1%}, instruction-tuned {tuned:.1%}; "
+        f"whole curriculum in {time.time() - started:.0f}s"
+    )
     assert tuned >= pretrained + 0.15
 
 
@@ -116,8 +120,12 @@ def check_tracking_plot_and_card(work: Path, output: Path, log: str) -> None:
 
     published = output / "train-llama-it"
     history = json.loads((published / "loss_history.json").read_text())["stages"]
-    assert [(s["phase"], s["init"]) for s in history] == [("pretrain", 0), ("pretrain", 1), ("instruct", 0),
-                                                          ("instruct", 1)]
+    assert [(s["phase"], s["init"]) for s in history] == [
+        ("pretrain", 0),
+        ("pretrain", 1),
+        ("instruct", 0),
+        ("instruct", 1),
+    ]
     assert all(s["train"] and s["eval"] for s in history)
     assert matplotlib.image.imread(published / "loss_curve.png").shape == (450, 800, 4)
     summary = json.loads((work / "trained" / "summary.json").read_text())
@@ -146,9 +154,15 @@ def launch_training(root, env, processes=2, script=("train.py",)):
     # must not meet a new run that the system gives the same port.
     remove_unmapped_deepspeed_buffers()
     port = str(util.free_port())  # a free port for each launch: a killed run's port may linger
-    return subprocess.Popen(["deepspeed", "--master_port", port, "--num_gpus", str(processes), *script],
-                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        ["deepspeed", "--master_port", port, "--num_gpus", str(processes), *script],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def kill_after_checkpoint_4_and_resume(root, env, tmp_path, processes):
@@ -187,12 +201,23 @@ def test_two_nodes_and_zero2_checkpoints_of_another_process_count_follow_one_cur
     # 3. Its checkpoint resumed by one process: the ZeRO-2 state of two is converted to DeepSpeed's
     #    universal checkpoint (after a conversion killed midway), and steps 3-8 continue the curve.
     # 4. checkpoint-6 of that one process, resumed by two: steps 7-8 continue the curve.
-    two, one = ({"BATCH_SIZE": "4", "GRADIENT_ACCUMULATION_STEPS": "2"},
-                {"BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "2"})
+    two, one = (
+        {"BATCH_SIZE": "4", "GRADIENT_ACCUMULATION_STEPS": "2"},
+        {"BATCH_SIZE": "8", "GRADIENT_ACCUMULATION_STEPS": "2"},
+    )
     # Two of the 82 sequences are held out for the eval loss: 80 keep every epoch's micro-batches whole.
-    env = {**base_env, **two, "SHARD_SIZE": "200", "MAX_STEPS": "8", "SAVE_STEPS": "2", "LOGGING_STEPS": "1",
-           "EVAL_ROWS": "2", "RUN_ALL": "false", "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+    env = {
+        **base_env,
+        **two,
+        "SHARD_SIZE": "200",
+        "MAX_STEPS": "8",
+        "SAVE_STEPS": "2",
+        "LOGGING_STEPS": "1",
+        "EVAL_ROWS": "2",
+        "RUN_ALL": "false",
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}",
+    }
     reference_losses, reference_eval = train_on_two_nodes(root, env, tmp_path)
 
     # One node from here on, with its own run state (the two nodes advanced theirs past this stage).
@@ -214,15 +239,16 @@ def test_two_nodes_and_zero2_checkpoints_of_another_process_count_follow_one_cur
         run = launch_training(root, {**env, **batch}, processes=processes)
         log = run.communicate(timeout=600)[0]
         assert run.returncode == 0, log[-4000:]
-        converted = (rf"^train: checkpoint-{first_step - 1} was written by {3 - processes} training "
-                     rf"process\(es\) and this run has {processes}: converted its ZeRO state to DeepSpeed's "
-                     r"universal checkpoint in [\d.]+s \(\S+global_step\d+_universal\); resuming from it$")
+        converted = (
+            rf"^train: checkpoint-{first_step - 1} was written by {3 - processes} training "
+            rf"process\(es\) and this run has {processes}: converted its ZeRO state to DeepSpeed's "
+            r"universal checkpoint in [\d.]+s \(\S+global_step\d+_universal\); resuming from it$"
+        )
         assert re.search(converted, log, flags=re.M), log[-4000:]
         losses = step_losses(log)
         assert sorted(losses) == list(range(first_step, 9)), log[-4000:]
         for step, loss in losses.items():
-            assert loss == pytest.approx(reference_losses[step], abs=1e-3), (processes, losses,
-                                                                             reference_losses)
+            assert loss == pytest.approx(reference_losses[step], abs=1e-3), (processes, losses, reference_losses)
         # The final eval loss: one row on each of two processes, or both in one batch on one.
         assert float(EVAL_LINE.findall(log)[-1][1]) == pytest.approx(reference_eval, abs=1e-3)
         return log
@@ -244,15 +270,15 @@ def train_on_two_nodes(root, env, tmp_path) -> tuple[dict[int, float], float]:
     """trainer.sh on two "nodes" side by side (one process each); the step losses and the final eval
     loss, after checking that both saw the shared WORK_DIR and that node 0 alone prepared, published
     and advanced."""
-    env = {**env, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(util.free_port()),
-           "NUM_PROCESSES": "1"}
+    env = {**env, "NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(util.free_port()), "NUM_PROCESSES": "1"}
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     nodes = []
     for rank, log in enumerate(logs):
         with open(log, "w") as out:
             node_env = {**env, "NODE_RANK": str(rank)}
-            nodes.append(subprocess.Popen(["bash", "trainer.sh"], cwd=root, env=node_env, stdout=out,
-                                          stderr=subprocess.STDOUT))
+            nodes.append(
+                subprocess.Popen(["bash", "trainer.sh"], cwd=root, env=node_env, stdout=out, stderr=subprocess.STDOUT)
+            )
     codes = [node.wait(timeout=900) for node in nodes]
     node0, node1 = (log.read_text() for log in logs)
     assert codes == [0, 0], (node0[-3000:], node1[-3000:])
@@ -273,10 +299,17 @@ def test_seed_repeats_a_quantized_run_and_it_resumes_exactly_after_kill(base_env
     # SEED fixed A: the killed run's steps 1-4 must repeat the uninterrupted run's.
     # Resuming: the resumed run attaches fresh adapters to the NF4 base and then loads the
     # checkpoint's: every step after checkpoint-4 must match the uninterrupted run's.
-    env = {**base_env, "USE_QUANT": "true", "MAX_STEPS": "8", "SAVE_STEPS": "4", "LOGGING_STEPS": "1",
-           "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+    env = {
+        **base_env,
+        "USE_QUANT": "true",
+        "MAX_STEPS": "8",
+        "SAVE_STEPS": "4",
+        "LOGGING_STEPS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}",
+    }
     reference_losses, resumed_losses, crashed_losses = kill_after_checkpoint_4_and_resume(
-        root, env, tmp_path, processes=1)
+        root, env, tmp_path, processes=1
+    )
     assert [1, 2, 3, 4] == sorted(crashed_losses)[:4]
     assert {step: reference_losses[step] for step in crashed_losses} == crashed_losses
     assert sorted(resumed_losses) == [5, 6, 7, 8], "the resumed run did not continue after checkpoint-4"
@@ -287,14 +320,20 @@ def test_trimmed_buckets_train_exactly_like_the_originals(base_env, root, tmp_pa
     # config.deepspeed_buckets drops memory, not arithmetic: one process, ZeRO-2 with gradient
     # accumulation, against the original's two overlapped 5e8-element buckets (tests/original_buckets.py).
     # bf16, because DeepSpeed runs its overflow check only in reduced precision.
-    env = {**base_env, "MAX_STEPS": "5", "LOGGING_STEPS": "1", "SAVE_STEPS": "5", "BATCH_SIZE": "2",
-           "GRADIENT_ACCUMULATION_STEPS": "2", "PRECISION": "bf16",
-           "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+    env = {
+        **base_env,
+        "MAX_STEPS": "5",
+        "LOGGING_STEPS": "1",
+        "SAVE_STEPS": "5",
+        "BATCH_SIZE": "2",
+        "GRADIENT_ACCUMULATION_STEPS": "2",
+        "PRECISION": "bf16",
+        "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}",
+    }
     original_env = prepare_twice(root, env, tmp_path)
     trimmed = launch_training(root, env, processes=1)
     trimmed_log = trimmed.communicate(timeout=600)[0]
-    original = launch_training(root, original_env, processes=1,
-                               script=("tests/original_buckets.py",))
+    original = launch_training(root, original_env, processes=1, script=("tests/original_buckets.py",))
     original_log = original.communicate(timeout=600)[0]
     assert trimmed.returncode == 0 and original.returncode == 0, (trimmed_log[-2000:], original_log[-2000:])
     assert "500,000,000-element gradient buckets, overlapped" in original_log
@@ -302,9 +341,15 @@ def test_trimmed_buckets_train_exactly_like_the_originals(base_env, root, tmp_pa
     trimmed_losses, original_losses = step_losses(trimmed_log), step_losses(original_log)
     assert len(trimmed_losses) == 5 and trimmed_losses == original_losses
     norms, original_norms = (
-        [entry["grad_norm"] for entry in json.loads((Path(e["WORK_DIR"]) / "checkpoints" / "checkpoint-5" /
-                                                     "trainer_state.json").read_text())["log_history"]
-         if "grad_norm" in entry] for e in (env, original_env))
+        [
+            entry["grad_norm"]
+            for entry in json.loads(
+                (Path(e["WORK_DIR"]) / "checkpoints" / "checkpoint-5" / "trainer_state.json").read_text()
+            )["log_history"]
+            if "grad_norm" in entry
+        ]
+        for e in (env, original_env)
+    )
     assert len(norms) == 5 and norms == pytest.approx(original_norms, rel=1e-5)
     assert min(norms) > 1.0  # above the clipping threshold: the norm scaled every update
 
@@ -313,11 +358,15 @@ def instruction_files_in_three_formats(root: Path, folder: Path) -> str:
     """The embedded instruction set split into ShareGPT, Alpaca and prompt/completion files (one turn
     each); returns the INSTRUCT_DATASET value that mixes them."""
     pattern = re.compile(r"<\|user\|>(.*?)<\|end\|><\|bot\|>(.*?)<\|end\|>", flags=re.S)
-    turns = [pattern.match(json.loads(line)["text"]).groups()
-             for line in (root / "data" / "instruct.jsonl").read_text().splitlines()]
-    forms = {"sharegpt": lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
-             "alpaca": lambda q, a: {"instruction": q, "input": "", "output": a},
-             "completion": lambda q, a: {"prompt": q, "completion": a}}
+    turns = [
+        pattern.match(json.loads(line)["text"]).groups()
+        for line in (root / "data" / "instruct.jsonl").read_text().splitlines()
+    ]
+    forms = {
+        "sharegpt": lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
+        "alpaca": lambda q, a: {"instruction": q, "input": "", "output": a},
+        "completion": lambda q, a: {"prompt": q, "completion": a},
+    }
     for index, (name, form) in enumerate(forms.items()):
         rows = [json.dumps(form(q, a)) for q, a in turns[index::3]]
         (folder / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
@@ -337,11 +386,15 @@ def pretraining_dataset_with_configs(root: Path) -> dict[str, bytes]:
         return buffer.getvalue()
 
     texts = [json.loads(line)["text"] for line in (root / "data" / "pretrain.jsonl").read_text().splitlines()]
-    return {"README.md": readme({"en": {"train": "en/train-*.parquet", "test": "en/test.parquet"},
-                                 "la": {"train": "la/train.parquet"}}),
-            "en/train-00000.parquet": parquet(texts[: len(texts) // 2]),
-            "en/train-00001.parquet": parquet(texts[len(texts) // 2:]),
-            "en/test.parquet": parquet(["never read"]), "la/train.parquet": parquet(["never read"])}
+    return {
+        "README.md": readme(
+            {"en": {"train": "en/train-*.parquet", "test": "en/test.parquet"}, "la": {"train": "la/train.parquet"}}
+        ),
+        "en/train-00000.parquet": parquet(texts[: len(texts) // 2]),
+        "en/train-00001.parquet": parquet(texts[len(texts) // 2 :]),
+        "en/test.parquet": parquet(["never read"]),
+        "la/train.parquet": parquet(["never read"]),
+    }
 
 
 def test_quantized_curriculum_publishes_plain_models_and_never_shows_the_token(base_env, root, tmp_path):
@@ -358,22 +411,32 @@ def test_quantized_curriculum_publishes_plain_models_and_never_shows_the_token(b
         hub.add_dataset("tester/corpus", pretraining_dataset_with_configs(root))
         # huggingface_hub refuses every request while either offline variable is set.
         offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-        env = {**{k: v for k, v in base_env.items() if k not in offline},
-               "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN, "SPACE_ID": SPACE,
-               "HF_UPDATE_DOWNLOAD_COUNTS": "false",
-               "INPUT_DATASET": "tester/corpus?config=en&split=train&column=body",
-               "INSTRUCT_DATASET": instruction_files_in_three_formats(root, tmp_path),
-               "OUTPUT_REPO": "tester/train-llama", "PRESET": "demo", "MAX_RETRIES": "2",
-               "USE_QUANT": "true", "MAX_STEPS": "2", "LOGGING_STEPS": "1", "SAVE_STEPS": "2",
-               "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+        env = {
+            **{k: v for k, v in base_env.items() if k not in offline},
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_TOKEN": TOKEN,
+            "SPACE_ID": SPACE,
+            "HF_UPDATE_DOWNLOAD_COUNTS": "false",
+            "INPUT_DATASET": "tester/corpus?config=en&split=train&column=body",
+            "INSTRUCT_DATASET": instruction_files_in_three_formats(root, tmp_path),
+            "OUTPUT_REPO": "tester/train-llama",
+            "PRESET": "demo",
+            "MAX_RETRIES": "2",
+            "USE_QUANT": "true",
+            "MAX_STEPS": "2",
+            "LOGGING_STEPS": "1",
+            "SAVE_STEPS": "2",
+            "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}",
+        }
         # The commit, which huggingface_hub does not retry by itself (preupload it retries for ~30 s).
         hub.fail_always(503, path_contains="/commit/")
-        failed = subprocess.run(["bash", "trainer.sh"], cwd=root, env=env, capture_output=True, text=True,
-                                timeout=900)
+        failed = subprocess.run(["bash", "trainer.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
         assert failed.returncode == 1 and "the run state was not advanced" in failed.stderr, failed.stderr[-3000:]
         hub.heal()
-        finished = subprocess.run(["bash", "trainer.sh"], cwd=root, env=env, capture_output=True, text=True,
-                                  timeout=900)
+        finished = subprocess.run(
+            ["bash", "trainer.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=900
+        )
         assert finished.returncode == 0, (finished.stdout + finished.stderr)[-6000:]
         assert "already finished training" in finished.stdout
         assert set(hub.repos) == {"tester/train-llama", "tester/train-llama-it"}
@@ -386,8 +449,11 @@ def test_quantized_curriculum_publishes_plain_models_and_never_shows_the_token(b
     log = finished.stdout
     # Every row of the three formats was usable: the mixture (equal weights, until one file runs out)
     # holds more rows than any one file has.
-    mixed = [int(rows.replace(",", "")) for rows, skipped in
-             re.findall(r"prep done: ([\d,]+) rows, ([\d,]+) skipped", log) if skipped == "0"]
+    mixed = [
+        int(rows.replace(",", ""))
+        for rows, skipped in re.findall(r"prep done: ([\d,]+) rows, ([\d,]+) skipped", log)
+        if skipped == "0"
+    ]
     assert len(mixed) >= 2 and min(mixed[-2:]) > 5000 // 3 + 1, mixed
     output = Path(env["OUTPUT_DIR"])
     assert json.loads((output / "run_state.json").read_text())["done"] is True
@@ -408,11 +474,13 @@ def test_quantized_curriculum_publishes_plain_models_and_never_shows_the_token(b
         assert "quantization_config" not in config
         assert not list((output / name).glob("adapter_*"))
     # peft and bitsandbytes made unimportable (a None entry in sys.modules), as on a plain machine.
-    blocked = ("import sys\n"
-               "sys.modules.update(peft=None, bitsandbytes=None)\n"
-               "from transformers import AutoModelForCausalLM\n"
-               f"m = AutoModelForCausalLM.from_pretrained({str(output / 'train-llama-it')!r})\n"
-               "print(type(m).__name__)\n")
+    blocked = (
+        "import sys\n"
+        "sys.modules.update(peft=None, bitsandbytes=None)\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(output / 'train-llama-it')!r})\n"
+        "print(type(m).__name__)\n"
+    )
     result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True)
     assert result.returncode == 0 and "LlamaForCausalLM" in result.stdout, result.stderr[-2000:]
 
@@ -421,8 +489,14 @@ def test_timer_stops_training_and_publishes_without_advancing(base_env, root):
     # A timeout already over when training starts: the first step is the last, before the first
     # LOGGING_STEPS interval, and its loss is still logged and published. Preparation counts toward the
     # limit too (it would stop first), so it is done beforehand, on time, and the job's run reuses it.
-    env = {**base_env, "RUN_ALL": "false", "STARTUP_DURATION_TIMEOUT": "1m", "TIMEOUT_BUFFER": "0.5",
-           "LOGGING_STEPS": "10", "SAVE_STEPS": "10"}
+    env = {
+        **base_env,
+        "RUN_ALL": "false",
+        "STARTUP_DURATION_TIMEOUT": "1m",
+        "TIMEOUT_BUFFER": "0.5",
+        "LOGGING_STEPS": "10",
+        "SAVE_STEPS": "10",
+    }
     prepared = subprocess.run([sys.executable, "prep.py"], cwd=root, env=env, capture_output=True, text=True)
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     env["TRAINER_STARTED_AT"] = str(time.time() - 60)
@@ -437,12 +511,16 @@ def test_timer_stops_training_and_publishes_without_advancing(base_env, root):
 
 def test_sigterm_saves_publishes_and_keeps_the_stage(base_env, root, tmp_path):
     """A Space or container being stopped: trainer.sh gets SIGTERM while training runs."""
-    env = {**base_env, "RUN_ALL": "false", "LOGGING_STEPS": "1", "SAVE_STEPS": "1000",
-           "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}"}
+    env = {
+        **base_env,
+        "RUN_ALL": "false",
+        "LOGGING_STEPS": "1",
+        "SAVE_STEPS": "1000",
+        "PATH": f"{Path(sys.executable).parent}:{base_env['PATH']}",
+    }
     log_path = tmp_path / "trainer.log"
     with open(log_path, "w") as log_file:
-        trainer = subprocess.Popen(["bash", "trainer.sh"], cwd=root, env=env, stdout=log_file,
-                                   stderr=subprocess.STDOUT)
+        trainer = subprocess.Popen(["bash", "trainer.sh"], cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while not re.search(r"^step\s+2/", log_path.read_text(), flags=re.M):
             assert time.time() < deadline and trainer.poll() is None, log_path.read_text()[-3000:]
