@@ -10,6 +10,7 @@ preflight.py checks a run against the estimate; train.py runs the plan.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -454,14 +455,30 @@ def fused_kernels_enabled(settings: config.Settings, on_gpu: bool) -> bool:
     return on_gpu if settings.use_liger is None else settings.use_liger
 
 
+# Device files that a GPU driver creates (NVIDIA's, and AMD's for ROCm builds of torch). Where none
+# exists torch can see no GPU, so the CPU path answers without importing torch, which costs a second or
+# two in each of trainer.sh's checks.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd")
+
+
+def visible_gpu_count() -> int:
+    """The GPUs torch can use (CUDA_VISIBLE_DEVICES applied); 0 on a machine without a GPU driver."""
+    if not any(os.path.exists(path) for path in GPU_DEVICE_FILES):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def machine_for(settings: config.Settings, world_size: int) -> Machine:
     """The Machine train.py will run on, read from the hardware. The budget is taken from total, not
     free, memory so that every process of a run computes the same plan; preflight checks the plan
     against what is free."""
-    import torch
+    gpus = visible_gpu_count()
+    if gpus:
+        import torch
 
-    if torch.cuda.is_available():
-        count = min(world_size, torch.cuda.device_count()) or 1
+        count = min(world_size, gpus) or 1
         smallest = min((torch.cuda.get_device_properties(i) for i in range(count)), key=lambda p: p.total_memory)
         return Machine(
             world_size,

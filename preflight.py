@@ -250,33 +250,43 @@ def judge_cpu_memory(estimate_kwargs: dict[str, Any], available_bytes: float) ->
     return passed(f"{detail}; {gib(available_bytes)} available", warnings=warnings)
 
 
-def check_gpu_memory(settings: config.Settings) -> CheckResult:
-    """The batch plan (memory.plan_batch, what train.py will run) and its estimate against each GPU's
-    free memory, or against the available RAM when training runs on CPU."""
+def gpu_setting_problem(settings: config.Settings, world: int, count: int) -> str | None:
+    """NUM_PROCESSES beyond the visible GPUs, or bf16 asked of a GPU without it; None where neither."""
     import torch
 
-    on_gpu = torch.cuda.is_available()
-    count = torch.cuda.device_count() if on_gpu else 1
-    world = settings.num_processes or count
-    if on_gpu and world > count:
-        return failed(
+    if world > count:
+        return (
             f"NUM_PROCESSES={settings.num_processes} but only {count} GPU(s) are visible; "
             "set NUM_PROCESSES=auto or at most the GPU count"
         )
-    if on_gpu and settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        return failed(
+    if settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        return (
             f"PRECISION=bf16 but GPU 0 ({torch.cuda.get_device_name(0)}) has no bf16 support; "
             "use PRECISION=auto (fp16 there)"
         )
+    return None
+
+
+def free_gpu_memory(world: int) -> dict[str, float]:
+    import torch
+
+    return {f"GPU {i} ({torch.cuda.get_device_name(i)})": torch.cuda.mem_get_info(i)[0] for i in range(world)}
+
+
+def check_gpu_memory(settings: config.Settings) -> CheckResult:
+    """The batch plan (memory.plan_batch, what train.py will run) and its estimate against each GPU's
+    free memory, or against the available RAM when training runs on CPU."""
+    gpus = memory.visible_gpu_count()
+    world = settings.num_processes or max(gpus, 1)
+    problem = gpu_setting_problem(settings, world, gpus) if gpus else None
+    if problem:
+        return failed(problem)
     try:
         plan = memory.plan_batch(settings, memory.machine_for(settings, world))
     except memory.BatchError as err:
         return failed(str(err))
-    if on_gpu:
-        free_by_gpu = {
-            f"GPU {i} ({torch.cuda.get_device_name(i)})": torch.cuda.mem_get_info(i)[0] for i in range(world)
-        }
-        result = judge_memory(plan.estimate_kwargs, free_by_gpu)
+    if gpus:
+        result = judge_memory(plan.estimate_kwargs, free_gpu_memory(world))
     else:
         import psutil
 
@@ -369,7 +379,7 @@ def disk_needs(settings: config.Settings, on_gpu: bool) -> dict[str, dict[str, f
 
 
 def check_disk(settings: config.Settings) -> CheckResult:
-    needs = disk_needs(settings, on_gpu=_gpu_count() > 0)
+    needs = disk_needs(settings, on_gpu=memory.visible_gpu_count() > 0)
     by_device: dict[int, dict[str, Any]] = {}
     for folder, items in needs.items():
         anchor = _existing_parent(Path(folder))
@@ -621,7 +631,7 @@ def sanity_warnings(settings: config.Settings, world_size: int) -> list[str]:
 
 
 def check_sanity(settings: config.Settings) -> CheckResult:
-    world = settings.num_processes or _gpu_count() or 1
+    world = settings.num_processes or memory.visible_gpu_count() or 1
     try:
         effective = memory.global_batch_for(settings, world)
     except memory.BatchError:
@@ -632,12 +642,6 @@ def check_sanity(settings: config.Settings) -> CheckResult:
         f"learning rate {settings.learning_rate:g}, {settings.run_epochs:g} epochs",
         warnings=warnings,
     )
-
-
-def _gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count()
 
 
 # Running and printing.

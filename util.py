@@ -1169,9 +1169,9 @@ def shell_settings(settings: config.Settings) -> dict[str, str]:
     """Everything trainer.sh needs before its stages, from one Python start instead of eight (each
     start costs a fraction of a second, torch's import two): folders, curriculum mode, nodes, GPUs,
     processes (NUM_PROCESSES=0: one per GPU, or one on CPU) and the launcher's arguments."""
-    import torch
+    import memory
 
-    gpus = torch.cuda.device_count()
+    gpus = memory.visible_gpu_count()
     processes = settings.num_processes or max(gpus, 1)
     values = {
         "work_dir": settings.work_dir,

@@ -24,6 +24,7 @@ import pytest
 from hub_server import HubStandIn, Repo
 
 import config
+import memory
 import nodes
 import preflight
 import prep
@@ -712,6 +713,7 @@ def fake_cpu_machine(monkeypatch) -> None:
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(memory, "GPU_DEVICE_FILES", ())  # no GPU driver either
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=RAM_GIB * GIB, total=RAM_GIB * GIB))
 
 

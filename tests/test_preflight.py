@@ -581,6 +581,7 @@ def test_cpu_memory_check_reads_the_available_ram(base_env, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(memory, "GPU_DEVICE_FILES", ())  # no GPU driver either
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=4 * GIB, total=4 * GIB))
     demo = preflight.check_gpu_memory(settings_for(base_env, PRESET="demo"))
     assert demo.status == preflight.PASS and demo.detail.endswith("; 4.0 GiB available")
@@ -598,6 +599,7 @@ def fake_gpus(monkeypatch, free_gib, bf16=True):
     """Make torch report GPUs with the given free memory (the GPU check's code path, on CPU)."""
     import torch
 
+    monkeypatch.setattr(memory, "GPU_DEVICE_FILES", ("/",))  # a driver's device file, as far as it knows
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(free_gib))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: f"Fake GPU {index}")
